@@ -1,0 +1,1 @@
+"""Engine core: actors, pure scheduling and adapter rules. Only gpu_runner.py imports the model."""

@@ -1,0 +1,33 @@
+"""The seam between the GPU runner actor and whatever runs the model (ModelRunner, FakeRunner).
+
+Pure: no torch here, so the fakes and the actor tests never import it.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Protocol
+
+from lorasrv.ids import AdapterId, SlotId
+from lorasrv.messages import RunnerReady, StepPlan, TokenLogprob
+
+
+class StepOutput(NamedTuple):
+    """One entry per sampled row of the plan, in row order."""
+
+    token_ids: list[int]
+    logprobs: list[float]  # empty unless some row asked for logprobs
+    top_logprobs: list[tuple[TokenLogprob, ...]]  # empty unless some row asked
+
+
+class StepRunner(Protocol):
+    """Runs on the GPU runner's one thread; every method may block."""
+
+    def ready(self) -> RunnerReady: ...
+
+    def step(self, plan: StepPlan) -> StepOutput: ...
+
+    def load_slot(self, slot_id: SlotId, adapter_id: AdapterId, weights: object) -> None: ...
+
+    def clear_slot(self, slot_id: SlotId) -> None: ...
+
+    def shutdown(self) -> None: ...

@@ -1,0 +1,309 @@
+"""Every Struct that crosses an actor queue, and one union per inbox.
+
+Messages carry ids and values, never queues, futures or callbacks, so an actor could move to another
+process with msgspec.msgpack. Only `LoadSlot.weights` carries (CPU) tensors; the sender drops its
+reference after sending.
+"""
+
+from typing import Any
+
+import msgspec
+
+from lorasrv.ids import AdapterId, BlockId, OpId, RequestId, SeqId, SlotId, StepId
+
+
+class Msg(msgspec.Struct, frozen=True, tag=True):
+    """Immutable, tagged with the class name. Subclasses add kw_only=True (not inherited)."""
+
+
+# ----------------------------------------------------------------------------- requests
+
+
+class SamplingParams(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """SGLang's sampling_params. Field checks beyond types live in `engine.validation`."""
+
+    max_new_tokens: int = 128
+    temperature: float = 1.0  # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = -1  # -1 or 0 = disabled
+    min_p: float = 0.0
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    seed: int | None = None
+    repetition_penalty: float = 1.0
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    skip_special_tokens: bool = True
+    logprobs: bool = False  # return the sampled token's logprob
+    top_logprobs: int = 0  # and this many alternatives per position
+
+
+class ChatMessage(msgspec.Struct, frozen=True, kw_only=True):
+    role: str
+    content: str
+
+
+class Tokenize(Msg, kw_only=True):
+    """Engine -> TokenizerActor: one request, as the client gave it."""
+
+    request_id: RequestId
+    text: str | None = None
+    input_ids: tuple[int, ...] | None = None
+    messages: tuple[ChatMessage, ...] | None = None  # chat: rendered with the chat template
+    lora_name: str | None = None
+    params: SamplingParams
+    arrival_s: float  # time.monotonic() at submit
+
+
+class Enqueue(Msg, kw_only=True):
+    """TokenizerActor -> SchedulerActor: a tokenized request ready for admission."""
+
+    request_id: RequestId
+    prompt_ids: tuple[int, ...]
+    lora_name: str | None
+    params: SamplingParams
+    arrival_s: float
+
+
+class Abort(Msg, kw_only=True):
+    """Client gone or request finished elsewhere (stop string): free everything it holds."""
+
+    request_id: RequestId
+
+
+class TokenLogprob(msgspec.Struct, frozen=True, array_like=True):
+    token_id: int
+    logprob: float
+
+
+class EmitTokens(Msg, kw_only=True):
+    """SchedulerActor -> TokenizerActor: new token ids of one request, maybe its end."""
+
+    request_id: RequestId
+    token_ids: tuple[int, ...]
+    logprobs: tuple[float, ...] = ()
+    top_logprobs: tuple[tuple[TokenLogprob, ...], ...] = ()
+    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    matched_stop: int | None = None  # the stop token id that ended it
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+
+
+class RequestFailed(Msg, kw_only=True):
+    """Any actor -> TokenizerActor (or the engine): the request ends with an error."""
+
+    request_id: RequestId
+    code: str  # errors.LorasrvError.code
+    detail: str
+
+
+class RequestOutput(msgspec.Struct, frozen=True, kw_only=True):
+    """TokenizerActor -> the request's output queue: a delta of text and ids, maybe the last."""
+
+    request_id: RequestId
+    text: str  # new text since the previous output
+    token_ids: tuple[int, ...]  # new ids since the previous output
+    logprobs: tuple[float, ...] = ()
+    top_logprobs: tuple[tuple[TokenLogprob, ...], ...] = ()
+    finished: bool = False
+    finish_reason: str | None = None
+    matched_stop: int | str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+    error_code: str | None = None
+    error_detail: str | None = None
+
+
+# ----------------------------------------------------------------------------- adapters
+
+
+class AcquireAdapter(Msg, kw_only=True):
+    """SchedulerActor -> AdapterManagerActor: the request wants a reference to `lora_name`."""
+
+    request_id: RequestId
+    lora_name: str
+
+
+class AdapterAcquired(Msg, kw_only=True):
+    request_id: RequestId
+    adapter_id: AdapterId
+    pinned: bool = False  # fixed for the adapter id's lifetime
+    num_pinned: int = 0  # pinned adapters now; slots left for the rest: num_slots - num_pinned
+
+
+class AdapterAcquireFailed(Msg, kw_only=True):
+    request_id: RequestId
+    code: str
+    detail: str
+
+
+class ReleaseAdapter(Msg, kw_only=True):
+    """Exactly once per acquired request: on finish, abort or error."""
+
+    request_id: RequestId
+    adapter_id: AdapterId
+
+
+class PrepareStep(Msg, kw_only=True):
+    """SchedulerActor -> AdapterManagerActor: make these adapters GPU-resident for one step."""
+
+    step_id: StepId
+    adapter_ids: tuple[AdapterId, ...]
+
+
+class SlotAssignment(msgspec.Struct, frozen=True, array_like=True):
+    adapter_id: AdapterId
+    slot_id: SlotId
+
+
+class StepAdaptersReady(Msg, kw_only=True):
+    """AdapterManagerActor -> SchedulerActor: all of them are (or are queued to be) in slots.
+
+    NOTE: uploads are sent to the GPU runner before this reply, and the runner's inbox is FIFO,
+    so they land before the step that needs them.
+    """
+
+    step_id: StepId
+    slots: tuple[SlotAssignment, ...]
+    deferred: tuple[AdapterId, ...] = ()  # could not be placed this step: their rows wait
+    num_pinned: int = 0
+
+
+class LoadAdapter(Msg, kw_only=True):
+    """Engine -> AdapterManagerActor (admin API or startup)."""
+
+    op_id: OpId
+    lora_name: str
+    lora_path: str
+    pinned: bool = False
+
+
+class UnloadAdapter(Msg, kw_only=True):
+    op_id: OpId
+    lora_name: str
+
+
+class DescribeAdapters(Msg, kw_only=True):
+    op_id: OpId
+
+
+class AdapterStatus(msgspec.Struct, frozen=True, kw_only=True):
+    name: str
+    path: str
+    adapter_id: AdapterId
+    state: str
+    slot: SlotId | None
+    rank: int
+    pinned: bool
+    num_refs: int
+    num_loads: int = 0
+    num_evictions: int = 0
+    last_load_s: float = 0.0
+
+
+class AdapterOpDone(msgspec.Struct, frozen=True, kw_only=True):
+    """AdapterManagerActor -> engine: the answer to LoadAdapter / UnloadAdapter / Describe."""
+
+    op_id: OpId
+    success: bool
+    error_message: str = ""
+    loaded_adapters: dict[str, str] = msgspec.field(default_factory=dict)
+    adapters: tuple[AdapterStatus, ...] = ()
+
+
+class HostLoadDone(Msg, kw_only=True):
+    """AdapterManagerActor -> itself: an adapter folder finished (or failed) loading to host."""
+
+    adapter_id: AdapterId
+    weights: Any = None  # model.loader.AdapterWeights; CPU tensors
+    error: str | None = None
+
+
+# ----------------------------------------------------------------------------- GPU runner
+
+
+class NewSeq(msgspec.Struct, frozen=True, kw_only=True):
+    """A sequence entering the runner's table (first prefill chunk, or recompute)."""
+
+    seq_id: SeqId
+    params: SamplingParams
+    prompt_ids: tuple[int, ...]  # for repetition penalty
+    output_ids: tuple[int, ...] = ()  # already generated (recompute after preemption)
+
+
+class StepPlan(Msg, kw_only=True):
+    """SchedulerActor -> GpuRunnerActor: one forward step, built once on the host.
+
+    Rows are sorted by `lora_slots` (base rows, slot -1, first) so each adapter is one segment.
+    """
+
+    step_id: StepId
+    new_seqs: tuple[NewSeq, ...] = ()
+    freed_seq_ids: tuple[SeqId, ...] = ()  # finished, aborted or preempted: drop runner state
+    seq_ids: tuple[SeqId, ...] = ()  # one per row
+    input_ids: tuple[int, ...] = ()  # the rows' new tokens, concatenated
+    query_lens: tuple[int, ...] = ()  # new tokens per row
+    context_lens: tuple[int, ...] = ()  # tokens already in the KV cache per row
+    block_tables: tuple[tuple[BlockId, ...], ...] = ()  # KV pages per row, covering all tokens
+    lora_slots: tuple[int, ...] = ()  # per row; -1 = base model
+    sample_rows: tuple[bool, ...] = ()  # the row yields a token (decode or last prefill chunk)
+
+
+class LoadSlot(Msg, kw_only=True):
+    """AdapterManagerActor -> GpuRunnerActor: copy an adapter's host weights into a slot."""
+
+    slot_id: SlotId
+    adapter_id: AdapterId
+    weights: Any  # model.loader.AdapterWeights (CPU, pinned); the sender drops its reference
+
+
+class ClearSlot(Msg, kw_only=True):
+    slot_id: SlotId
+
+
+class RunStep(Msg, kw_only=True):
+    plan: StepPlan
+
+
+class StepDone(Msg, kw_only=True):
+    """GpuRunnerActor -> SchedulerActor: one token per sampled row, in row order."""
+
+    step_id: StepId
+    seq_ids: tuple[SeqId, ...]
+    token_ids: tuple[int, ...]
+    logprobs: tuple[float, ...] = ()  # empty unless some row asked
+    top_logprobs: tuple[tuple[TokenLogprob, ...], ...] = ()
+    duration_s: float = 0.0
+
+
+class RunnerReady(msgspec.Struct, frozen=True, kw_only=True):
+    """What the GPU runner measured at startup; passed explicitly to the other actors."""
+
+    num_kv_pages: int
+    page_size: int
+    num_lora_slots: int
+    max_lora_rank: int
+    lora_target_modules: tuple[str, ...]
+    vocab_size: int
+    context_length: int
+    eos_token_ids: tuple[int, ...]  # config.json / generation_config.json
+    device: str
+    dtype: str
+
+
+TokenizerInbox = Tokenize | EmitTokens | RequestFailed | Abort
+SchedulerInbox = (
+    Enqueue | Abort | AdapterAcquired | AdapterAcquireFailed | StepAdaptersReady | StepDone
+)
+AdapterInbox = (
+    AcquireAdapter
+    | ReleaseAdapter
+    | PrepareStep
+    | LoadAdapter
+    | UnloadAdapter
+    | DescribeAdapters
+    | HostLoadDone
+)
+RunnerInbox = RunStep | LoadSlot | ClearSlot
