@@ -1,0 +1,335 @@
+"""Token sampling for one step: penalties, greedy/temperature/top-k/top-p/min-p, seeds, logprobs.
+
+Owns per-seq sampling state (params, penalty counts, generators); must not touch the KV cache
+or the model, and must not sync the device before the final `.tolist()` of the results.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+
+from lorasrv.ids import SeqId
+from lorasrv.messages import NewSeq, TokenLogprob
+
+# Below this a temperature is greedy: dividing float32 logits by it would overflow (vLLM's value).
+GREEDY_TEMPERATURE = 1e-5
+_MIN_PENALTY_SLOTS = 8
+_UINT64_MASK = 0xFFFF_FFFF_FFFF_FFFF
+
+
+class SampleResult(NamedTuple):
+    token_ids: list[int]
+    logprobs: list[float]  # empty unless some row asked (params.logprobs or top_logprobs > 0)
+    top_logprobs: list[tuple[TokenLogprob, ...]]  # empty unless some row asked; others get ()
+
+
+@dataclass(slots=True)
+class _SeqState:
+    """What one seq needs at every step; params are frozen, so this is built once at add_seq."""
+
+    is_greedy: bool
+    sample_row: tuple[float, float, float, float]  # temperature, top_k, top_p, min_p
+    penalty_row: tuple[float, float, float]  # repetition, frequency, presence
+    penalty_slot: int  # row of the count tables; -1 = no penalties, no history kept
+    generator: torch.Generator | None  # own noise stream when params.seed is set
+    wants_logprobs: bool
+    num_top_logprobs: int
+
+
+class _Batch(NamedTuple):
+    """Host-built description of one step; index lists are row numbers into the logits."""
+
+    sampled_rows: list[int]  # rows that are not greedy
+    sample_params: torch.Tensor | None  # [num_sampled, 4] like _SeqState.sample_row
+    seeded: list[tuple[int, torch.Generator]]  # (index into sampled_rows, generator)
+    unseeded: list[int]  # indices into sampled_rows that draw from the shared generator
+    uses_top_k_top_p: bool
+    uses_min_p: bool
+    penalty_rows: list[int]
+    penalty_slots: list[int]
+    penalty_params: torch.Tensor | None  # [num_penalty_rows, 3] like _SeqState.penalty_row
+
+
+def apply_penalties(
+    logits: torch.Tensor,  # [n, vocab] float32
+    counts: torch.Tensor,  # [n, vocab] int32: occurrences in the output so far
+    prompt_mask: torch.Tensor,  # [n, vocab] bool: token occurs in the prompt
+    params: torch.Tensor,  # [n, 3] repetition, frequency, presence
+) -> torch.Tensor:
+    """vLLM's penalties, out of place. Repetition scales tokens seen in prompt or output (divide
+    positive logits, multiply the rest); frequency subtracts penalty * output count; presence
+    subtracts penalty once per token present in the output."""
+    output_mask = counts > 0  # [n, vocab]
+    repetition = params[:, 0:1]  # [n, 1]
+    seen = prompt_mask | output_mask
+    scaled = torch.where(logits > 0, logits / repetition, logits * repetition)
+    logits = torch.where(seen, scaled, logits)
+    logits = logits - params[:, 1:2] * counts
+    return logits - params[:, 2:3] * output_mask
+
+
+def apply_top_k_top_p(
+    logits: torch.Tensor,  # [m, vocab] float32, already divided by temperature
+    top_k: torch.Tensor,  # [m] float; >= vocab = disabled
+    top_p: torch.Tensor,  # [m] float; inf = disabled
+) -> torch.Tensor:
+    """Sets logits outside the top k, then outside the nucleus, to -inf (out of place).
+
+    The nucleus is the smallest prefix of the sorted distribution whose mass reaches top_p; the
+    first token is always kept. Ties at the k boundary are broken by sort order, so exactly k stay.
+    """
+    sorted_logits, sorted_ids = logits.sort(dim=-1, descending=True)  # [m, vocab]
+    positions = torch.arange(logits.shape[-1], device=logits.device)  # [vocab]
+    outside_k = positions[None, :] >= top_k[:, None]  # [m, vocab]
+    sorted_logits = sorted_logits.masked_fill(outside_k, float("-inf"))
+    probs = sorted_logits.softmax(dim=-1)  # [m, vocab]
+    mass_before = probs.cumsum(dim=-1) - probs
+    outside_p = mass_before >= top_p[:, None]
+    outside_p[:, 0] = False
+    sorted_logits = sorted_logits.masked_fill(outside_p, float("-inf"))
+    return torch.empty_like(logits).scatter_(1, sorted_ids, sorted_logits)
+
+
+class Sampler:
+    """Per-seq sampling state plus the batched `sample` step.
+
+    Penalty counts: seqs with any penalty get a slot in two device tables, `_counts` [slots,
+    vocab] int32 (output occurrences) and `_prompt_mask` [slots, vocab] bool, filled once at
+    add_seq. Each step gathers the batch's slots with one index_select and adds the sampled
+    tokens with one index_put_, so the per-step cost is O(rows * vocab) with no host transfer of
+    histories; memory is 5 bytes * vocab per penalized seq (the table doubles when full).
+    Seqs without penalties keep no history: their params are frozen, so they never need it.
+
+    Seeds: a seeded seq gets its own `torch.Generator` at add_seq and draws only its own noise
+    row, so its tokens depend on its seed and logits alone. Unseeded rows share `seed`'s
+    generator, or torch's default generator of `device` when `seed` is None.
+    """
+
+    def __init__(self, vocab_size: int, device: torch.device, *, seed: int | None = None) -> None:
+        self.vocab_size = vocab_size
+        self.device = device
+        self._seqs: dict[SeqId, _SeqState] = {}
+        self._shared_generator: torch.Generator | None = None
+        if seed is not None:
+            self._shared_generator = _make_generator(seed, device)
+        self._counts = torch.zeros((0, vocab_size), dtype=torch.int32, device=device)
+        self._prompt_mask = torch.zeros((0, vocab_size), dtype=torch.bool, device=device)
+        self._free_slots: list[int] = []
+
+    def add_seq(self, seq: NewSeq) -> None:
+        """Registers a seq (replacing one with the same id) with its prompt and output so far."""
+        self.remove_seq(seq.seq_id)
+        params = seq.params
+        top_k = params.top_k if 0 < params.top_k < self.vocab_size else self.vocab_size
+        is_greedy = params.temperature < GREEDY_TEMPERATURE or top_k == 1
+        penalty_row = (
+            params.repetition_penalty,
+            params.frequency_penalty,
+            params.presence_penalty,
+        )
+        slot = self._prepare_penalty_slot(seq) if penalty_row != (1.0, 0.0, 0.0) else -1
+        generator = None
+        if params.seed is not None and not is_greedy:
+            generator = _make_generator(params.seed, self.device)
+        self._seqs[seq.seq_id] = _SeqState(
+            is_greedy=is_greedy,
+            sample_row=(
+                max(params.temperature, GREEDY_TEMPERATURE),
+                float(top_k),
+                params.top_p if params.top_p < 1.0 else float("inf"),
+                params.min_p,
+            ),
+            penalty_row=penalty_row,
+            penalty_slot=slot,
+            generator=generator,
+            wants_logprobs=params.logprobs or params.top_logprobs > 0,
+            num_top_logprobs=params.top_logprobs,
+        )
+
+    def remove_seq(self, seq_id: SeqId) -> None:
+        """Drops a seq's state; unknown ids are ignored."""
+        state = self._seqs.pop(seq_id, None)
+        if state is not None and state.penalty_slot >= 0:
+            self._free_slots.append(state.penalty_slot)
+
+    def sample(self, logits: torch.Tensor, seq_ids: Sequence[SeqId]) -> SampleResult:
+        """One token per row of `logits` [n, vocab] float32, row i belonging to seq_ids[i].
+
+        Appends each chosen token to its seq's history (penalty counts), so the next step's
+        penalties see it. `logits` is not modified.
+        """
+        states = [self._seqs[seq_id] for seq_id in seq_ids]
+        batch = self._prepare_batch(states)
+        penalized = logits
+        if batch.penalty_params is not None:
+            penalized = self._penalize(logits, batch)
+        token_ids = self._choose(penalized, batch)  # [n] int64
+        if batch.penalty_slots:
+            rows = self._ids_tensor(batch.penalty_rows)
+            self._add_counts(batch.penalty_slots, token_ids.index_select(0, rows))
+        return self._result(logits, token_ids, states)
+
+    # ------------------------------------------------------------------------- step stages
+
+    def _prepare_batch(self, states: list[_SeqState]) -> _Batch:
+        sampled_rows: list[int] = []
+        sample_rows: list[tuple[float, float, float, float]] = []
+        seeded: list[tuple[int, torch.Generator]] = []
+        unseeded: list[int] = []
+        penalty_rows: list[int] = []
+        penalty_slots: list[int] = []
+        for row, state in enumerate(states):
+            if state.penalty_slot >= 0:
+                penalty_rows.append(row)
+                penalty_slots.append(state.penalty_slot)
+            if not state.is_greedy:
+                if state.generator is not None:
+                    seeded.append((len(sampled_rows), state.generator))
+                else:
+                    unseeded.append(len(sampled_rows))
+                sampled_rows.append(row)
+                sample_rows.append(state.sample_row)
+        penalty_table = [states[row].penalty_row for row in penalty_rows]
+        return _Batch(
+            sampled_rows=sampled_rows,
+            sample_params=self._params_tensor(sample_rows),
+            seeded=seeded,
+            unseeded=unseeded,
+            uses_top_k_top_p=any(
+                r[1] < self.vocab_size or r[2] != float("inf") for r in sample_rows
+            ),
+            uses_min_p=any(r[3] > 0.0 for r in sample_rows),
+            penalty_rows=penalty_rows,
+            penalty_slots=penalty_slots,
+            penalty_params=self._params_tensor(penalty_table),
+        )
+
+    def _penalize(self, logits: torch.Tensor, batch: _Batch) -> torch.Tensor:
+        assert batch.penalty_params is not None
+        rows = self._ids_tensor(batch.penalty_rows)
+        slots = self._ids_tensor(batch.penalty_slots)
+        penalized = apply_penalties(
+            logits.index_select(0, rows),  # [num_penalty_rows, vocab]
+            self._counts.index_select(0, slots),
+            self._prompt_mask.index_select(0, slots),
+            batch.penalty_params,
+        )
+        return logits.index_copy(0, rows, penalized)  # [n, vocab]
+
+    def _choose(self, logits: torch.Tensor, batch: _Batch) -> torch.Tensor:
+        """Greedy rows take the argmax; the others go through _draw. Returns [n] int64."""
+        num_rows = logits.shape[0]
+        if batch.sample_params is None:
+            return logits.argmax(dim=-1)
+        if len(batch.sampled_rows) == num_rows:
+            return self._draw(logits, batch)
+        token_ids = logits.argmax(dim=-1)  # [n]
+        rows = self._ids_tensor(batch.sampled_rows)
+        drawn = self._draw(logits.index_select(0, rows), batch)
+        return token_ids.index_copy(0, rows, drawn)
+
+    def _draw(self, logits: torch.Tensor, batch: _Batch) -> torch.Tensor:
+        """Temperature, top-k/top-p, min-p, then the exponential race on `logits` [m, vocab]."""
+        params = batch.sample_params
+        assert params is not None
+        logits = logits / params[:, 0:1]  # [m, vocab]
+        if batch.uses_top_k_top_p:
+            logits = apply_top_k_top_p(logits, params[:, 1], params[:, 2])
+        probs = logits.softmax(dim=-1)  # [m, vocab]
+        if batch.uses_min_p:
+            # Relative to the max, so the same before or after top-k/top-p renormalization.
+            too_rare = probs < params[:, 3:4] * probs.amax(dim=-1, keepdim=True)
+            probs = probs.masked_fill(too_rare, 0.0)
+        # argmax(p / E) with E ~ Exponential(1) picks index i with probability p_i / sum(p),
+        # so probs need no renormalization after masking.
+        noise = self._noise(probs, batch)
+        return (probs / noise).argmax(dim=-1)
+
+    def _noise(self, probs: torch.Tensor, batch: _Batch) -> torch.Tensor:
+        """Exponential(1) noise like `probs` [m, vocab]; seeded rows from their own generator."""
+        noise = torch.empty_like(probs)  # [m, vocab]
+        if not batch.seeded:
+            noise.exponential_(generator=self._shared_generator)
+        else:
+            if batch.unseeded:
+                shared = probs.new_empty((len(batch.unseeded), probs.shape[1]))
+                shared.exponential_(generator=self._shared_generator)
+                noise.index_copy_(0, self._ids_tensor(batch.unseeded), shared)
+            # NOTE: one draw of exactly `vocab` values per step per seeded row, independent of the
+            # batch; changing this changes every seeded request's tokens.
+            for index, generator in batch.seeded:
+                noise[index].exponential_(generator=generator)
+        # An exact 0 would turn a zero-probability token into 0/0 = nan, which argmax may pick.
+        return noise.clamp_min_(torch.finfo(noise.dtype).tiny)
+
+    def _result(
+        self, raw_logits: torch.Tensor, token_ids: torch.Tensor, states: list[_SeqState]
+    ) -> SampleResult:
+        if not any(state.wants_logprobs for state in states):
+            return SampleResult(token_ids.tolist(), [], [])
+        logprobs = raw_logits.log_softmax(dim=-1)  # [n, vocab]
+        chosen = logprobs.gather(1, token_ids[:, None]).squeeze(1)  # [n]
+        top_rows = [row for row, state in enumerate(states) if state.num_top_logprobs > 0]
+        if not top_rows:
+            return SampleResult(token_ids.tolist(), chosen.tolist(), [])
+        max_top = max(states[row].num_top_logprobs for row in top_rows)
+        top_values, top_ids = logprobs.index_select(0, self._ids_tensor(top_rows)).topk(
+            min(max_top, self.vocab_size), dim=-1
+        )  # [num_top_rows, max_top]
+        top_logprobs: list[tuple[TokenLogprob, ...]] = [() for _ in states]
+        for row, values, ids in zip(top_rows, top_values.tolist(), top_ids.tolist(), strict=True):
+            k = states[row].num_top_logprobs
+            top_logprobs[row] = tuple(map(TokenLogprob, ids[:k], values[:k]))
+        return SampleResult(token_ids.tolist(), chosen.tolist(), top_logprobs)
+
+    # ------------------------------------------------------------------------- helpers
+
+    def _take_slot(self) -> int:
+        """A zeroed row of the penalty tables, doubling them when none is free."""
+        if not self._free_slots:
+            old = self._counts.shape[0]
+            new = max(_MIN_PENALTY_SLOTS, 2 * old)
+            self._counts = torch.cat(
+                [self._counts, self._counts.new_zeros(new - old, self.vocab_size)]
+            )
+            self._prompt_mask = torch.cat(
+                [self._prompt_mask, self._prompt_mask.new_zeros(new - old, self.vocab_size)]
+            )
+            # Reversed so that pop() hands out low slots first.
+            self._free_slots.extend(reversed(range(old, new)))
+        slot = self._free_slots.pop()
+        self._counts[slot].zero_()
+        self._prompt_mask[slot].zero_()
+        return slot
+
+    def _prepare_penalty_slot(self, seq: NewSeq) -> int:
+        slot = self._take_slot()
+        if seq.params.repetition_penalty != 1.0 and seq.prompt_ids:
+            self._prompt_mask[slot, self._ids_tensor(seq.prompt_ids)] = True
+        if seq.output_ids:
+            self._add_counts([slot] * len(seq.output_ids), self._ids_tensor(seq.output_ids))
+        return slot
+
+    def _add_counts(self, slots: list[int], token_ids: torch.Tensor) -> None:
+        """counts[slots[i], token_ids[i]] += 1; accumulate, since a slot may repeat."""
+        ones = torch.ones_like(token_ids, dtype=torch.int32)  # [len(slots)]
+        self._counts.index_put_((self._ids_tensor(slots), token_ids), ones, accumulate=True)
+
+    def _ids_tensor(self, ids: Sequence[int]) -> torch.Tensor:
+        return torch.tensor(ids, dtype=torch.int64, device=self.device)
+
+    def _params_tensor(self, rows: Sequence[tuple[float, ...]]) -> torch.Tensor | None:
+        if not rows:
+            return None
+        return torch.tensor(rows, dtype=torch.float32, device=self.device)
+
+
+def _make_generator(seed: int, device: torch.device) -> torch.Generator:
+    generator = torch.Generator(device=device)
+    # Masked so any Python int (negative, > 64 bits) is a valid seed.
+    generator.manual_seed(seed & _UINT64_MASK)
+    return generator
