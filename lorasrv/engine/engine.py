@@ -1,0 +1,392 @@
+"""Engine: wires and supervises the actors; the submit/abort/stream API that http/ and embedding
+apps use. Owns the per-request output queues and admin-operation futures, nothing else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from typing import Any, Self
+
+from lorasrv.config import ServerConfig, build_config, lora_enabled
+from lorasrv.engine.adapters import AdapterManagerActor
+from lorasrv.engine.gpu_runner import GpuRunnerActor
+from lorasrv.engine.requests import GenerateBatch, normalize_generate
+from lorasrv.engine.results import ResultBuilder
+from lorasrv.engine.scheduler import SchedulerActor
+from lorasrv.engine.setup import EngineParts, prepare_parts
+from lorasrv.engine.stats import SchedulerStats
+from lorasrv.engine.tokenizer import TokenizerActor
+from lorasrv.engine.validation import check_sampling
+from lorasrv.errors import BadRequest, EngineDead, LorasrvError, Overloaded, error_for_code
+from lorasrv.ids import OpId, RequestId
+from lorasrv.messages import (
+    Abort,
+    AdapterOpDone,
+    AdapterStatus,
+    ChatMessage,
+    DescribeAdapters,
+    LoadAdapter,
+    RequestOutput,
+    RunnerReady,
+    SamplingParams,
+    Tokenize,
+    UnloadAdapter,
+)
+
+logger = logging.getLogger(__name__)
+
+
+class RequestHandle:
+    """Async iterator over one request's output deltas; raises the request's error, if any."""
+
+    def __init__(self, engine: Engine, request_id: RequestId, queue: asyncio.Queue[RequestOutput]):
+        self.request_id = request_id
+        self._engine = engine
+        self._queue = queue
+        self.finished = False
+
+    def __aiter__(self) -> Self:
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        if self.finished:
+            raise StopAsyncIteration
+        out = await self._queue.get()
+        if out.finished:
+            self.finished = True
+            self._engine._forget(self.request_id)
+            if out.error_code is not None:
+                raise error_for_code(out.error_code, out.error_detail or out.error_code)
+        return out
+
+    def abort(self) -> None:
+        if not self.finished:
+            self.finished = True
+            self._engine.abort(self.request_id)
+
+
+class Engine:
+    """`async with Engine(config) as engine:` then generate / stream / load_adapter / ..."""
+
+    def __init__(self, config: ServerConfig, *, parts: EngineParts | None = None) -> None:
+        self.config = config
+        self._parts = parts  # injected by tests (FakeRunner...); else built in start()
+        self._outputs: dict[RequestId, asyncio.Queue[RequestOutput]] = {}
+        self._ops: dict[OpId, asyncio.Future[AdapterOpDone]] = {}
+        self._op_ids = itertools.count(1)
+        self._supervisor: asyncio.Task[None] | None = None
+        self._runner_actor: GpuRunnerActor | None = None
+        self._tokenizer_actor: TokenizerActor | None = None
+        self._adapter_actor: AdapterManagerActor | None = None
+        self._ready: RunnerReady | None = None
+        self.scheduler_stats = SchedulerStats()
+        self.failed = asyncio.Event()
+        self.failure: str | None = None
+        self.model_path = ""
+        self.started_s = 0.0
+
+    @classmethod
+    def from_args(cls, **options: Any) -> Engine:
+        """CLI option names in snake_case: `Engine.from_args(model_path=..., lora_paths=[...])`."""
+        return cls(build_config(options))
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        parts = self._parts or await prepare_parts(self.config)
+        self.config = parts.config  # the demo model fills in model_path and adapters
+        self.model_path = parts.model_path
+        runner = GpuRunnerActor(factory=parts.runner_factory, scheduler=_Late(self, "scheduler"))
+        self._runner_actor = runner
+        self._ready = ready = await runner.start_runner()
+        loader = parts.adapter_loader or parts.make_adapter_loader(runner.runner)
+        self._tokenizer_actor = TokenizerActor(
+            tokenizer=parts.tokenizer,
+            scheduler=_Late(self, "scheduler"),
+            outputs=self,
+            vocab_size=ready.vocab_size,
+            find_stop=parts.find_stop,
+        )
+        self._adapter_actor = AdapterManagerActor(
+            cfg=self.config.adapters,
+            num_slots=ready.num_lora_slots,
+            max_rank=ready.max_lora_rank,
+            target_modules=ready.lora_target_modules,
+            read_config=parts.read_adapter_config,
+            load_weights=loader,
+            scheduler=_Late(self, "scheduler"),
+            runner=runner,
+            ops=self,
+        )
+        self._scheduler = SchedulerActor(
+            cfg=self.config.scheduler,
+            ready=ready,
+            tokenizer=self._tokenizer_actor,
+            adapters=self._adapter_actor,
+            runner=runner,
+            stats=self,
+        )
+        actors = (self._tokenizer_actor, self._scheduler, self._adapter_actor, runner)
+        self._supervisor = asyncio.create_task(self._supervise(actors), name="lorasrv-actors")
+        self.started_s = time.time()
+        for ref in parts.initial_adapters:
+            result = await self.load_adapter(ref.lora_name, ref.lora_path, ref.pinned)
+            if not result.success:
+                await self.stop()
+                raise LorasrvError(f"--lora-paths {ref.lora_name}: {result.error_message}")
+        logger.info(
+            "engine ready: %s on %s (%s), %d KV pages of %d tokens, %d LoRA slots",
+            self.model_path, ready.device, ready.dtype, ready.num_kv_pages, ready.page_size,
+            ready.num_lora_slots,
+        )  # fmt: skip
+
+    async def _supervise(self, actors: tuple[Any, ...]) -> None:
+        """An exception escaping an actor is a bug: stop everything and report unhealthy."""
+        try:
+            async with asyncio.TaskGroup() as group:
+                for actor in actors:
+                    group.create_task(actor.run(), name=f"lorasrv-{actor.name}")
+        except* Exception as failure:
+            logger.critical("engine actor crashed; stopping", exc_info=failure)
+            self._die(f"engine actor crashed: {failure.exceptions[0]!r}")
+
+    def _die(self, reason: str) -> None:
+        self.failure = reason
+        self.failed.set()
+        for request_id, queue in list(self._outputs.items()):
+            queue.put_nowait(_error_output(request_id, EngineDead(reason)))
+        for future in self._ops.values():
+            if not future.done():
+                future.set_exception(EngineDead(reason))
+
+    async def stop(self) -> None:
+        if self._supervisor is not None:
+            self._supervisor.cancel()
+            await asyncio.gather(self._supervisor, return_exceptions=True)
+            self._supervisor = None
+        if self._runner_actor is not None:
+            await self._runner_actor.shutdown()
+            self._runner_actor = None
+        if not self.failed.is_set():
+            self._die("engine stopped")
+
+    def is_healthy(self) -> bool:
+        return self._supervisor is not None and not self.failed.is_set()
+
+    @property
+    def ready_info(self) -> RunnerReady:
+        if self._ready is None:
+            raise EngineDead("the engine has not started")
+        return self._ready
+
+    @property
+    def served_model_name(self) -> str:
+        return self.config.model.served_model_name or self.model_path
+
+    # ------------------------------------------------------------------ requests
+
+    def submit(
+        self,
+        *,
+        params: SamplingParams,
+        text: str | None = None,
+        input_ids: list[int] | tuple[int, ...] | None = None,
+        messages: list[ChatMessage] | tuple[ChatMessage, ...] | None = None,
+        lora_name: str | None = None,
+        request_id: str | None = None,
+    ) -> RequestHandle:
+        """Validate and enqueue one request; bad input raises a LorasrvError at once."""
+        if not self.is_healthy() or self._tokenizer_actor is None:
+            raise EngineDead(self.failure or "the engine is not running")
+        ready = self.ready_info
+        check_sampling(params, vocab_size=ready.vocab_size, context_length=ready.context_length)
+        if lora_name is not None and not lora_enabled(self.config.adapters):
+            raise BadRequest(
+                f"adapter {lora_name!r} requested but LoRA is off (start with --enable-lora)"
+            )
+        if len(self._outputs) >= self._max_in_flight:
+            raise Overloaded(f"{len(self._outputs)} requests in flight; try again later")
+        rid = RequestId(request_id or uuid.uuid4().hex)
+        if rid in self._outputs:
+            raise BadRequest(f"request id {rid!r} is already in use")
+        queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
+        self._outputs[rid] = queue
+        self._tokenizer_actor.send(
+            Tokenize(
+                request_id=rid,
+                text=text,
+                input_ids=tuple(input_ids) if input_ids is not None else None,
+                messages=tuple(messages) if messages is not None else None,
+                lora_name=lora_name,
+                params=params,
+                arrival_s=time.monotonic(),
+            )
+        )
+        return RequestHandle(self, rid, queue)
+
+    @property
+    def _max_in_flight(self) -> int:
+        cfg = self.config.scheduler
+        return cfg.max_queued_requests + cfg.max_running_requests
+
+    def abort(self, request_id: str) -> None:
+        """Free everything the request holds; unknown or finished ids are ignored."""
+        rid = RequestId(request_id)
+        if self._outputs.pop(rid, None) is not None and self._tokenizer_actor is not None:
+            self._tokenizer_actor.send(Abort(request_id=rid))
+
+    def _forget(self, request_id: RequestId) -> None:
+        self._outputs.pop(request_id, None)
+
+    # OutputSink / OpSink / StatsSink, called by actors on the event loop.
+    def put_output(self, output: RequestOutput) -> None:
+        queue = self._outputs.get(output.request_id)
+        if queue is not None:
+            queue.put_nowait(output)
+
+    def op_done(self, result: AdapterOpDone) -> None:
+        future = self._ops.pop(result.op_id, None)
+        if future is not None and not future.done():
+            future.set_result(result)
+
+    def scheduler_stats(self, stats: SchedulerStats) -> None:
+        self.scheduler_stats = stats  # type: ignore[method-assign]
+
+    # ------------------------------------------------------------------ /generate
+
+    async def generate(self, **request: Any) -> dict[str, Any] | list[dict[str, Any]]:
+        """SGLang's /generate: text or input_ids (one or a batch), sampling_params, lora_path."""
+        batch = normalize_generate(**request)
+        handles = self._submit_batch(batch)
+        try:
+            results = await asyncio.gather(*(self._collect(h, batch) for h in handles))
+        finally:
+            for handle in handles:
+                handle.abort()  # no-op for finished ones; frees the rest on error or cancel
+        return results if batch.is_batch else results[0]
+
+    def _submit_batch(self, batch: GenerateBatch) -> list[RequestHandle]:
+        handles: list[RequestHandle] = []
+        try:
+            for item in batch.items:
+                handles.append(self.submit(**item._asdict()))
+        except BaseException:
+            for handle in handles:
+                handle.abort()
+            raise
+        return handles
+
+    async def _collect(self, handle: RequestHandle, batch: GenerateBatch) -> dict[str, Any]:
+        builder = ResultBuilder(handle.request_id, want_logprobs=batch.want_logprobs)
+        async for out in handle:
+            builder.add(out)
+        return builder.to_dict()
+
+    async def stream(self, **request: Any) -> AsyncIterator[dict[str, Any]]:
+        """One request; yields cumulative /generate dicts. Closing early aborts the request."""
+        batch = normalize_generate(**request)
+        if batch.is_batch:
+            raise BadRequest("streaming takes one prompt, not a batch")
+        handle = self._submit_batch(batch)[0]
+        builder = ResultBuilder(handle.request_id, want_logprobs=batch.want_logprobs)
+        try:
+            async for out in handle:
+                builder.add(out)
+                yield builder.to_dict()
+        finally:
+            handle.abort()
+
+    # ------------------------------------------------------------------ adapters
+
+    async def _op(self, make: Callable[[OpId], Any]) -> AdapterOpDone:
+        if not self.is_healthy() or self._adapter_actor is None:
+            raise EngineDead(self.failure or "the engine is not running")
+        op_id = OpId(next(self._op_ids))
+        future: asyncio.Future[AdapterOpDone] = asyncio.get_running_loop().create_future()
+        self._ops[op_id] = future
+        self._adapter_actor.send(make(op_id))
+        return await future
+
+    async def load_adapter(
+        self, lora_name: str, lora_path: str, pinned: bool = False
+    ) -> AdapterOpDone:
+        if not lora_enabled(self.config.adapters):
+            return AdapterOpDone(
+                op_id=OpId(0), success=False, error_message="LoRA is off (start with --enable-lora)"
+            )
+        return await self._op(
+            lambda op: LoadAdapter(
+                op_id=op, lora_name=lora_name, lora_path=lora_path, pinned=pinned
+            )
+        )
+
+    async def unload_adapter(self, lora_name: str) -> AdapterOpDone:
+        return await self._op(lambda op: UnloadAdapter(op_id=op, lora_name=lora_name))
+
+    async def describe_adapters(self) -> tuple[AdapterStatus, ...]:
+        if self._adapter_actor is None:
+            return ()
+        return (await self._op(lambda op: DescribeAdapters(op_id=op))).adapters
+
+    # ------------------------------------------------------------------ info
+
+    def model_info(self) -> dict[str, Any]:
+        ready = self.ready_info
+        return {
+            "model_path": self.model_path,
+            "served_model_name": self.served_model_name,
+            "tokenizer_path": self.config.model.tokenizer_path or self.model_path,
+            "is_generation": True,
+            "context_length": ready.context_length,
+            "vocab_size": ready.vocab_size,
+            "dtype": ready.dtype,
+            "device": ready.device,
+        }
+
+    async def server_info(self) -> dict[str, Any]:
+        import msgspec
+
+        adapters = await self.describe_adapters()
+        return {
+            "config": msgspec.to_builtins(self.config),
+            "runner": msgspec.to_builtins(self.ready_info),
+            "scheduler": self.scheduler_stats._asdict(),
+            "adapters": [msgspec.to_builtins(a) for a in adapters],
+            "uptime_s": time.time() - self.started_s,
+            "healthy": self.is_healthy(),
+        }
+
+
+class _Late:
+    """A sender resolved at send time, for actors wired in a cycle (scheduler <-> the rest)."""
+
+    def __init__(self, engine: Engine, attribute: str) -> None:
+        self._engine = engine
+        self._attribute = attribute
+
+    def send(self, msg: object, /) -> None:
+        getattr(self._engine, f"_{self._attribute}").send(msg)
+
+
+def _error_output(request_id: RequestId, error: LorasrvError) -> RequestOutput:
+    return RequestOutput(
+        request_id=request_id,
+        text="",
+        token_ids=(),
+        finished=True,
+        finish_reason="error",
+        error_code=error.code,
+        error_detail=error.detail,
+    )

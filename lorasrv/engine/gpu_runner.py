@@ -1,0 +1,147 @@
+"""GpuRunnerActor: the one owner of the model. Runs the StepRunner on its own single thread so the
+event loop never blocks on the GPU; the only engine module that imports `lorasrv.model`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING, Protocol, assert_never
+
+from lorasrv.engine.actor import Actor
+from lorasrv.engine.step_runner import StepRunner
+from lorasrv.messages import (
+    ClearSlot,
+    LoadSlot,
+    RunnerInbox,
+    RunnerReady,
+    RunStep,
+    StepDone,
+)
+
+if TYPE_CHECKING:
+    from lorasrv.config import ServerConfig
+    from lorasrv.engine.lora_spec import LoraPoolSpec
+
+logger = logging.getLogger(__name__)
+
+
+class Sender(Protocol):
+    def send(self, msg: object, /) -> None: ...
+
+
+class GpuRunnerActor(Actor[RunnerInbox]):
+    """Inbox order is execution order: slot uploads queued before a RunStep land before it."""
+
+    name = "gpu_runner"
+
+    def __init__(self, *, factory: Callable[[], StepRunner], scheduler: Sender) -> None:
+        super().__init__()
+        self._factory = factory
+        self._scheduler = scheduler
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lorasrv-gpu")
+        self._runner: StepRunner | None = None
+
+    @property
+    def runner(self) -> StepRunner:
+        assert self._runner is not None, "start_runner() first"
+        return self._runner
+
+    async def start_runner(self) -> RunnerReady:
+        """Build the model on the runner thread (CUDA context included) and report what it has."""
+        loop = asyncio.get_running_loop()
+        self._runner = await loop.run_in_executor(self._executor, self._factory)
+        return await loop.run_in_executor(self._executor, self._runner.ready)
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = [await self.inbox.get()]
+            while not self.inbox.empty():
+                batch.append(self.inbox.get_nowait())
+            for done in await loop.run_in_executor(self._executor, self._execute, batch):
+                self._scheduler.send(done)
+
+    def _execute(self, batch: list[RunnerInbox]) -> list[StepDone]:
+        """Runs on the runner thread, in inbox order."""
+        runner = self.runner
+        results: list[StepDone] = []
+        for msg in batch:
+            match msg:
+                case LoadSlot(slot_id=slot_id, adapter_id=adapter_id, weights=weights):
+                    runner.load_slot(slot_id, adapter_id, weights)
+                case ClearSlot(slot_id=slot_id):
+                    runner.clear_slot(slot_id)
+                case RunStep(plan=plan):
+                    started = time.perf_counter()
+                    out = runner.step(plan)
+                    if not plan.seq_ids:
+                        continue  # only freed sequence state: nobody waits for an answer
+                    sampled = tuple(
+                        s
+                        for s, is_sampled in zip(plan.seq_ids, plan.sample_rows, strict=True)
+                        if is_sampled
+                    )
+                    results.append(
+                        StepDone(
+                            step_id=plan.step_id,
+                            seq_ids=sampled,
+                            token_ids=tuple(out.token_ids),
+                            logprobs=tuple(out.logprobs),
+                            top_logprobs=tuple(out.top_logprobs),
+                            duration_s=time.perf_counter() - started,
+                        )
+                    )
+                case _:
+                    assert_never(msg)
+        return results
+
+    async def shutdown(self) -> None:
+        if self._runner is not None:
+            loop = asyncio.get_running_loop()
+            await loop.run_in_executor(self._executor, self._runner.shutdown)
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+def model_runner_factory(
+    config: ServerConfig, model_path: str, pool: LoraPoolSpec
+) -> Callable[[], StepRunner]:
+    """The real runner: lorasrv.model.runner.ModelRunner, built on the runner thread."""
+
+    def build() -> StepRunner:
+        from lorasrv.model.runner import ModelRunner
+
+        model, cache = config.model, config.cache
+        runner: StepRunner = ModelRunner(
+            model_path=model_path,
+            dtype=model.dtype,
+            device=model.device,
+            revision=model.revision,
+            context_length=model.context_length,
+            page_size=cache.page_size,
+            kv_cache_bytes=cache.kv_cache_bytes,
+            num_kv_pages=cache.num_kv_pages,
+            mem_fraction_static=cache.mem_fraction_static,
+            lora_num_slots=pool.num_slots,
+            lora_max_rank=pool.max_rank,
+            lora_target_modules=pool.target_modules,
+            lora_backend=pool.backend,
+            seed=model.seed,
+            enable_cuda_graph=not model.disable_cuda_graph,
+            allow_pickle=model.allow_pickle,
+        )
+        return runner
+
+    return build
+
+
+def adapter_loader_for(runner: StepRunner) -> Callable[[str], object]:
+    """CPU-only, thread-safe: loads an adapter folder into host weights for this base model."""
+    make = getattr(runner, "make_adapter_loader", None)
+    if make is None:
+        raise TypeError(f"{type(runner).__name__} cannot load adapters")
+    loader: Callable[[str], object] = make()
+    return loader

@@ -1,0 +1,53 @@
+"""Sequence: the scheduler's state for one request. Pure; owned by the SchedulerActor only."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+from lorasrv.ids import AdapterId, BlockId, RequestId, SeqId
+from lorasrv.messages import SamplingParams
+
+
+class SeqStatus(enum.Enum):
+    ACQUIRING = "acquiring"  # waiting for the adapter manager's reference
+    WAITING = "waiting"  # admitted to the queue, holds no pages
+    RUNNING = "running"  # holds pages; prefilling or decoding
+    FINISHED = "finished"
+
+
+@dataclass(slots=True)
+class Sequence:
+    seq_id: SeqId
+    request_id: RequestId
+    prompt_ids: tuple[int, ...]
+    params: SamplingParams
+    lora_name: str | None
+    arrival_s: float
+    adapter_id: AdapterId | None = None
+    is_pinned_adapter: bool = False
+    status: SeqStatus = SeqStatus.ACQUIRING
+    output_ids: list[int] = field(default_factory=list)
+    num_computed: int = 0  # tokens whose KV is in the cache
+    blocks: list[BlockId] = field(default_factory=list)
+    in_runner: bool = False  # the runner holds sampler state for it
+    num_preemptions: int = 0
+    waiting_since_step: int = 0
+    has_emitted: bool = False
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def num_uncomputed(self) -> int:
+        return self.num_tokens - self.num_computed
+
+    def token_slice(self, start: int, stop: int) -> tuple[int, ...]:
+        """Tokens [start, stop) of prompt + output, without building the whole list."""
+        num_prompt = len(self.prompt_ids)
+        if stop <= num_prompt:
+            return self.prompt_ids[start:stop]
+        if start >= num_prompt:
+            return tuple(self.output_ids[start - num_prompt : stop - num_prompt])
+        return self.prompt_ids[start:] + tuple(self.output_ids[: stop - num_prompt])
