@@ -1,0 +1,430 @@
+"""HF tokenizer folders: encode, chat template, decode, streaming detokenize, stop strings.
+
+Reads files only through `tokenizers` and jinja2 (sandboxed); never imports torch or transformers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Final, Protocol
+
+import jinja2
+import jinja2.ext
+import jinja2.nodes
+import jinja2.parser
+import jinja2.utils
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from tokenizers import AddedToken, Tokenizer, processors
+
+from lorasrv.messages import ChatMessage
+
+# The named special tokens a chat template sees as variables, as transformers passes them.
+SPECIAL_TOKEN_NAMES: Final = (
+    "bos_token",
+    "eos_token",
+    "unk_token",
+    "sep_token",
+    "pad_token",
+    "cls_token",
+    "mask_token",
+)
+# A stream emits anyway after this many tokens without a complete character (garbage bytes).
+MAX_PENDING_TOKENS: Final = 32
+
+
+class DetokenizerStream(Protocol):
+    """One request's output text, in pieces: `step` per new ids, `flush` once at the end."""
+
+    def step(self, new_ids: Sequence[int]) -> str: ...
+
+    def flush(self) -> str: ...
+
+
+class Detokenizer(Protocol):
+    """What the tokenizer actor needs; `HfTokenizer` and test fakes satisfy it."""
+
+    @property
+    def eos_token_ids(self) -> tuple[int, ...]: ...
+
+    @property
+    def vocab_size(self) -> int: ...
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]: ...
+
+    def apply_chat_template(
+        self, messages: Sequence[ChatMessage], add_generation_prompt: bool = True
+    ) -> str: ...
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str: ...
+
+    def new_stream(
+        self, prompt_ids: Sequence[int], skip_special_tokens: bool
+    ) -> DetokenizerStream: ...
+
+
+class _Decodes(Protocol):
+    @property
+    def all_special_ids(self) -> tuple[int, ...]: ...
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str: ...
+
+
+class HfTokenizer:
+    """A tokenizer folder (tokenizer.json and friends) loaded with `tokenizers`."""
+
+    def __init__(
+        self,
+        tokenizer: Tokenizer,
+        *,
+        chat_template: str | None = None,
+        special_tokens: dict[str, str] | None = None,
+        eos_token_ids: Sequence[int] = (),
+    ) -> None:
+        self._tokenizer = tokenizer
+        self._special_tokens = dict(special_tokens or {})
+        self._chat_template_source = chat_template
+        self._chat_template = (
+            None if chat_template is None else compile_chat_template(chat_template)
+        )
+        self._eos_token_ids = tuple(dict.fromkeys(eos_token_ids))
+        self._vocab_size = max(tokenizer.get_vocab(with_added_tokens=True).values(), default=-1) + 1
+        added = tokenizer.get_added_tokens_decoder()
+        self._all_special_ids = tuple(sorted(i for i, token in added.items() if token.special))
+
+    @classmethod
+    def from_dir(cls, path: str | os.PathLike[str]) -> HfTokenizer:
+        folder = Path(path)
+        if not folder.is_dir():
+            raise ValueError(f"tokenizer folder {str(folder)!r} does not exist or is not a folder")
+        tokenizer_file = folder / "tokenizer.json"
+        if not tokenizer_file.is_file():
+            raise ValueError(
+                f"{str(folder)!r} has no tokenizer.json: lorasrv reads only the fast-tokenizer "
+                "format (save the tokenizer once with transformers' save_pretrained to produce it)"
+            )
+        try:
+            tokenizer = Tokenizer.from_file(str(tokenizer_file))
+        except Exception as exc:
+            raise ValueError(f"cannot read {str(tokenizer_file)!r}: {exc}") from exc
+        tokenizer.no_truncation()  # as transformers' __call__: a prompt is never cut or padded
+        tokenizer.no_padding()
+        config = _read_json(folder / "tokenizer_config.json")
+        special_tokens = _special_tokens(config, _read_json(folder / "special_tokens_map.json"))
+        _add_missing_special_tokens(tokenizer, special_tokens)
+        if tokenizer.post_processor is None:
+            _set_post_processor(tokenizer, config, special_tokens)
+        eos_ids = _eos_token_ids(folder, tokenizer, special_tokens.get("eos_token"))
+        return cls(
+            tokenizer,
+            chat_template=_chat_template(folder, config),
+            special_tokens=special_tokens,
+            eos_token_ids=eos_ids,
+        )
+
+    @property
+    def eos_token_ids(self) -> tuple[int, ...]:
+        return self._eos_token_ids
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of token ids (base vocabulary plus added tokens)."""
+        return self._vocab_size
+
+    @property
+    def all_special_ids(self) -> tuple[int, ...]:
+        return self._all_special_ids
+
+    @property
+    def has_chat_template(self) -> bool:
+        return self._chat_template is not None
+
+    @property
+    def chat_template(self) -> str | None:
+        return self._chat_template_source
+
+    def token_to_id(self, token: str) -> int | None:
+        return self._tokenizer.token_to_id(token)
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return list(self._tokenizer.encode(text, add_special_tokens=add_special_tokens).ids)
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        return self._tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def apply_chat_template(
+        self, messages: Sequence[ChatMessage], add_generation_prompt: bool = True
+    ) -> str:
+        """Render as transformers' `apply_chat_template(..., tokenize=False)` does.
+
+        The text usually starts with the BOS token: encode it with `add_special_tokens=False`.
+        """
+        if self._chat_template is None:
+            raise ValueError("this tokenizer has no chat template; send a plain prompt instead")
+        return self._chat_template.render(
+            messages=[{"role": m.role, "content": m.content} for m in messages],
+            tools=None,
+            documents=None,
+            add_generation_prompt=add_generation_prompt,
+            **self._special_tokens,
+        )
+
+    def new_stream(
+        self, prompt_ids: Sequence[int], skip_special_tokens: bool
+    ) -> IncrementalDetokenizer:
+        return IncrementalDetokenizer(self, prompt_ids, skip_special_tokens)
+
+
+class IncrementalDetokenizer:
+    """One request's output ids -> text pieces whose concatenation equals `decode(output_ids)`.
+
+    Prefix/read offsets: a window of ids starts at a character boundary; its first `read` ids are
+    already emitted. A step decodes the window with and without the new ids and emits the
+    difference, unless it ends in an incomplete UTF-8 sequence ("\\ufffd"). Emitted ids before
+    the window are dropped, so a step costs O(window), not O(output length).
+    """
+
+    __slots__ = ("_ids", "_read", "_skip_ids", "_skip_special_tokens", "_tokenizer")
+
+    def __init__(
+        self, tokenizer: _Decodes, prompt_ids: Sequence[int], skip_special_tokens: bool
+    ) -> None:
+        # NOTE: prompt_ids are not used as decoding context, so the text is exactly
+        # decode(output_ids) (a SentencePiece first token loses its leading space, as there).
+        del prompt_ids
+        self._tokenizer = tokenizer
+        self._skip_special_tokens = skip_special_tokens
+        # Skipped ids never enter the window: one there could take the place of the first
+        # token, whose leading space some decoders (SentencePiece) strip.
+        self._skip_ids = frozenset(tokenizer.all_special_ids if skip_special_tokens else ())
+        self._ids: list[int] = []  # from the window start on
+        self._read = 0  # ids[:read] are emitted
+
+    def step(self, new_ids: Sequence[int]) -> str:
+        self._ids.extend(i for i in new_ids if i not in self._skip_ids)
+        if len(self._ids) == self._read:
+            return ""
+        new_text = self._decode(self._ids)
+        if new_text.endswith("\ufffd") and len(self._ids) - self._read < MAX_PENDING_TOKENS:
+            return ""
+        return self._advance(new_text)
+
+    def flush(self) -> str:
+        """The text still held back (an incomplete character at the very end)."""
+        if len(self._ids) == self._read:
+            return ""
+        return self._advance(self._decode(self._ids))
+
+    def _advance(self, new_text: str) -> str:
+        emitted = self._decode(self._ids[: self._read])
+        del self._ids[: self._read]
+        self._read = len(self._ids)
+        return new_text[len(emitted) :]
+
+    def _decode(self, ids: Sequence[int]) -> str:
+        if not ids:
+            return ""
+        return self._tokenizer.decode(ids, skip_special_tokens=self._skip_special_tokens)
+
+
+# ----------------------------------------------------------------------------- stop strings
+
+
+def find_stop(text: str, stops: Sequence[str], search_from: int) -> int | None:
+    """Index where the earliest stop string starts in `text`, or None.
+
+    `text[:search_from]` was searched before, so only a match that ends after it can be new.
+    Empty stop strings are ignored.
+    """
+    stops = [stop for stop in stops if stop]
+    if not stops:
+        return None
+    start = max(0, search_from - max(len(stop) for stop in stops) + 1)
+    found = [i for stop in stops if (i := text.find(stop, start)) != -1]
+    return min(found, default=None)
+
+
+def holdback(text: str, stops: Sequence[str]) -> int:
+    """Length of the longest suffix of `text` that is a proper prefix of some stop string.
+
+    A stream emits `text[: len(text) - holdback(text, stops)]`, so it never sends text that a
+    later token turns into (part of) a stop string.
+    """
+    best = 0
+    for stop in stops:
+        for length in range(min(len(stop) - 1, len(text)), best, -1):
+            if text.endswith(stop[:length]):
+                best = length
+                break
+    return best
+
+
+# ----------------------------------------------------------------------------- chat templates
+
+
+def compile_chat_template(source: str) -> jinja2.Template:
+    """A chat template compiled as transformers compiles it (sandboxed, same helpers)."""
+    env = ImmutableSandboxedEnvironment(
+        trim_blocks=True,
+        lstrip_blocks=True,
+        extensions=[_GenerationTag, jinja2.ext.loopcontrols],
+    )
+    env.filters["tojson"] = _tojson
+    env.globals["raise_exception"] = _raise_exception
+    env.globals["strftime_now"] = _strftime_now
+    env.globals["dict"] = _TemplateDict()
+    env.globals["namespace"] = _TemplateNamespace
+    return env.from_string(source)
+
+
+def _raise_exception(message: str) -> None:
+    raise jinja2.exceptions.TemplateError(message)
+
+
+def _tojson(
+    value: Any,
+    ensure_ascii: bool = False,
+    indent: int | None = None,
+    separators: tuple[str, str] | None = None,
+    sort_keys: bool = False,
+) -> str:
+    # Jinja's own tojson escapes HTML characters; templates expect plain json.dumps.
+    return json.dumps(
+        value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
+    )
+
+
+def _strftime_now(format: str) -> str:
+    return datetime.now().strftime(format)
+
+
+class _TemplateDict:
+    """`dict(...)` for templates without access to the real type's attributes."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> dict[Any, Any]:
+        return dict(*args, **kwargs)
+
+    def fromkeys(self, *args: Any, **kwargs: Any) -> dict[Any, Any]:
+        return dict.fromkeys(*args, **kwargs)
+
+
+class _TemplateNamespace(jinja2.utils.Namespace):
+    """`namespace(...)` that refuses underscore attributes (a way into Python internals)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        for name in dict(*args, **kwargs):
+            _check_namespace_name(name)
+        super().__init__(*args, **kwargs)
+
+    def __setitem__(self, name: str, value: Any) -> None:
+        _check_namespace_name(name)
+        super().__setitem__(name, value)
+
+
+def _check_namespace_name(name: object) -> None:
+    if isinstance(name, str) and name.startswith("_"):
+        raise jinja2.exceptions.SecurityError(f"namespace attribute {name!r} is not allowed")
+
+
+class _GenerationTag(jinja2.ext.Extension):
+    """`{% generation %}...{% endgeneration %}` (assistant-mask markers) renders its body."""
+
+    tags = {"generation"}  # noqa: RUF012  (jinja2 reads it as a class attribute)
+
+    def parse(self, parser: jinja2.parser.Parser) -> jinja2.nodes.Node:
+        lineno = next(parser.stream).lineno
+        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+        call = self.call_method("_render_body")
+        return jinja2.nodes.CallBlock(call, [], [], body).set_lineno(lineno)
+
+    def _render_body(self, caller: Any) -> str:
+        return str(caller())
+
+
+# ----------------------------------------------------------------------------- folder files
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"cannot read {str(path)!r}: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ValueError(f"{str(path)!r} does not hold a JSON object")
+    return data
+
+
+def _token_text(value: Any) -> str | None:
+    """A special token as tokenizer_config.json writes it: a string or an AddedToken dict."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, dict) and isinstance(value.get("content"), str):
+        return str(value["content"])
+    return None
+
+
+def _special_tokens(config: dict[str, Any], special_map: dict[str, Any]) -> dict[str, str]:
+    tokens: dict[str, str] = {}
+    for name in SPECIAL_TOKEN_NAMES:
+        text = _token_text(config.get(name))
+        if text is None:
+            text = _token_text(special_map.get(name))
+        if text is not None:
+            tokens[name] = text
+    return tokens
+
+
+def _add_missing_special_tokens(tokenizer: Tokenizer, special_tokens: dict[str, str]) -> None:
+    # transformers adds named special tokens that tokenizer.json lacks; ids must agree with it.
+    missing = [t for t in special_tokens.values() if tokenizer.token_to_id(t) is None]
+    if missing:
+        tokenizer.add_special_tokens(
+            [AddedToken(t, special=True, normalized=False) for t in dict.fromkeys(missing)]
+        )
+
+
+def _set_post_processor(
+    tokenizer: Tokenizer, config: dict[str, Any], special_tokens: dict[str, str]
+) -> None:
+    """No post-processor in tokenizer.json: add BOS/EOS as tokenizer_config.json asks."""
+    bos = special_tokens.get("bos_token") if config.get("add_bos_token") is True else None
+    eos = special_tokens.get("eos_token") if config.get("add_eos_token") is True else None
+    if bos is None and eos is None:
+        return
+    single = f"{f'{bos}:0 ' if bos else ''}$A:0{f' {eos}:0' if eos else ''}"
+    pair = f"{single}{f' {bos}:1' if bos else ''} $B:1{f' {eos}:1' if eos else ''}"
+    pieces = {t: tokenizer.token_to_id(t) for t in (bos, eos) if t is not None}
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single=single,
+        pair=pair,
+        special_tokens=[(t, i) for t, i in pieces.items() if i is not None],
+    )
+
+
+def _chat_template(folder: Path, config: dict[str, Any]) -> str | None:
+    """chat_template.jinja wins over tokenizer_config.json; of named templates, "default"."""
+    jinja_file = folder / "chat_template.jinja"
+    if jinja_file.is_file():
+        return jinja_file.read_text(encoding="utf-8")
+    template = config.get("chat_template")
+    if isinstance(template, list):
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        template = named.get("default")
+    return template if isinstance(template, str) else None
+
+
+def _eos_token_ids(folder: Path, tokenizer: Tokenizer, eos_token: str | None) -> list[int]:
+    """The tokenizer's EOS, then generation_config.json's and config.json's eos_token_id."""
+    ids: list[int] = []
+    if eos_token is not None and (eos_id := tokenizer.token_to_id(eos_token)) is not None:
+        ids.append(eos_id)
+    for name in ("generation_config.json", "config.json"):
+        value = _read_json(folder / name).get("eos_token_id")
+        values = value if isinstance(value, list) else [value]
+        ids.extend(v for v in values if isinstance(v, int) and not isinstance(v, bool))
+    return list(dict.fromkeys(ids))
