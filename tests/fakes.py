@@ -9,7 +9,7 @@ from collections.abc import Sequence
 
 from lorasrv.engine.step_runner import StepOutput
 from lorasrv.ids import AdapterId, SlotId
-from lorasrv.messages import RunnerReady, StepPlan, TokenLogprob
+from lorasrv.messages import ChatMessage, RunnerReady, StepPlan, TokenLogprob
 
 FAKE_VOCAB = 128
 FAKE_EOS = 127
@@ -125,6 +125,9 @@ class FakeTextStream:
     def step(self, new_ids: list[int]) -> str:
         return "".join(chr(i) for i in new_ids)
 
+    def flush(self) -> str:
+        return ""
+
 
 class FakeTokenizer:
     """One token per ASCII character; ids are code points."""
@@ -135,8 +138,9 @@ class FakeTokenizer:
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return [ord(c) for c in text]
 
-    def apply_chat_template(self, messages: object, add_generation_prompt: bool = True) -> str:
-        assert isinstance(messages, Sequence)
+    def apply_chat_template(
+        self, messages: Sequence[ChatMessage], add_generation_prompt: bool = True
+    ) -> str:
         return "".join(f"<{m.role}>{m.content}" for m in messages) + "<assistant>"
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:

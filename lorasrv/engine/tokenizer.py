@@ -5,6 +5,7 @@ applies stop strings, and hands output deltas to the request's output queue. Nev
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, assert_never
 
@@ -13,6 +14,7 @@ from lorasrv.engine.outputs import OutputSink
 from lorasrv.ids import RequestId
 from lorasrv.messages import (
     Abort,
+    ChatMessage,
     EmitTokens,
     Enqueue,
     RequestFailed,
@@ -28,6 +30,10 @@ logger = logging.getLogger(__name__)
 class TextStream(Protocol):
     def step(self, new_ids: list[int]) -> str: ...
 
+    def flush(self) -> str:
+        """Text held back at the end (an incomplete character), once the request is done."""
+        ...
+
 
 class Detokenizer(Protocol):
     """What the actor needs of a tokenizer; `detokenizer.HfTokenizer` is the real one."""
@@ -37,7 +43,9 @@ class Detokenizer(Protocol):
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]: ...
 
-    def apply_chat_template(self, messages: object, add_generation_prompt: bool = True) -> str: ...
+    def apply_chat_template(
+        self, messages: Sequence[ChatMessage], add_generation_prompt: bool = True
+    ) -> str: ...
 
     def new_stream(self, prompt_ids: list[int], skip_special_tokens: bool) -> TextStream: ...
 
@@ -156,6 +164,8 @@ class TokenizerActor(Actor[TokenizerInbox]):
                         self._scheduler.send(Abort(request_id=msg.request_id))
                     finish_reason = "stop"
         finished = finish_reason is not None
+        if finished and matched_text is None:
+            stream.text += stream.text_stream.flush()
         # Hold back a tail that could still grow into a stop string.
         end = len(stream.text) if finished else self._safe_end(stream)
         delta = stream.text[stream.num_emitted_chars : end]

@@ -1,0 +1,69 @@
+"""Every message type round-trips through msgpack, so an actor could move to another process."""
+
+from __future__ import annotations
+
+import msgspec
+import pytest
+
+from lorasrv import messages as m
+from lorasrv.ids import AdapterId, BlockId, OpId, RequestId, SeqId, SlotId, StepId
+
+PARAMS = m.SamplingParams(max_new_tokens=3, stop=("x",), seed=1)
+SAMPLES: list[m.Msg] = [
+    m.Tokenize(request_id=RequestId("r"), text="hi", params=PARAMS, arrival_s=1.0),
+    m.Tokenize(
+        request_id=RequestId("r"),
+        messages=(m.ChatMessage(role="user", content="hi"),),
+        lora_name="a",
+        params=PARAMS,
+        arrival_s=1.0,
+    ),
+    m.Enqueue(request_id=RequestId("r"), prompt_ids=(1, 2), lora_name=None, params=PARAMS,
+              arrival_s=0.5),  # fmt: skip
+    m.Abort(request_id=RequestId("r")),
+    m.EmitTokens(request_id=RequestId("r"), token_ids=(4,), logprobs=(-1.0,),
+                 top_logprobs=((m.TokenLogprob(4, -1.0),),), finish_reason="stop"),  # fmt: skip
+    m.RequestFailed(request_id=RequestId("r"), code="invalid_request", detail="bad"),
+    m.AcquireAdapter(request_id=RequestId("r"), lora_name="a"),
+    m.AdapterAcquired(request_id=RequestId("r"), adapter_id=AdapterId(3), pinned=True),
+    m.AdapterAcquireFailed(request_id=RequestId("r"), code="adapter_not_found", detail="a"),
+    m.ReleaseAdapter(request_id=RequestId("r"), adapter_id=AdapterId(3)),
+    m.PrepareStep(step_id=StepId(2), adapter_ids=(AdapterId(1), AdapterId(2))),
+    m.StepAdaptersReady(step_id=StepId(2), slots=(m.SlotAssignment(AdapterId(1), SlotId(0)),),
+                        deferred=(AdapterId(2),), num_pinned=1),  # fmt: skip
+    m.LoadAdapter(op_id=OpId(1), lora_name="a", lora_path="/p", pinned=True),
+    m.UnloadAdapter(op_id=OpId(2), lora_name="a"),
+    m.DescribeAdapters(op_id=OpId(3)),
+    m.HostLoadDone(adapter_id=AdapterId(1), error="broken"),
+    m.RunStep(
+        plan=m.StepPlan(
+            step_id=StepId(1),
+            new_seqs=(m.NewSeq(seq_id=SeqId(0), params=PARAMS, prompt_ids=(1, 2)),),
+            freed_seq_ids=(SeqId(9),),
+            seq_ids=(SeqId(0),),
+            input_ids=(1, 2),
+            query_lens=(2,),
+            context_lens=(0,),
+            block_tables=((BlockId(0),),),
+            lora_slots=(-1,),
+            sample_rows=(True,),
+        )
+    ),
+    m.ClearSlot(slot_id=SlotId(1)),
+    m.StepDone(step_id=StepId(1), seq_ids=(SeqId(0),), token_ids=(5,)),
+]
+
+
+@pytest.mark.parametrize("msg", SAMPLES, ids=lambda msg: type(msg).__name__)
+def test_round_trip(msg: m.Msg) -> None:
+    decoded = msgspec.msgpack.decode(msgspec.msgpack.encode(msg), type=type(msg))
+    assert decoded == msg
+
+
+def test_every_inbox_member_is_sampled() -> None:
+    sampled = {type(s) for s in SAMPLES}
+    for union in (m.TokenizerInbox, m.SchedulerInbox, m.AdapterInbox, m.RunnerInbox):
+        for member in union.__args__:  # type: ignore[attr-defined]
+            # LoadSlot carries tensors by design and is the one message kept in-process.
+            assert member in sampled or member is m.LoadSlot, member.__name__
+    assert m.StepAdaptersReady in sampled and m.AdapterAcquired in sampled
