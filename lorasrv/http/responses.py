@@ -1,0 +1,61 @@
+"""JSON and error responses. The one place that maps an error to its HTTP status and wire shape.
+
+Error bodies are OpenAI-like, `{"error": {"message", "type", "code": <status>}}`, so the later
+OpenAI routes can share them. Messages never carry tracebacks.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Final
+
+import msgspec
+from aiohttp import web
+
+from lorasrv.errors import LorasrvError
+from lorasrv.http.schemas import ErrorDetail, ErrorResponse
+
+#: aiohttp's own HTTP errors (routing, body size) -> the `type` field of our error body
+HTTP_ERROR_TYPES: Final[dict[int, str]] = {
+    400: "invalid_request",
+    401: "unauthorized",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "request_too_large",
+}
+
+
+def json_response(body: Any, status: int = 200) -> web.Response:
+    return web.Response(
+        body=msgspec.json.encode(body), status=status, content_type="application/json"
+    )
+
+
+def error_body(exc: LorasrvError) -> ErrorResponse:
+    return ErrorResponse(error=ErrorDetail(message=exc.detail, type=exc.code, code=exc.status))
+
+
+def error_response(exc: LorasrvError, headers: dict[str, str] | None = None) -> web.Response:
+    body = error_body(exc)
+    response = json_response(body, status=body.error.code)
+    if headers:
+        response.headers.update(headers)
+    return response
+
+
+def http_error_response(request: web.Request, exc: web.HTTPException) -> web.Response:
+    """aiohttp's 404/405/413...: keep the status (and `Allow`), answer in our JSON shape."""
+    error_type = HTTP_ERROR_TYPES.get(exc.status, "http_error")
+    if exc.status == 404:
+        message = f"no route {request.path}"
+    elif exc.status == 405:
+        allowed = exc.headers.get("Allow", "")
+        message = f"{request.method} is not allowed on {request.path} (allowed: {allowed})"
+    elif exc.text and not exc.text.startswith(f"{exc.status}:"):
+        message = exc.text  # e.g. the body size limit
+    else:
+        message = exc.reason
+    body = ErrorResponse(error=ErrorDetail(message=message, type=error_type, code=exc.status))
+    response = json_response(body, status=exc.status)
+    if "Allow" in exc.headers:
+        response.headers["Allow"] = exc.headers["Allow"]
+    return response

@@ -1,0 +1,62 @@
+"""Public request bodies of the HTTP API as msgspec Structs; unknown fields are rejected (400).
+
+Shapes only: value checks (lengths, ranges, adapter names) belong to the engine.
+"""
+
+from typing import Any
+
+import msgspec
+
+
+class GenerateRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """SGLang's `/generate` body. `input_ids` items are ids or (batch) lists of ids."""
+
+    text: str | list[str] | None = None
+    input_ids: list[int | list[int]] | None = None
+    sampling_params: dict[str, Any] | list[dict[str, Any]] | None = None
+    lora_path: str | list[str | None] | None = None
+    stream: bool = False
+    rid: str | list[str] | None = None
+    return_logprob: bool | list[bool] = False
+    top_logprobs_num: int | list[int] = 0
+    logprob_start_len: int | list[int] = -1
+
+
+class LoadLoraRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    lora_name: str
+    lora_path: str
+    pinned: bool = False
+
+
+class UnloadLoraRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    lora_name: str
+
+
+class AdapterOpResponse(msgspec.Struct, frozen=True, kw_only=True):
+    success: bool
+    error_message: str = ""
+    loaded_adapters: dict[str, str] = msgspec.field(default_factory=dict)
+
+
+class ErrorDetail(msgspec.Struct, frozen=True, kw_only=True):
+    message: str
+    type: str
+    code: int
+
+
+class ErrorResponse(msgspec.Struct, frozen=True, kw_only=True):
+    error: ErrorDetail
+
+
+class ModelCard(msgspec.Struct, frozen=True, kw_only=True):
+    id: str
+    object: str = "model"
+    created: int
+    owned_by: str = "lorasrv"
+    root: str
+    parent: str | None
+
+
+class ModelList(msgspec.Struct, frozen=True, kw_only=True):
+    data: list[ModelCard]
+    object: str = "list"
