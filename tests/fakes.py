@@ -5,6 +5,7 @@ in the row's slot, so wrong page bookkeeping or a wrong slot shows up as a wrong
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 
 from lorasrv.engine.step_runner import StepOutput
@@ -58,6 +59,7 @@ class FakeRunner:
         self.live_seqs: set[int] = set()
         self.plans: list[StepPlan] = []
         self.num_loads = 0
+        self.step_delay_s = 0.0  # simulated GPU time per step (runs on the runner thread)
 
     def ready(self) -> RunnerReady:
         return self.ready_info
@@ -76,6 +78,8 @@ class FakeRunner:
         pass
 
     def step(self, plan: StepPlan) -> StepOutput:
+        if self.step_delay_s:
+            time.sleep(self.step_delay_s)
         self.plans.append(plan)
         for seq_id in plan.freed_seq_ids:
             self.live_seqs.discard(seq_id)

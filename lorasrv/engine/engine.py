@@ -84,7 +84,7 @@ class Engine:
         self._tokenizer_actor: TokenizerActor | None = None
         self._adapter_actor: AdapterManagerActor | None = None
         self._ready: RunnerReady | None = None
-        self.scheduler_stats = SchedulerStats()
+        self.last_stats = SchedulerStats()  # the scheduler's latest snapshot
         self.failed = asyncio.Event()
         self.failure: str | None = None
         self.model_path = ""
@@ -262,7 +262,7 @@ class Engine:
             future.set_result(result)
 
     def scheduler_stats(self, stats: SchedulerStats) -> None:
-        self.scheduler_stats = stats  # type: ignore[method-assign]
+        self.last_stats = stats
 
     # ------------------------------------------------------------------ /generate
 
@@ -362,7 +362,7 @@ class Engine:
         return {
             "config": msgspec.to_builtins(self.config),
             "runner": msgspec.to_builtins(self.ready_info),
-            "scheduler": self.scheduler_stats._asdict(),
+            "scheduler": self.last_stats._asdict(),
             "adapters": [msgspec.to_builtins(a) for a in adapters],
             "uptime_s": time.time() - self.started_s,
             "healthy": self.is_healthy(),

@@ -67,10 +67,12 @@ def _prompts(
     if (text is None) == (input_ids is None):
         raise BadRequest("give exactly one of text or input_ids")
     if isinstance(text, str):
+        if not text:
+            raise BadRequest("text is empty: give a non-empty prompt")
         return [text], False
     if isinstance(text, list):
-        if not text or not all(isinstance(t, str) for t in text):
-            raise BadRequest("text must be a string or a non-empty list of strings")
+        if not text or not all(isinstance(t, str) and t for t in text):
+            raise BadRequest("text must be a non-empty string or a non-empty list of them")
         return text, True
     if not isinstance(input_ids, list) or not input_ids:
         raise BadRequest("input_ids must be a non-empty list of token ids (or of lists)")

@@ -82,6 +82,7 @@ class SchedulerActor(Actor[SchedulerInbox]):
         self._next_seq_id = 0
         self._num_pinned = 0
         self._freed_in_runner: list[SeqId] = []
+        self._last_step = (0.0, 0)  # seconds, sampled tokens
 
     # ------------------------------------------------------------------ inbox
 
@@ -107,6 +108,7 @@ class SchedulerActor(Actor[SchedulerInbox]):
     def after_batch(self) -> None:
         if self._phase is _Phase.IDLE:
             self._plan_step()
+        self._publish_stats()
 
     # ------------------------------------------------------------------ admission
 
@@ -304,7 +306,7 @@ class SchedulerActor(Actor[SchedulerInbox]):
             )
             if reason is not None:
                 self._finish(seq, reason=reason, notify=False)
-        self._publish_stats(time.monotonic() - self._step_started_s, len(msg.token_ids))
+        self._last_step = (time.monotonic() - self._step_started_s, len(msg.token_ids))
 
     def _stop_reason(self, seq: Sequence, token_id: int) -> tuple[str | None, int | None]:
         params = seq.params
@@ -369,9 +371,10 @@ class SchedulerActor(Actor[SchedulerInbox]):
             seq.in_runner = False
             self._freed_in_runner.append(seq.seq_id)
 
-    def _publish_stats(self, step_s: float, num_sampled: int) -> None:
+    def _publish_stats(self) -> None:
         if self._stats is None:
             return
+        step_s, num_sampled = self._last_step
         self._stats.scheduler_stats(
             SchedulerStats(
                 num_running=len(self._running),

@@ -79,3 +79,9 @@ def test_return_logprob_maps_into_sampling_params() -> None:
     batch = normalize_generate(text="a", return_logprob=True, top_logprobs_num=3)
     assert batch.want_logprobs
     assert batch.items[0].params.logprobs and batch.items[0].params.top_logprobs == 3
+
+
+@pytest.mark.parametrize("text", ["", ["ok", ""]])
+def test_empty_text_is_refused(text: str | list[str]) -> None:
+    with pytest.raises(BadRequest, match="non-empty"):
+        normalize_generate(text=text)
