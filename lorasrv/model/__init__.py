@@ -1,0 +1,4 @@
+"""GPU model code: the Llama-family decoder, paged KV cache, LoRA slot pool and the step runner.
+
+Imports torch and lorasrv_kernels; never asyncio, never lorasrv.engine.
+"""

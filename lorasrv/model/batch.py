@@ -1,0 +1,137 @@
+"""Host-side step preparation: StepPlan -> device tensors in one packed int32 upload.
+
+Vectorized over rows (CPU tensor ops, no per-row Python loops over tensors); never runs the model.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import NamedTuple
+
+import torch
+
+from lorasrv.ids import SeqId
+from lorasrv.messages import StepPlan
+from lorasrv.model.attention import AttentionMetadata, prepare_attention_metadata
+
+
+class StepBatch(NamedTuple):
+    input_ids: torch.Tensor  # [num_tokens] int32
+    metadata: AttentionMetadata
+    sample_index: torch.Tensor  # [num_sampled] int64, token index of each sampled row's last token
+    sampled_seq_ids: list[SeqId]
+    # LoRA segments (runs of rows sharing a slot), None when no row has an adapter
+    seg_indptr: torch.Tensor | None  # [num_segments + 1] int32 token offsets
+    seg_slot: torch.Tensor | None  # [num_segments] int32, -1 = base rows
+    max_seg_len: int
+
+
+class StepPreparer:
+    """Builds StepBatches; keeps one pinned staging buffer so uploads need no fresh pinning."""
+
+    def __init__(self, *, page_size: int, num_pages: int, device: torch.device) -> None:
+        self.page_size = page_size
+        self.num_pages = num_pages
+        self.device = device
+        self._staging = torch.empty(0, dtype=torch.int32)
+        self._upload_done: torch.cuda.Event | None = None  # the last copy out of _staging
+
+    def prepare(self, plan: StepPlan) -> StepBatch:
+        num_rows = len(plan.seq_ids)
+        num_tokens = len(plan.input_ids)
+        query_lens = torch.tensor(plan.query_lens, dtype=torch.int32)  # [R]
+        context_lens = torch.tensor(plan.context_lens, dtype=torch.int32)  # [R]
+        assert int(query_lens.sum()) == num_tokens, "input_ids must hold every row's new tokens"
+        max_query_len = max(plan.query_lens)
+        kv_lens = query_lens + context_lens  # [R]
+        max_kv_len = int(kv_lens.max())
+        num_cols = -(-max_kv_len // self.page_size)
+        tables = _pad_block_tables(plan, num_cols, kv_lens, self.page_size, self.num_pages)
+
+        cu_query = torch.zeros(num_rows + 1, dtype=torch.int32)
+        torch.cumsum(query_lens, 0, out=cu_query[1:])
+        sampled = torch.tensor(plan.sample_rows, dtype=torch.bool)  # [R]
+        sample_index = cu_query[1:][sampled] - 1  # [S]
+        seg_indptr, seg_slot, max_seg_len = _lora_segments(plan, cu_query)
+        parts = [torch.tensor(plan.input_ids, dtype=torch.int32), query_lens, context_lens]
+        parts += [sample_index, tables.view(-1)]
+        if seg_indptr is not None and seg_slot is not None:
+            parts += [seg_indptr, seg_slot]
+        views = self._upload(parts)
+        metadata = prepare_attention_metadata(
+            views[1],
+            views[2],
+            views[4].view(num_rows, -1),
+            num_tokens=num_tokens,
+            max_query_len=max_query_len,
+            max_kv_len=max_kv_len,
+            page_size=self.page_size,
+        )
+        has_lora = seg_indptr is not None
+        return StepBatch(
+            input_ids=views[0],
+            metadata=metadata,
+            sample_index=views[3].long(),
+            sampled_seq_ids=list(itertools.compress(plan.seq_ids, plan.sample_rows)),
+            seg_indptr=views[5] if has_lora else None,
+            seg_slot=views[6] if has_lora else None,
+            max_seg_len=max_seg_len,
+        )
+
+    def _upload(self, parts: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Concatenate on the host, copy once, split into device views."""
+        sizes = [p.numel() for p in parts]
+        total = sum(sizes)
+        if self.device.type != "cuda":
+            return list(torch.cat(parts).split_with_sizes(sizes))
+        if self._upload_done is not None:
+            # NOTE: the previous step's copy may still be reading the staging buffer (a step that
+            # samples nothing never syncs); wait for it before overwriting.
+            self._upload_done.synchronize()
+        if self._staging.numel() < total:
+            self._staging = torch.empty(
+                max(total, 2 * self._staging.numel()), dtype=torch.int32, pin_memory=True
+            )
+        torch.cat(parts, out=self._staging[:total])
+        device_packed = self._staging[:total].to(self.device, non_blocking=True)
+        self._upload_done = torch.cuda.current_stream(self.device).record_event()
+        return list(device_packed.split_with_sizes(sizes))
+
+
+def _pad_block_tables(
+    plan: StepPlan, num_cols: int, kv_lens: torch.Tensor, page_size: int, num_pages: int
+) -> torch.Tensor:
+    """`[num_rows, num_cols]` int32, each row's pages then zeros (masked out, never read).
+
+    Checks the scheduler's tables on the host: an out-of-range page would be a device fault.
+    """
+    num_rows = len(plan.block_tables)
+    lens = torch.tensor([len(t) for t in plan.block_tables], dtype=torch.int64)  # [R]
+    flat = torch.tensor(list(itertools.chain.from_iterable(plan.block_tables)), dtype=torch.int32)
+    if bool((lens * page_size < kv_lens).any()):
+        raise ValueError("a block table does not cover its row's context + new tokens")
+    if flat.numel() and not 0 <= int(flat.min()) <= int(flat.max()) < num_pages:
+        raise ValueError(f"block table page id outside [0, {num_pages})")
+    row = torch.repeat_interleave(torch.arange(num_rows), lens)  # [total_pages]
+    col = torch.arange(flat.numel()) - torch.repeat_interleave(torch.cumsum(lens, 0) - lens, lens)
+    keep = col < num_cols  # tables may hold pages past this step's tokens
+    tables = torch.zeros(num_rows, num_cols, dtype=torch.int32)
+    tables[row[keep], col[keep]] = flat[keep]
+    return tables
+
+
+def _lora_segments(
+    plan: StepPlan, cu_query: torch.Tensor
+) -> tuple[torch.Tensor | None, torch.Tensor | None, int]:
+    """Runs of consecutive rows with one slot -> token offsets and slots; None if all base."""
+    slots = torch.tensor(plan.lora_slots, dtype=torch.int32)  # [R]
+    if not bool((slots >= 0).any()):
+        return None, None, 0
+    # Rows arrive sorted by slot, so each adapter is one run; an unsorted plan is still correct,
+    # only with more segments.
+    seg_slot, rows_per_seg = torch.unique_consecutive(slots, return_counts=True)
+    row_bounds = torch.zeros(seg_slot.numel() + 1, dtype=torch.int64)
+    torch.cumsum(rows_per_seg, 0, out=row_bounds[1:])
+    seg_indptr = cu_query[row_bounds]  # [num_segments + 1]
+    max_seg_len = int((seg_indptr[1:] - seg_indptr[:-1]).max())
+    return seg_indptr, seg_slot.to(torch.int32), max_seg_len

@@ -1,0 +1,124 @@
+"""Building blocks of the decoder: RMSNorm, rotary embedding, the LoRA-aware fused linear layer.
+
+Plain tensors, inference only (no nn.Module, no autograd); numerics follow HF transformers.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple, Protocol
+
+import torch
+import torch.nn.functional as F
+from lorasrv_kernels import LoraBatchInfo
+
+from lorasrv.model.arch import ModelArch
+
+
+class LoraOp(Protocol):
+    """`y += LoRA delta` in place; `lorasrv_kernels.reference.lora_forward` or the Triton one."""
+
+    def __call__(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        a_stack: torch.Tensor,
+        b_stack: torch.Tensor,
+        info: LoraBatchInfo,
+        slice_offsets: tuple[int, ...],
+    ) -> None: ...
+
+
+class LoraStep(NamedTuple):
+    """What a LoRA-aware layer needs for one step; absent when no row has an adapter."""
+
+    info: LoraBatchInfo
+    op: LoraOp
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """HF's LlamaRMSNorm: normalize in float32, round to x.dtype, then scale."""
+    x32 = x.float()
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x32.to(x.dtype)
+
+
+class LoraLinear:
+    """`y = x Wᵀ + b` over fused parts, plus each row's adapter delta from the slot pool."""
+
+    __slots__ = ("a_stack", "b_stack", "bias", "slice_offsets", "weight")
+
+    def __init__(
+        self, weight: torch.Tensor, bias: torch.Tensor | None, slice_sizes: tuple[int, ...]
+    ) -> None:
+        assert weight.shape[0] == sum(slice_sizes), "fused parts must add up to the weight rows"
+        self.weight = weight  # [out_total, in]
+        self.bias = bias  # [out_total] or None
+        offsets = [0]
+        for size in slice_sizes:
+            offsets.append(offsets[-1] + size)
+        self.slice_offsets = tuple(offsets)
+        # Set by LoraPool.attach when this module is a LoRA target; views of the pool's stacks.
+        self.a_stack: torch.Tensor | None = None  # [num_slots, num_slices * max_rank, in]
+        self.b_stack: torch.Tensor | None = None  # [num_slots, out_total, max_rank]
+
+    def forward(self, x: torch.Tensor, lora: LoraStep | None) -> torch.Tensor:
+        y = F.linear(x, self.weight, self.bias)  # [num_tokens, out_total]
+        if lora is not None and self.a_stack is not None and self.b_stack is not None:
+            lora.op(x, y, self.a_stack, self.b_stack, lora.info, self.slice_offsets)
+        return y
+
+
+class Rotary:
+    """Rotary position embedding with HF's inverse frequencies (default, linear, llama3)."""
+
+    def __init__(self, arch: ModelArch, device: torch.device) -> None:
+        self.inv_freq = rope_inv_freq(arch).to(device)  # [head_dim // 2] float32
+
+    def cos_sin(
+        self, positions: torch.Tensor, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin for each token, `[num_tokens, head_dim]`, computed in float32 as HF does."""
+        freqs = positions.float()[:, None] * self.inv_freq[None, :]  # [num_tokens, head_dim // 2]
+        emb = torch.cat((freqs, freqs), dim=-1)  # [num_tokens, head_dim]
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x `[num_tokens, num_heads, head_dim]`; cos/sin `[num_tokens, head_dim]`."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos[:, None, :] + rotated * sin[:, None, :]
+
+
+def rope_inv_freq(arch: ModelArch) -> torch.Tensor:
+    """`1 / theta^(2i/d)`, then the checkpoint's scaling; same float32 ops as transformers."""
+    dim = arch.head_dim
+    exponents = torch.arange(0, dim, 2, dtype=torch.int64).to(dtype=torch.float) / dim
+    inv_freq = 1.0 / (arch.rope_theta**exponents)  # [dim // 2]
+    scaling = arch.rope_scaling
+    if scaling is None:
+        return inv_freq
+    if scaling.rope_type == "linear":
+        return inv_freq / scaling.factor
+    # llama3: keep high frequencies, divide low ones by `factor`, interpolate in between.
+    old_len = scaling.original_max_position_embeddings
+    low_freq_wavelen = old_len / scaling.low_freq_factor
+    high_freq_wavelen = old_len / scaling.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / scaling.factor, inv_freq)
+    smooth = (old_len / wavelen - scaling.low_freq_factor) / (
+        scaling.high_freq_factor - scaling.low_freq_factor
+    )
+    smoothed = (1 - smooth) * scaled / scaling.factor + smooth * scaled
+    is_medium = ~(wavelen < high_freq_wavelen) * ~(wavelen > low_freq_wavelen)
+    return torch.where(is_medium, smoothed, scaled)
+
+
+def gated_mlp(
+    x: torch.Tensor, gate_up: LoraLinear, down: LoraLinear, lora: LoraStep | None
+) -> torch.Tensor:
+    """`down(silu(gate(x)) * up(x))` with gate and up fused into one matmul."""
+    gate_up_out = gate_up.forward(x, lora)  # [num_tokens, 2 * intermediate]
+    gate, up = gate_up_out.chunk(2, dim=-1)
+    return down.forward(F.silu(gate) * up, lora)

@@ -1,0 +1,221 @@
+"""ModelRunner: the StepRunner that runs the real model; owns the weights, KV cache and LoRA pool.
+
+Runs on the GPU runner's one thread; every method may block. Never imports asyncio or the engine.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import NamedTuple
+
+import torch
+
+from lorasrv.hub import resolve_path
+from lorasrv.ids import AdapterId, SeqId, SlotId
+from lorasrv.messages import RunnerReady, StepPlan, TokenLogprob
+from lorasrv.model import setup
+from lorasrv.model.adapter_loader import load_adapter
+from lorasrv.model.arch import ModelArch, read_arch
+from lorasrv.model.attention import KvCache, ReferenceAttention
+from lorasrv.model.batch import StepPreparer
+from lorasrv.model.layers import LoraStep
+from lorasrv.model.llama import LlamaModel
+from lorasrv.model.loader import load_model_weights
+from lorasrv.model.lora_layout import AdapterWeights
+from lorasrv.model.lora_pool import LoraPool
+from lorasrv.model.sampler import Sampler
+
+logger = logging.getLogger(__name__)
+
+_MODEL_FILES = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt"]
+
+
+class StepResult(NamedTuple):
+    """One entry per sampled row of the plan, in row order (matches engine's StepOutput)."""
+
+    token_ids: list[int]
+    logprobs: list[float]  # empty unless some row asked for logprobs
+    top_logprobs: list[tuple[TokenLogprob, ...]]  # empty unless some row asked
+
+
+class ModelRunner:
+    """Loads the base model, sizes the KV cache, and runs StepPlans: plan, forward, sample."""
+
+    def __init__(
+        self,
+        *,
+        model_path: str,
+        dtype: str = "auto",
+        device: str = "auto",
+        revision: str | None = None,
+        context_length: int | None = None,
+        page_size: int = 16,
+        kv_cache_bytes: int | None = None,
+        num_kv_pages: int | None = None,
+        mem_fraction_static: float = 0.85,
+        lora_num_slots: int = 0,
+        lora_max_rank: int = 0,
+        lora_target_modules: tuple[str, ...] = (),
+        lora_backend: str = "torch",
+        seed: int = 0,
+        enable_cuda_graph: bool = False,
+        allow_pickle: bool = False,
+    ) -> None:
+        started = time.monotonic()
+        torch.manual_seed(seed)
+        self.device = setup.resolve_device(device)
+        patterns = [*_MODEL_FILES, "*.bin"] if allow_pickle else _MODEL_FILES
+        self.model_path = resolve_path(model_path, revision=revision, allow_patterns=patterns)
+        self.arch: ModelArch = read_arch(self.model_path)
+        self.dtype = setup.resolve_dtype(dtype, self.arch, self.device)
+        self.allow_pickle = allow_pickle
+        self.page_size = page_size
+        self.context_length = setup.context_length(self.arch, context_length)
+        if enable_cuda_graph:
+            logger.info("enable_cuda_graph is accepted but not implemented yet; running eagerly")
+        self.model = self._load_model()
+        self.lora_target_modules = setup.lora_target_modules(lora_target_modules)
+        self.lora_max_rank = lora_max_rank
+        self.lora_op = setup.lora_op(lora_backend, self.device)
+        self.pool = self._make_pool(lora_num_slots) if lora_num_slots > 0 else None
+        self.num_kv_pages = num_kv_pages or setup.count_kv_pages(
+            self.arch,
+            page_size=page_size,
+            dtype=self.dtype,
+            device=self.device,
+            kv_cache_bytes=kv_cache_bytes,
+            mem_fraction_static=mem_fraction_static,
+        )
+        self.kv_cache = KvCache(
+            num_layers=self.arch.num_layers,
+            num_pages=self.num_kv_pages,
+            page_size=page_size,
+            num_kv_heads=self.arch.num_kv_heads,
+            head_dim=self.arch.head_dim,
+            dtype=self.dtype,
+            device=self.device,
+        )
+        self.preparer = StepPreparer(
+            page_size=page_size, num_pages=self.num_kv_pages, device=self.device
+        )
+        self.sampler = Sampler(self.arch.vocab_size, self.device, seed=seed)
+        logger.info(
+            "model %s (%s) on %s in %s: %d KV pages of %d tokens, %d LoRA slots, %.1fs",
+            self.model_path,
+            self.arch.architecture,
+            self.device,
+            self.dtype,
+            self.num_kv_pages,
+            page_size,
+            lora_num_slots,
+            time.monotonic() - started,
+        )
+
+    # ------------------------------------------------------------------ StepRunner protocol
+
+    def ready(self) -> RunnerReady:
+        return RunnerReady(
+            num_kv_pages=self.num_kv_pages,
+            page_size=self.page_size,
+            num_lora_slots=self.pool.num_slots if self.pool is not None else 0,
+            max_lora_rank=self.lora_max_rank,
+            lora_target_modules=self.lora_target_modules,
+            vocab_size=self.arch.vocab_size,
+            context_length=self.context_length,
+            eos_token_ids=self.arch.eos_token_ids,
+            device=str(self.device),
+            dtype=str(self.dtype).removeprefix("torch."),
+        )
+
+    def step(self, plan: StepPlan) -> StepResult:
+        for seq_id in plan.freed_seq_ids:
+            self.sampler.remove_seq(seq_id)
+        for seq in plan.new_seqs:
+            self.sampler.add_seq(seq)
+        if not plan.seq_ids:
+            return StepResult([], [], [])
+        logits, seq_ids = self._forward(plan)
+        if not seq_ids:
+            return StepResult([], [], [])
+        result = self.sampler.sample(logits, seq_ids)
+        return StepResult(result.token_ids, result.logprobs, result.top_logprobs)
+
+    def forward(self, plan: StepPlan) -> torch.Tensor:
+        """Logits `[num_sampled, vocab]` float32 of a plan, writing its K/V; for tests/benches."""
+        return self._forward(plan)[0]
+
+    def load_slot(self, slot_id: SlotId, adapter_id: AdapterId, weights: object) -> None:
+        if self.pool is None:
+            raise RuntimeError("load_slot: this runner has no LoRA slots (lora_num_slots=0)")
+        if not isinstance(weights, AdapterWeights):
+            raise TypeError(f"load_slot: expected AdapterWeights, got {type(weights).__name__}")
+        self.pool.load_slot(slot_id, adapter_id, weights)
+
+    def clear_slot(self, slot_id: SlotId) -> None:
+        if self.pool is not None:
+            self.pool.clear_slot(slot_id)
+
+    def shutdown(self) -> None:
+        self.pool = None
+        del self.kv_cache, self.model
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def make_adapter_loader(self) -> Callable[[str], AdapterWeights]:
+        """A CPU-only, thread-safe loader of adapter folders (already resolved) for this base."""
+        arch, rank, targets = self.arch, self.lora_max_rank, self.lora_target_modules
+        dtype, allow_pickle = self.dtype, self.allow_pickle
+
+        def load(path: str) -> AdapterWeights:
+            return load_adapter(
+                path,
+                arch=arch,
+                max_rank=rank,
+                target_modules=targets,
+                allow_pickle=allow_pickle,
+                dtype=dtype,
+            )
+
+        return load
+
+    # ------------------------------------------------------------------ internals
+
+    @torch.inference_mode()
+    def _forward(self, plan: StepPlan) -> tuple[torch.Tensor, list[SeqId]]:
+        batch = self.preparer.prepare(plan)
+        lora = None
+        if self.pool is not None and batch.seg_indptr is not None and batch.seg_slot is not None:
+            info = self.pool.batch_info(batch.seg_indptr, batch.seg_slot, batch.max_seg_len)
+            lora = LoraStep(info=info, op=self.lora_op)
+        elif batch.seg_indptr is not None:
+            raise ValueError("plan has adapter rows but this runner has no LoRA slots")
+        logits = self.model.forward(
+            batch.input_ids, batch.metadata, self.kv_cache, lora, batch.sample_index
+        )
+        return logits, batch.sampled_seq_ids
+
+    def _load_model(self) -> LlamaModel:
+        weights = load_model_weights(
+            self.model_path,
+            self.arch,
+            dtype=self.dtype,
+            device=self.device,
+            allow_pickle=self.allow_pickle,
+        )
+        # The reference path on every device for now; a Triton backend plugs in here later.
+        attention = ReferenceAttention(scale=self.arch.head_dim**-0.5)
+        return LlamaModel(self.arch, weights, attention=attention, device=self.device)
+
+    def _make_pool(self, num_slots: int) -> LoraPool:
+        pool = LoraPool(
+            self.arch,
+            num_slots=num_slots,
+            max_rank=self.lora_max_rank,
+            target_modules=self.lora_target_modules,
+            dtype=self.dtype,
+            device=self.device,
+        )
+        pool.attach(self.model)
+        return pool

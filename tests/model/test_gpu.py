@@ -1,0 +1,130 @@
+"""GPU runs in bfloat16: runner vs HF, and a mixed multi-LoRA batch with the Triton backend vs PEFT.
+
+bf16 rounding differs between implementations, so these report match rates and require a floor,
+not identity; the float32 CPU tests are the exact ones.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from lorasrv.ids import AdapterId, SlotId
+from lorasrv.model.runner import ModelRunner
+from tests.model.checkpoints import ADAPTERS, build_adapter, build_checkpoint
+from tests.model.plan_driver import PlanDriver
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+
+# Still small, but wide enough that bf16 matmuls take the tensor-core paths.
+SMALL = {
+    "hidden_size": 512,  # Llama-3-8B: 4096
+    "num_hidden_layers": 4,  # 32
+    "num_attention_heads": 8,  # 32
+    "num_key_value_heads": 2,  # 8
+    "intermediate_size": 1024,  # 14336
+    "vocab_size": 1024,  # 128256
+    "initializer_range": 0.05,
+}
+PROMPTS = [list(range(10, 90)), [5, 6, 7], list(range(300, 333)), [7] * 20]
+NEW_TOKENS = 32
+
+
+def match_rate(ours: list[list[int]], expected: list[list[int]]) -> float:
+    """Share of positions equal up to the first divergence of each row (later ones diverge)."""
+    matched = 0
+    for a, b in zip(ours, expected, strict=True):
+        for x, y in zip(a, b, strict=True):
+            if x != y:
+                break
+            matched += 1
+    return matched / sum(len(e) for e in expected)
+
+
+def hf_bf16(base: Path, rows: list[tuple[list[int], Path | None]]) -> list[list[int]]:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    out = []
+    for prompt, adapter in rows:
+        model = AutoModelForCausalLM.from_pretrained(base).to("cuda", torch.bfloat16).eval()
+        if adapter is not None:
+            model = PeftModel.from_pretrained(model, adapter).eval()
+        ids = torch.tensor([prompt], device="cuda")
+        with torch.no_grad():
+            gen = model.generate(
+                input_ids=ids, max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=None
+            )
+        out.append(gen[0, len(prompt) :].tolist())
+    return out
+
+
+@pytest.fixture(scope="module")
+def small_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_checkpoint(tmp_path_factory.mktemp("gpu") / "small", "llama", **SMALL)
+
+
+def make_runner(base: Path, **kwargs: object) -> ModelRunner:
+    return ModelRunner(
+        model_path=str(base),
+        device="cuda",
+        dtype="bfloat16",
+        page_size=16,
+        num_kv_pages=256,
+        **kwargs,
+    )  # type: ignore[arg-type]
+
+
+def test_bf16_runner_vs_hf(small_dir: Path) -> None:
+    ours = PlanDriver(make_runner(small_dir), token_budget=64).generate(
+        PROMPTS, max_new_tokens=NEW_TOKENS
+    )
+    expected = hf_bf16(small_dir, [(p, None) for p in PROMPTS])
+    rate = match_rate(ours, expected)
+    print(f"bf16 runner vs HF: token match rate {rate:.2%}")
+    assert sum(a[0] == b[0] for a, b in zip(ours, expected, strict=True)) >= len(PROMPTS) - 1
+    assert rate > 0.5
+
+
+def test_bf16_triton_lora_vs_peft(small_dir: Path, tmp_path: Path) -> None:
+    names = ("qv_r4", "all_r8_rslora", "mlp_r16_patterns")
+    adapters = {n: build_adapter(small_dir, tmp_path / n, **ADAPTERS[n]) for n in names}
+    runner = make_runner(
+        small_dir,
+        lora_num_slots=3,
+        lora_max_rank=16,
+        lora_target_modules=("all",),
+        lora_backend="triton",
+    )
+    load = runner.make_adapter_loader()
+    for slot, name in enumerate(names):
+        runner.load_slot(SlotId(slot), AdapterId(slot), load(str(adapters[name])))
+    rows = [
+        (PROMPTS[0], None),
+        (PROMPTS[1], "qv_r4"),
+        (PROMPTS[2], "all_r8_rslora"),
+        (PROMPTS[3], "mlp_r16_patterns"),
+    ]
+    slots = [names.index(a) if a else -1 for _, a in rows]
+    ours = PlanDriver(runner, token_budget=64).generate([p for p, _ in rows], slots, NEW_TOKENS)
+    expected = hf_bf16(small_dir, [(p, adapters[a] if a else None) for p, a in rows])
+    rate = match_rate(ours, expected)
+    print(f"bf16 triton LoRA vs PEFT: token match rate {rate:.2%}")
+    assert sum(a[0] == b[0] for a, b in zip(ours, expected, strict=True)) >= len(rows) - 1
+    assert rate > 0.5
+
+
+def test_kv_pages_sized_from_free_memory(small_dir: Path) -> None:
+    free_before, _ = torch.cuda.mem_get_info()
+    runner = ModelRunner(
+        model_path=str(small_dir), device="cuda", dtype="bfloat16", mem_fraction_static=0.05
+    )
+    buffer = runner.kv_cache.buffer
+    assert runner.ready().num_kv_pages == runner.num_kv_pages > 0
+    assert buffer.numel() * buffer.element_size() <= 0.05 * free_before
+    runner.shutdown()
