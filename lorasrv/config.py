@@ -101,11 +101,13 @@ SECTION_OF: dict[str, str] = {
 
 
 def parse_lora_path(entry: str | dict[str, Any] | LoraRef) -> LoraRef:
-    """One `--lora-paths` entry: `PATH`, `NAME=PATH` or JSON `{"lora_name", "lora_path", "pinned"}`."""
+    """One `--lora-paths` entry: `PATH`, `NAME=PATH` or a JSON object (lora_name, lora_path,
+    pinned)."""
     if isinstance(entry, LoraRef):
         return entry
     if isinstance(entry, dict):
-        return _convert(entry, LoraRef, "lora_paths")
+        ref: LoraRef = _convert(entry, LoraRef, "lora_paths")
+        return ref
     text = entry.strip()
     if not text:
         raise ConfigError("lora_paths: empty entry")
@@ -116,7 +118,8 @@ def parse_lora_path(entry: str | dict[str, Any] | LoraRef) -> LoraRef:
             raise ConfigError(f"lora_paths: bad JSON entry {text!r}: {exc}") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"lora_paths: JSON entry must be an object: {text!r}")
-        return _convert(raw, LoraRef, "lora_paths")
+        parsed: LoraRef = _convert(raw, LoraRef, "lora_paths")
+        return parsed
     if "=" in text:
         name, _, path = text.partition("=")
         if not name or not path:
@@ -185,8 +188,6 @@ def _check_adapters(cfg: AdapterConfig) -> None:
     duplicates = sorted({name for name in names if names.count(name) > 1})
     if duplicates:
         raise ConfigError(f"--lora-paths: adapter name given twice: {', '.join(duplicates)}")
-    if cfg.max_loaded_loras is not None and len(names) > cfg.max_loaded_loras:
-        pass  # extra adapters stay registered and load on demand
     num_pinned = sum(ref.pinned for ref in cfg.lora_paths)
     if num_pinned > cfg.max_loras_per_batch - 1:
         raise ConfigError(

@@ -1,4 +1,4 @@
-"""Typed ids that cross actor queues. Plain ints/strs at runtime; NewType keeps them apart for mypy."""
+"""Typed ids that cross actor queues: plain ints/strs at runtime, kept apart by mypy (NewType)."""
 
 from __future__ import annotations
 

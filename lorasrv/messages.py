@@ -44,7 +44,7 @@ class ChatMessage(msgspec.Struct, frozen=True, kw_only=True):
     content: str
 
 
-class Tokenize(Msg, kw_only=True):
+class Tokenize(Msg, frozen=True, kw_only=True):
     """Engine -> TokenizerActor: one request, as the client gave it."""
 
     request_id: RequestId
@@ -56,7 +56,7 @@ class Tokenize(Msg, kw_only=True):
     arrival_s: float  # time.monotonic() at submit
 
 
-class Enqueue(Msg, kw_only=True):
+class Enqueue(Msg, frozen=True, kw_only=True):
     """TokenizerActor -> SchedulerActor: a tokenized request ready for admission."""
 
     request_id: RequestId
@@ -66,7 +66,7 @@ class Enqueue(Msg, kw_only=True):
     arrival_s: float
 
 
-class Abort(Msg, kw_only=True):
+class Abort(Msg, frozen=True, kw_only=True):
     """Client gone or request finished elsewhere (stop string): free everything it holds."""
 
     request_id: RequestId
@@ -77,7 +77,7 @@ class TokenLogprob(msgspec.Struct, frozen=True, array_like=True):
     logprob: float
 
 
-class EmitTokens(Msg, kw_only=True):
+class EmitTokens(Msg, frozen=True, kw_only=True):
     """SchedulerActor -> TokenizerActor: new token ids of one request, maybe its end."""
 
     request_id: RequestId
@@ -90,7 +90,7 @@ class EmitTokens(Msg, kw_only=True):
     cached_tokens: int = 0
 
 
-class RequestFailed(Msg, kw_only=True):
+class RequestFailed(Msg, frozen=True, kw_only=True):
     """Any actor -> TokenizerActor (or the engine): the request ends with an error."""
 
     request_id: RequestId
@@ -119,34 +119,34 @@ class RequestOutput(msgspec.Struct, frozen=True, kw_only=True):
 # ----------------------------------------------------------------------------- adapters
 
 
-class AcquireAdapter(Msg, kw_only=True):
+class AcquireAdapter(Msg, frozen=True, kw_only=True):
     """SchedulerActor -> AdapterManagerActor: the request wants a reference to `lora_name`."""
 
     request_id: RequestId
     lora_name: str
 
 
-class AdapterAcquired(Msg, kw_only=True):
+class AdapterAcquired(Msg, frozen=True, kw_only=True):
     request_id: RequestId
     adapter_id: AdapterId
     pinned: bool = False  # fixed for the adapter id's lifetime
     num_pinned: int = 0  # pinned adapters now; slots left for the rest: num_slots - num_pinned
 
 
-class AdapterAcquireFailed(Msg, kw_only=True):
+class AdapterAcquireFailed(Msg, frozen=True, kw_only=True):
     request_id: RequestId
     code: str
     detail: str
 
 
-class ReleaseAdapter(Msg, kw_only=True):
+class ReleaseAdapter(Msg, frozen=True, kw_only=True):
     """Exactly once per acquired request: on finish, abort or error."""
 
     request_id: RequestId
     adapter_id: AdapterId
 
 
-class PrepareStep(Msg, kw_only=True):
+class PrepareStep(Msg, frozen=True, kw_only=True):
     """SchedulerActor -> AdapterManagerActor: make these adapters GPU-resident for one step."""
 
     step_id: StepId
@@ -158,7 +158,7 @@ class SlotAssignment(msgspec.Struct, frozen=True, array_like=True):
     slot_id: SlotId
 
 
-class StepAdaptersReady(Msg, kw_only=True):
+class StepAdaptersReady(Msg, frozen=True, kw_only=True):
     """AdapterManagerActor -> SchedulerActor: all of them are (or are queued to be) in slots.
 
     NOTE: uploads are sent to the GPU runner before this reply, and the runner's inbox is FIFO,
@@ -171,7 +171,7 @@ class StepAdaptersReady(Msg, kw_only=True):
     num_pinned: int = 0
 
 
-class LoadAdapter(Msg, kw_only=True):
+class LoadAdapter(Msg, frozen=True, kw_only=True):
     """Engine -> AdapterManagerActor (admin API or startup)."""
 
     op_id: OpId
@@ -180,12 +180,12 @@ class LoadAdapter(Msg, kw_only=True):
     pinned: bool = False
 
 
-class UnloadAdapter(Msg, kw_only=True):
+class UnloadAdapter(Msg, frozen=True, kw_only=True):
     op_id: OpId
     lora_name: str
 
 
-class DescribeAdapters(Msg, kw_only=True):
+class DescribeAdapters(Msg, frozen=True, kw_only=True):
     op_id: OpId
 
 
@@ -213,7 +213,7 @@ class AdapterOpDone(msgspec.Struct, frozen=True, kw_only=True):
     adapters: tuple[AdapterStatus, ...] = ()
 
 
-class HostLoadDone(Msg, kw_only=True):
+class HostLoadDone(Msg, frozen=True, kw_only=True):
     """AdapterManagerActor -> itself: an adapter folder finished (or failed) loading to host."""
 
     adapter_id: AdapterId
@@ -233,7 +233,7 @@ class NewSeq(msgspec.Struct, frozen=True, kw_only=True):
     output_ids: tuple[int, ...] = ()  # already generated (recompute after preemption)
 
 
-class StepPlan(Msg, kw_only=True):
+class StepPlan(Msg, frozen=True, kw_only=True):
     """SchedulerActor -> GpuRunnerActor: one forward step, built once on the host.
 
     Rows are sorted by `lora_slots` (base rows, slot -1, first) so each adapter is one segment.
@@ -251,7 +251,7 @@ class StepPlan(Msg, kw_only=True):
     sample_rows: tuple[bool, ...] = ()  # the row yields a token (decode or last prefill chunk)
 
 
-class LoadSlot(Msg, kw_only=True):
+class LoadSlot(Msg, frozen=True, kw_only=True):
     """AdapterManagerActor -> GpuRunnerActor: copy an adapter's host weights into a slot."""
 
     slot_id: SlotId
@@ -259,15 +259,15 @@ class LoadSlot(Msg, kw_only=True):
     weights: Any  # model.loader.AdapterWeights (CPU, pinned); the sender drops its reference
 
 
-class ClearSlot(Msg, kw_only=True):
+class ClearSlot(Msg, frozen=True, kw_only=True):
     slot_id: SlotId
 
 
-class RunStep(Msg, kw_only=True):
+class RunStep(Msg, frozen=True, kw_only=True):
     plan: StepPlan
 
 
-class StepDone(Msg, kw_only=True):
+class StepDone(Msg, frozen=True, kw_only=True):
     """GpuRunnerActor -> SchedulerActor: one token per sampled row, in row order."""
 
     step_id: StepId

@@ -8,11 +8,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Generic, TypeVar
+from typing import Generic, Protocol, TypeVar
 
 M = TypeVar("M")
+M_contra = TypeVar("M_contra", contravariant=True)
 
 logger = logging.getLogger(__name__)
+
+
+class Sender(Protocol[M_contra]):
+    """A peer actor (or a test fake): `send` never blocks."""
+
+    def send(self, msg: M_contra, /) -> None: ...
 
 
 class Actor(Generic[M]):

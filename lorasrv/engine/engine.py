@@ -9,7 +9,7 @@ import itertools
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any, Self
 
 from lorasrv.config import ServerConfig, build_config, lora_enabled
@@ -20,7 +20,7 @@ from lorasrv.engine.results import ResultBuilder
 from lorasrv.engine.scheduler import SchedulerActor
 from lorasrv.engine.setup import EngineParts, prepare_parts
 from lorasrv.engine.stats import SchedulerStats
-from lorasrv.engine.tokenizer import TokenizerActor
+from lorasrv.engine.tokenizer import Detokenizer, TokenizerActor
 from lorasrv.engine.validation import check_sampling
 from lorasrv.errors import BadRequest, EngineDead, LorasrvError, Overloaded, error_for_code
 from lorasrv.ids import OpId, RequestId
@@ -37,6 +37,7 @@ from lorasrv.messages import (
     Tokenize,
     UnloadAdapter,
 )
+from lorasrv.metrics import Metrics, RequestTracker
 
 logger = logging.getLogger(__name__)
 
@@ -44,10 +45,17 @@ logger = logging.getLogger(__name__)
 class RequestHandle:
     """Async iterator over one request's output deltas; raises the request's error, if any."""
 
-    def __init__(self, engine: Engine, request_id: RequestId, queue: asyncio.Queue[RequestOutput]):
+    def __init__(
+        self,
+        engine: Engine,
+        request_id: RequestId,
+        queue: asyncio.Queue[RequestOutput],
+        tracker: RequestTracker,
+    ):
         self.request_id = request_id
         self._engine = engine
         self._queue = queue
+        self._tracker = tracker  # metrics: TTFT, inter-token latency, tokens, finish reason
         self.finished = False
 
     def __aiter__(self) -> Self:
@@ -57,6 +65,7 @@ class RequestHandle:
         if self.finished:
             raise StopAsyncIteration
         out = await self._queue.get()
+        self._tracker.observe(out)
         if out.finished:
             self.finished = True
             self._engine._forget(self.request_id)
@@ -67,6 +76,7 @@ class RequestHandle:
     def abort(self) -> None:
         if not self.finished:
             self.finished = True
+            self._tracker.aborted()
             self._engine.abort(self.request_id)
 
 
@@ -85,6 +95,8 @@ class Engine:
         self._adapter_actor: AdapterManagerActor | None = None
         self._ready: RunnerReady | None = None
         self.last_stats = SchedulerStats()  # the scheduler's latest snapshot
+        self.metrics = Metrics()  # this engine's own Prometheus registry, served by /metrics
+        self._tokenizer: Detokenizer | None = None
         self.failed = asyncio.Event()
         self.failure: str | None = None
         self.model_path = ""
@@ -108,6 +120,7 @@ class Engine:
         parts = self._parts or await prepare_parts(self.config)
         self.config = parts.config  # the demo model fills in model_path and adapters
         self.model_path = parts.model_path
+        self._tokenizer = parts.tokenizer
         runner = GpuRunnerActor(factory=parts.runner_factory, scheduler=_Late(self, "scheduler"))
         self._runner_actor = runner
         self._ready = ready = await runner.start_runner()
@@ -234,7 +247,7 @@ class Engine:
                 arrival_s=time.monotonic(),
             )
         )
-        return RequestHandle(self, rid, queue)
+        return RequestHandle(self, rid, queue, self.metrics.track(rid, lora_name))
 
     @property
     def _max_in_flight(self) -> int:
@@ -340,6 +353,15 @@ class Engine:
             return ()
         return (await self._op(lambda op: DescribeAdapters(op_id=op))).adapters
 
+    # ------------------------------------------------------------------ token strings
+
+    def decode_tokens(self, ids: Sequence[int]) -> list[str]:
+        """Each id's own text, special tokens kept: the `token` of OpenAI logprobs."""
+        if self._tokenizer is None:
+            raise EngineDead("the engine has not started")
+        decode = self._tokenizer.decode
+        return [decode([token_id], skip_special_tokens=False) for token_id in ids]
+
     # ------------------------------------------------------------------ info
 
     def model_info(self) -> dict[str, Any]:
@@ -376,7 +398,7 @@ class _Late:
         self._engine = engine
         self._attribute = attribute
 
-    def send(self, msg: object, /) -> None:
+    def send(self, msg: Any, /) -> None:
         getattr(self._engine, f"_{self._attribute}").send(msg)
 
 

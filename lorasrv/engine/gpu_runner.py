@@ -9,9 +9,9 @@ import logging
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, Protocol, assert_never
+from typing import TYPE_CHECKING, assert_never
 
-from lorasrv.engine.actor import Actor
+from lorasrv.engine.actor import Actor, Sender
 from lorasrv.engine.step_runner import StepRunner
 from lorasrv.messages import (
     ClearSlot,
@@ -19,6 +19,7 @@ from lorasrv.messages import (
     RunnerInbox,
     RunnerReady,
     RunStep,
+    SchedulerInbox,
     StepDone,
 )
 
@@ -29,16 +30,14 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
-class Sender(Protocol):
-    def send(self, msg: object, /) -> None: ...
-
-
 class GpuRunnerActor(Actor[RunnerInbox]):
     """Inbox order is execution order: slot uploads queued before a RunStep land before it."""
 
     name = "gpu_runner"
 
-    def __init__(self, *, factory: Callable[[], StepRunner], scheduler: Sender) -> None:
+    def __init__(
+        self, *, factory: Callable[[], StepRunner], scheduler: Sender[SchedulerInbox]
+    ) -> None:
         super().__init__()
         self._factory = factory
         self._scheduler = scheduler

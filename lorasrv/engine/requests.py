@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 from lorasrv.engine.validation import to_sampling_params
 from lorasrv.errors import BadRequest
@@ -77,11 +77,12 @@ def _prompts(
     if not isinstance(input_ids, list) or not input_ids:
         raise BadRequest("input_ids must be a non-empty list of token ids (or of lists)")
     if all(isinstance(i, int) and not isinstance(i, bool) for i in input_ids):
-        return [list(input_ids)], False  # type: ignore[arg-type]
+        return [cast("list[int]", list(input_ids))], False
     if all(isinstance(row, list) and row for row in input_ids):
-        if not all(isinstance(i, int) for row in input_ids for i in row):  # type: ignore[union-attr]
+        rows = cast("list[list[int]]", input_ids)
+        if not all(isinstance(i, int) and not isinstance(i, bool) for row in rows for i in row):
             raise BadRequest("input_ids must contain integers only")
-        return input_ids, True  # type: ignore[return-value]
+        return rows, True
     raise BadRequest("input_ids must be a list of ints or a list of non-empty lists of ints")
 
 

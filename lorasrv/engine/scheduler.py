@@ -10,10 +10,10 @@ import enum
 import logging
 import time
 from collections import deque
-from typing import Protocol, assert_never
+from typing import assert_never
 
 from lorasrv.config import SchedulerConfig
-from lorasrv.engine.actor import Actor
+from lorasrv.engine.actor import Actor, Sender
 from lorasrv.engine.block_pool import BlockPool, pages_needed
 from lorasrv.engine.policy import PlanLimits, Row, plan_batch
 from lorasrv.engine.sequence import SeqStatus, Sequence
@@ -24,25 +24,24 @@ from lorasrv.messages import (
     AcquireAdapter,
     AdapterAcquired,
     AdapterAcquireFailed,
+    AdapterInbox,
     EmitTokens,
     Enqueue,
     NewSeq,
     PrepareStep,
     ReleaseAdapter,
     RequestFailed,
+    RunnerInbox,
     RunnerReady,
     RunStep,
     SchedulerInbox,
     StepAdaptersReady,
     StepDone,
     StepPlan,
+    TokenizerInbox,
 )
 
 logger = logging.getLogger(__name__)
-
-
-class Sender(Protocol):
-    def send(self, msg: object, /) -> None: ...
 
 
 class _Phase(enum.Enum):
@@ -59,9 +58,9 @@ class SchedulerActor(Actor[SchedulerInbox]):
         *,
         cfg: SchedulerConfig,
         ready: RunnerReady,
-        tokenizer: Sender,
-        adapters: Sender,
-        runner: Sender,
+        tokenizer: Sender[TokenizerInbox],
+        adapters: Sender[AdapterInbox],
+        runner: Sender[RunnerInbox],
         stats: StatsSink | None = None,
     ) -> None:
         super().__init__()

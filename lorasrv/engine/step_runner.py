@@ -19,12 +19,26 @@ class StepOutput(NamedTuple):
     top_logprobs: list[tuple[TokenLogprob, ...]]  # empty unless some row asked
 
 
+class StepResultLike(Protocol):
+    """What `StepRunner.step` returns: StepOutput or any NamedTuple with the same fields
+    (the model package defines its own, as it must not import the engine)."""
+
+    @property
+    def token_ids(self) -> list[int]: ...
+
+    @property
+    def logprobs(self) -> list[float]: ...
+
+    @property
+    def top_logprobs(self) -> list[tuple[TokenLogprob, ...]]: ...
+
+
 class StepRunner(Protocol):
     """Runs on the GPU runner's one thread; every method may block."""
 
     def ready(self) -> RunnerReady: ...
 
-    def step(self, plan: StepPlan) -> StepOutput: ...
+    def step(self, plan: StepPlan) -> StepResultLike: ...
 
     def load_slot(self, slot_id: SlotId, adapter_id: AdapterId, weights: object) -> None: ...
 

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, assert_never
 
-from lorasrv.engine.actor import Actor
+from lorasrv.engine.actor import Actor, Sender
 from lorasrv.engine.outputs import OutputSink
 from lorasrv.ids import RequestId
 from lorasrv.messages import (
@@ -20,6 +20,7 @@ from lorasrv.messages import (
     RequestFailed,
     RequestOutput,
     SamplingParams,
+    SchedulerInbox,
     Tokenize,
     TokenizerInbox,
 )
@@ -47,11 +48,9 @@ class Detokenizer(Protocol):
         self, messages: Sequence[ChatMessage], add_generation_prompt: bool = True
     ) -> str: ...
 
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str: ...
+
     def new_stream(self, prompt_ids: list[int], skip_special_tokens: bool) -> TextStream: ...
-
-
-class Sender(Protocol):
-    def send(self, msg: object, /) -> None: ...
 
 
 class StopFinder(Protocol):
@@ -76,7 +75,7 @@ class TokenizerActor(Actor[TokenizerInbox]):
         self,
         *,
         tokenizer: Detokenizer,
-        scheduler: Sender,
+        scheduler: Sender[SchedulerInbox],
         outputs: OutputSink,
         vocab_size: int,
         find_stop: StopFinder,

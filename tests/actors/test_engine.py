@@ -30,7 +30,9 @@ def read_config(path: str) -> FakePeft:
     return FakePeft(path=path, max_rank=8, target_modules=("q_proj",))
 
 
-def make_engine(*, slots: int = 2, pages: int = 128, **adapter_cfg: Any) -> tuple[Engine, FakeRunner]:
+def make_engine(
+    *, slots: int = 2, pages: int = 128, **adapter_cfg: Any
+) -> tuple[Engine, FakeRunner]:
     fake = FakeRunner(num_kv_pages=pages, page_size=4, num_slots=slots)
     config = ServerConfig(
         adapters=AdapterConfig(enable_lora=True, max_loras_per_batch=slots, **adapter_cfg),
@@ -116,7 +118,8 @@ async def test_errors_surface_as_typed_exceptions(engine: Engine) -> None:
     with pytest.raises(BadRequest, match="vocabulary"):
         await engine.generate(input_ids=[1, 5000])
     ok = await engine.generate(text="still serving", sampling_params=GREEDY)
-    assert isinstance(ok, dict) and ok["text"] == expect("still serving", 0, 8)
+    assert isinstance(ok, dict)
+    assert ok["text"] == expect("still serving", 0, 8)
 
 
 async def test_cancelled_generate_aborts_and_releases() -> None:
@@ -143,15 +146,18 @@ async def _cancel_midway(engine: Engine) -> None:
 
 async def test_unload_then_reload_same_name_uses_new_weights(engine: Engine) -> None:
     first = await engine.generate(text="q", lora_path="a", sampling_params=GREEDY)
-    assert isinstance(first, dict) and first["text"] == expect("q", 11, 8)
+    assert isinstance(first, dict)
+    assert first["text"] == expect("q", 11, 8)
     assert (await engine.unload_adapter("a")).success
     with pytest.raises(AdapterNotFound):
         await engine.generate(text="q", lora_path="a")
     assert (await engine.load_adapter("a", "/ad/a2")).success
     second = await engine.generate(text="q", lora_path="a", sampling_params=GREEDY)
-    assert isinstance(second, dict) and second["text"] == expect("q", 55, 8)
+    assert isinstance(second, dict)
+    assert second["text"] == expect("q", 55, 8)
     bad = await engine.load_adapter("zzz", "/not/there")
-    assert not bad.success and "adapter_config.json" in bad.error_message
+    assert not bad.success
+    assert "adapter_config.json" in bad.error_message
     assert "zzz" not in bad.loaded_adapters
 
 
@@ -181,6 +187,7 @@ async def test_many_concurrent_requests_over_few_slots_all_finish() -> None:
 async def test_crashed_actor_marks_engine_dead() -> None:
     eng, fake = make_engine()
     async with eng:
+
         def boom(plan: object) -> Any:
             raise RuntimeError("kernel exploded")
 
@@ -188,4 +195,5 @@ async def test_crashed_actor_marks_engine_dead() -> None:
         with pytest.raises(EngineDead):
             await eng.generate(text="x")
         assert not eng.is_healthy()
-        assert eng.failure is not None and "kernel exploded" in eng.failure
+        assert eng.failure is not None
+        assert "kernel exploded" in eng.failure

@@ -51,7 +51,8 @@ class FakeAdapters:
 
     def send(self, msg: object, /) -> None:
         self.msgs.append(msg)
-        assert self.scheduler is not None and self.runner is not None
+        assert self.scheduler is not None
+        assert self.runner is not None
         match msg:
             case AcquireAdapter(request_id=rid, lora_name=name):
                 if not name.startswith("a"):
@@ -144,7 +145,8 @@ async def test_base_rows_match_the_fake_model() -> None:
         for i, prompt in enumerate(PROMPTS):
             assert out[f"r{i}"] == fake_generate(prompt, 0, 12)
             finish = h.finish(f"r{i}")
-            assert isinstance(finish, EmitTokens) and finish.finish_reason == "length"
+            assert isinstance(finish, EmitTokens)
+            assert finish.finish_reason == "length"
         assert h.scheduler._pool.num_used == 0
 
 
@@ -184,7 +186,8 @@ async def test_abort_frees_pages_and_releases_once() -> None:
         h.scheduler.send(Abort(request_id=RequestId("long")))
         await h.finished({"long"})
         finish = h.finish("long")
-        assert isinstance(finish, EmitTokens) and finish.finish_reason == "abort"
+        assert isinstance(finish, EmitTokens)
+        assert finish.finish_reason == "abort"
         assert h.scheduler._pool.num_used == 0
         releases = [m for m in h.adapters.msgs if isinstance(m, ReleaseAdapter)]
         assert [m.request_id for m in releases] == ["long"]
@@ -198,7 +201,8 @@ async def test_unknown_adapter_fails_the_request() -> None:
         h.enqueue("bad", [1, 2, 3], lora="nope")
         await h.finished({"bad"})
         finish = h.finish("bad")
-        assert isinstance(finish, RequestFailed) and finish.code == "adapter_not_found"
+        assert isinstance(finish, RequestFailed)
+        assert finish.code == "adapter_not_found"
 
 
 async def test_stop_token_ids_and_prompt_too_long() -> None:
@@ -208,8 +212,10 @@ async def test_stop_token_ids_and_prompt_too_long() -> None:
         h.enqueue("huge", list(range(1, 100)) * 3)
         await h.finished({"stop", "huge"})
         stop = h.finish("stop")
-        assert isinstance(stop, EmitTokens) and stop.finish_reason == "stop"
+        assert isinstance(stop, EmitTokens)
+        assert stop.finish_reason == "stop"
         assert stop.matched_stop == expected[3]
         assert h.outputs()["stop"] == expected[: expected.index(expected[3]) + 1]
         huge = h.finish("huge")
-        assert isinstance(huge, RequestFailed) and huge.code == "prompt_too_long"
+        assert isinstance(huge, RequestFailed)
+        assert huge.code == "prompt_too_long"

@@ -18,7 +18,7 @@ from lorasrv.config import build_config
 from lorasrv.demo import ensure_demo_model
 from lorasrv.engine.engine import Engine
 from lorasrv.http.app import build_app
-from tests.model.checkpoints import ADAPTERS, build_adapter, build_checkpoint, tiny_model
+from tests.model.checkpoints import ADAPTERS, build_adapter, build_checkpoint
 
 VOCAB = 1024  # the demo tokenizer's size, so text prompts work too
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")

@@ -15,7 +15,9 @@ NUM_NEW = 32
 GREEDY = {"max_new_tokens": NUM_NEW, "temperature": 0, "ignore_eos": True}
 
 
-@pytest.mark.parametrize("kind", ["llama", "llama_tied", "llama3_rope", "qwen2", "qwen3", "mistral"])
+@pytest.mark.parametrize(
+    "kind", ["llama", "llama_tied", "llama3_rope", "qwen2", "qwen3", "mistral"]
+)
 async def test_greedy_batch_matches_transformers(
     kind: str, tmp_path: Path, lorasrv_client: Any
 ) -> None:
@@ -46,5 +48,6 @@ async def test_streaming_equals_non_streaming_and_text_round_trips(
     assert events[-1] == "[DONE]"
     chunks = [json.loads(e) for e in events[:-1]]
     assert len(chunks) > 1
-    assert chunks[-1]["text"] == plain["text"] and chunks[-1]["output_ids"] == plain["output_ids"]
+    assert chunks[-1]["text"] == plain["text"]
+    assert chunks[-1]["output_ids"] == plain["output_ids"]
     assert all(plain["text"].startswith(c["text"]) for c in chunks)

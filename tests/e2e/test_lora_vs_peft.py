@@ -65,7 +65,9 @@ MIXED = [
 
 
 @pytest.mark.parametrize("slots", [8, 2])
-async def test_mixed_batch_matches_peft(world: dict[str, Any], lorasrv_client: Any, slots: int) -> None:
+async def test_mixed_batch_matches_peft(
+    world: dict[str, Any], lorasrv_client: Any, slots: int
+) -> None:
     config = server_config(
         world["base"], lora_paths=lora_paths(world, NAMES), max_loras_per_batch=slots,
         lora_backend="torch",
@@ -76,7 +78,8 @@ async def test_mixed_batch_matches_peft(world: dict[str, Any], lorasrv_client: A
     assert await generate(client, MIXED) == want
     info = await (await client.get("/get_server_info")).json()
     states = {a["name"]: a for a in info["adapters"]}
-    assert set(states) == set(NAMES) and all(a["num_refs"] == 0 for a in states.values())
+    assert set(states) == set(NAMES)
+    assert all(a["num_refs"] == 0 for a in states.values())
     if slots == 2:  # three adapters through two slots: someone was evicted mid-batch
         assert sum(a["num_evictions"] for a in states.values()) >= 1
 
@@ -114,15 +117,24 @@ async def test_dynamic_load_unload_reload_pin_and_refusals(
         max_loras_per_batch=3, max_loaded_loras=3,
     )  # fmt: skip
     client = await lorasrv_client(config)
-    status, body = await admin(client, "/load_lora_adapter", lora_name="x", lora_path=str(ad["qv_r4"]))
-    assert status == 200 and body["success"] and body["loaded_adapters"] == {"x": str(ad["qv_r4"])}
+    status, body = await admin(
+        client, "/load_lora_adapter", lora_name="x", lora_path=str(ad["qv_r4"])
+    )
+    assert status == 200
+    assert body["success"]
+    assert body["loaded_adapters"] == {"x": str(ad["qv_r4"])}
     assert await generate(client, [(PROMPTS[0], "x")]) == expected(world, [(PROMPTS[0], "qv_r4")])
     # reload the same name with other weights: nothing of the old version may be reused
     status, body = await admin(client, "/unload_lora_adapter", lora_name="x")
-    assert status == 200 and body["success"] and "x" not in body["loaded_adapters"]
+    assert status == 200
+    assert body["success"]
+    assert "x" not in body["loaded_adapters"]
     resp = await client.post("/generate", json={"input_ids": PROMPTS[0], "lora_path": "x"})
-    assert resp.status == 404 and "x" in (await resp.json())["error"]["message"]
-    status, _ = await admin(client, "/v1/load_lora_adapter", lora_name="x", lora_path=str(ad["all_r16"]))
+    assert resp.status == 404
+    assert "x" in (await resp.json())["error"]["message"]
+    status, _ = await admin(
+        client, "/v1/load_lora_adapter", lora_name="x", lora_path=str(ad["all_r16"])
+    )
     assert status == 200
     assert await generate(client, [(PROMPTS[0], "x")]) == expected(world, [(PROMPTS[0], "all_r16")])
     # pinning: at most max_loras_per_batch - 1 = 2 pinned
@@ -134,10 +146,13 @@ async def test_dynamic_load_unload_reload_pin_and_refusals(
     status, body = await admin(
         client, "/load_lora_adapter", lora_name="p3", lora_path=str(ad["qv_r4"]), pinned=True
     )
-    assert status == 400 and "max-loras-per-batch" in body["error_message"]
+    assert status == 400
+    assert "max-loras-per-batch" in body["error_message"]
     # host cap 3: a fourth adapter pushes the least recently used unpinned one out of host memory;
     # it stays registered and reloads on demand
-    status, body = await admin(client, "/load_lora_adapter", lora_name="y", lora_path=str(ad["mlp_r16_patterns"]))
+    status, body = await admin(
+        client, "/load_lora_adapter", lora_name="y", lora_path=str(ad["mlp_r16_patterns"])
+    )
     assert status == 200, body
     rows = [(PROMPTS[1], "x"), (PROMPTS[1], "y"), (PROMPTS[1], "p1"), (PROMPTS[1], None)]
     refs = [(PROMPTS[1], "all_r16"), (PROMPTS[1], "mlp_r16_patterns"), (PROMPTS[1], "qv_r4"),
@@ -150,9 +165,16 @@ async def test_dynamic_load_unload_reload_pin_and_refusals(
     (junk / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4,
         "lora_alpha": 8, "target_modules": ["q_proj"], "use_dora": True}))  # fmt: skip
     for path in (tmp_path / "empty", tmp_path / "missing", junk):
-        status, body = await admin(client, "/load_lora_adapter", lora_name="bad", lora_path=str(path))
-        assert status == 400 and not body["success"] and body["error_message"], path
+        status, body = await admin(
+            client, "/load_lora_adapter", lora_name="bad", lora_path=str(path)
+        )
+        assert status == 400, path
+        assert not body["success"]
+        assert body["error_message"]
         assert "bad" not in body["loaded_adapters"]
-    status, body = await admin(client, "/load_lora_adapter", lora_name="x", lora_path=str(ad["qv_r4"]))
-    assert status == 400 and "already" in body["error_message"]
+    status, body = await admin(
+        client, "/load_lora_adapter", lora_name="x", lora_path=str(ad["qv_r4"])
+    )
+    assert status == 400
+    assert "already" in body["error_message"]
     assert await generate(client, rows[:1]) == expected(world, refs[:1])

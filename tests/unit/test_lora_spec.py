@@ -22,7 +22,9 @@ PEFTS = [Peft(8, ("v_proj", "q_proj")), Peft(16, ("down_proj", "q_proj"))]
 
 def test_infers_max_rank_and_union_in_canonical_order() -> None:
     spec = infer_pool_spec(AdapterConfig(lora_paths=REFS), PEFTS, has_cuda=False, has_triton=True)
-    assert spec.enabled and spec.max_rank == 16 and spec.num_slots == 8
+    assert spec.enabled
+    assert spec.max_rank == 16
+    assert spec.num_slots == 8
     assert spec.target_modules == ("q_proj", "v_proj", "down_proj")
     assert spec.backend == "torch"
 
@@ -32,13 +34,16 @@ def test_explicit_flags_win_and_all_means_every_module() -> None:
         lora_paths=REFS, max_lora_rank=64, lora_target_modules=("all",), max_loras_per_batch=3
     )
     spec = infer_pool_spec(cfg, PEFTS, has_cuda=True, has_triton=True)
-    assert spec.max_rank == 64 and spec.target_modules == SUPPORTED_LORA_MODULES
-    assert spec.num_slots == 3 and spec.backend == "triton"
+    assert spec.max_rank == 64
+    assert spec.target_modules == SUPPORTED_LORA_MODULES
+    assert spec.num_slots == 3
+    assert spec.backend == "triton"
 
 
 def test_lora_off_gives_no_pool() -> None:
     spec = infer_pool_spec(AdapterConfig(), [], has_cuda=True, has_triton=True)
-    assert not spec.enabled and spec.num_slots == 0
+    assert not spec.enabled
+    assert spec.num_slots == 0
 
 
 @pytest.mark.parametrize(

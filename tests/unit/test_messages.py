@@ -18,19 +18,29 @@ SAMPLES: list[m.Msg] = [
         params=PARAMS,
         arrival_s=1.0,
     ),
-    m.Enqueue(request_id=RequestId("r"), prompt_ids=(1, 2), lora_name=None, params=PARAMS,
-              arrival_s=0.5),  # fmt: skip
+    m.Enqueue(
+        request_id=RequestId("r"), prompt_ids=(1, 2), lora_name=None, params=PARAMS, arrival_s=0.5
+    ),
     m.Abort(request_id=RequestId("r")),
-    m.EmitTokens(request_id=RequestId("r"), token_ids=(4,), logprobs=(-1.0,),
-                 top_logprobs=((m.TokenLogprob(4, -1.0),),), finish_reason="stop"),  # fmt: skip
+    m.EmitTokens(
+        request_id=RequestId("r"),
+        token_ids=(4,),
+        logprobs=(-1.0,),
+        top_logprobs=((m.TokenLogprob(4, -1.0),),),
+        finish_reason="stop",
+    ),
     m.RequestFailed(request_id=RequestId("r"), code="invalid_request", detail="bad"),
     m.AcquireAdapter(request_id=RequestId("r"), lora_name="a"),
     m.AdapterAcquired(request_id=RequestId("r"), adapter_id=AdapterId(3), pinned=True),
     m.AdapterAcquireFailed(request_id=RequestId("r"), code="adapter_not_found", detail="a"),
     m.ReleaseAdapter(request_id=RequestId("r"), adapter_id=AdapterId(3)),
     m.PrepareStep(step_id=StepId(2), adapter_ids=(AdapterId(1), AdapterId(2))),
-    m.StepAdaptersReady(step_id=StepId(2), slots=(m.SlotAssignment(AdapterId(1), SlotId(0)),),
-                        deferred=(AdapterId(2),), num_pinned=1),  # fmt: skip
+    m.StepAdaptersReady(
+        step_id=StepId(2),
+        slots=(m.SlotAssignment(AdapterId(1), SlotId(0)),),
+        deferred=(AdapterId(2),),
+        num_pinned=1,
+    ),
     m.LoadAdapter(op_id=OpId(1), lora_name="a", lora_path="/p", pinned=True),
     m.UnloadAdapter(op_id=OpId(2), lora_name="a"),
     m.DescribeAdapters(op_id=OpId(3)),
@@ -66,4 +76,5 @@ def test_every_inbox_member_is_sampled() -> None:
         for member in union.__args__:  # type: ignore[attr-defined]
             # LoadSlot carries tensors by design and is the one message kept in-process.
             assert member in sampled or member is m.LoadSlot, member.__name__
-    assert m.StepAdaptersReady in sampled and m.AdapterAcquired in sampled
+    assert m.StepAdaptersReady in sampled
+    assert m.AdapterAcquired in sampled

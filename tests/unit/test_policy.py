@@ -6,7 +6,7 @@ from collections import deque
 
 from lorasrv.engine.block_pool import BlockPool
 from lorasrv.engine.policy import PlanLimits, plan_batch
-from lorasrv.engine.sequence import Sequence, SeqStatus
+from lorasrv.engine.sequence import SeqStatus, Sequence
 from lorasrv.ids import AdapterId, RequestId, SeqId
 from lorasrv.messages import SamplingParams
 
@@ -51,7 +51,8 @@ def test_chunked_prefill_respects_token_budget() -> None:
     assert second.rows[0].num_new == 16
     run_rows(second.rows)
     third = plan_batch(running, waiting, pool, LIMITS, 2)
-    assert third.rows[0].num_new == 8 and third.rows[0].is_sampled
+    assert third.rows[0].num_new == 8
+    assert third.rows[0].is_sampled
 
 
 def test_decode_rows_come_before_new_prefills() -> None:
@@ -94,7 +95,9 @@ def test_preempts_newest_when_pages_run_out() -> None:
     assert [s.seq_id for s in decision.preempted] == [1]
     assert [r.seq.seq_id for r in decision.rows] == [0]
     victim = waiting[0]
-    assert victim.seq_id == 1 and victim.num_computed == 0 and not victim.blocks
+    assert victim.seq_id == 1
+    assert victim.num_computed == 0
+    assert not victim.blocks
     assert victim.output_ids == [7]  # kept: recomputed later, not lost
 
 
@@ -136,4 +139,5 @@ def test_max_running_caps_admission() -> None:
     waiting = deque([make_seq(i, 2) for i in range(4)])
     running: list[Sequence] = []
     plan_batch(running, waiting, BlockPool(32), limits, 0)
-    assert len(running) == 2 and len(waiting) == 2
+    assert len(running) == 2
+    assert len(waiting) == 2

@@ -49,9 +49,11 @@ def test_good_values_pass_and_stop_string_becomes_a_list() -> None:
 
 def test_batch_shapes() -> None:
     batch = normalize_generate(text=["a", "b"], lora_path=["x", None], sampling_params={})
-    assert batch.is_batch and [i.lora_name for i in batch.items] == ["x", None]
+    assert batch.is_batch
+    assert [i.lora_name for i in batch.items] == ["x", None]
     single = normalize_generate(input_ids=[1, 2, 3])
-    assert not single.is_batch and single.items[0].input_ids == [1, 2, 3]
+    assert not single.is_batch
+    assert single.items[0].input_ids == [1, 2, 3]
     ids_batch = normalize_generate(input_ids=[[1], [2, 3]], lora_path="x")
     assert [i.lora_name for i in ids_batch.items] == ["x", "x"]
 
@@ -78,7 +80,8 @@ def test_bad_shapes(kwargs: dict[str, Any], message: str) -> None:
 def test_return_logprob_maps_into_sampling_params() -> None:
     batch = normalize_generate(text="a", return_logprob=True, top_logprobs_num=3)
     assert batch.want_logprobs
-    assert batch.items[0].params.logprobs and batch.items[0].params.top_logprobs == 3
+    assert batch.items[0].params.logprobs
+    assert batch.items[0].params.top_logprobs == 3
 
 
 @pytest.mark.parametrize("text", ["", ["ok", ""]])

@@ -1,0 +1,201 @@
+"""AdapterManagerActor: owns the AdapterRegistry; turns its effects into messages and host loads.
+
+Thin by design: every rule lives in `adapter_registry`. Adapter files load off the event loop
+(`asyncio.to_thread`); this module never touches torch or the GPU.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from typing import NamedTuple, Protocol, TypeVar, assert_never
+
+from lorasrv.config import AdapterConfig
+from lorasrv.engine.actor import Actor
+from lorasrv.engine.adapter_registry import AdapterRegistry
+from lorasrv.engine.adapter_state import Effect, StartHostLoad, check_compatible
+from lorasrv.engine.outputs import OpSink
+from lorasrv.ids import AdapterId
+from lorasrv.messages import (
+    AcquireAdapter,
+    AdapterAcquired,
+    AdapterAcquireFailed,
+    AdapterInbox,
+    AdapterOpDone,
+    ClearSlot,
+    DescribeAdapters,
+    HostLoadDone,
+    LoadAdapter,
+    LoadSlot,
+    PrepareStep,
+    ReleaseAdapter,
+    RunnerInbox,
+    SchedulerInbox,
+    StepAdaptersReady,
+    UnloadAdapter,
+)
+
+M_contra = TypeVar("M_contra", contravariant=True)
+
+logger = logging.getLogger(__name__)
+
+
+class Sender(Protocol[M_contra]):
+    """A peer actor (or a test fake): `send` never blocks."""
+
+    def send(self, msg: M_contra) -> None: ...
+
+
+class PeftLike(Protocol):
+    """What `read_config` returns (lorasrv.peft_config.PeftConfig in production)."""
+
+    @property
+    def path(self) -> str: ...  # the resolved local folder
+
+    @property
+    def max_rank(self) -> int: ...
+
+    @property
+    def target_modules(self) -> tuple[str, ...]: ...
+
+
+class HostCopy(NamedTuple):
+    """What a host load hands back to the actor inside `HostLoadDone.weights`."""
+
+    weights: object  # what `load_weights` returned (model.loader.AdapterWeights)
+    rank: int
+    load_s: float
+
+
+class AdapterManagerActor(Actor[AdapterInbox]):
+    name = "adapters"
+
+    def __init__(
+        self,
+        *,
+        cfg: AdapterConfig,
+        num_slots: int,
+        max_rank: int,
+        target_modules: tuple[str, ...],
+        read_config: Callable[[str], PeftLike],
+        load_weights: Callable[[str], object],
+        scheduler: Sender[SchedulerInbox],
+        runner: Sender[RunnerInbox],
+        ops: OpSink,
+    ) -> None:
+        super().__init__()
+        self._registry = AdapterRegistry(cfg, num_slots)
+        self._max_rank = max_rank
+        self._target_modules = target_modules
+        self._read_config = read_config
+        self._load_weights = load_weights
+        self._scheduler = scheduler
+        self._runner = runner
+        self._ops = ops
+        self._loads: set[asyncio.Task[None]] = set()  # strong refs: the loop keeps weak ones
+
+    @property
+    def registry(self) -> AdapterRegistry:
+        """Read-only view for tests and metrics; only this actor changes it."""
+        return self._registry
+
+    async def run(self) -> None:
+        try:
+            await super().run()
+        finally:
+            for task in self._loads:
+                task.cancel()
+
+    def handle(self, msg: AdapterInbox) -> None:
+        registry = self._registry
+        match msg:
+            case AcquireAdapter():
+                effects = registry.acquire(msg.request_id, msg.lora_name)
+            case ReleaseAdapter():
+                effects = registry.release(msg.request_id, msg.adapter_id)
+            case PrepareStep():
+                effects = registry.prepare_step(msg.step_id, msg.adapter_ids)
+            case LoadAdapter():
+                logger.info("loading adapter %r from %r", msg.lora_name, msg.lora_path)
+                effects = registry.begin_load(msg.op_id, msg.lora_name, msg.lora_path, msg.pinned)
+            case UnloadAdapter():
+                logger.info("unloading adapter %r", msg.lora_name)
+                effects = registry.unload(msg.op_id, msg.lora_name)
+            case DescribeAdapters():
+                effects = [self._describe(msg)]
+            case HostLoadDone():
+                effects = self._on_host_load(msg)
+            case _:
+                assert_never(msg)
+        self._apply(effects)
+        if __debug__:
+            registry.check_invariants()
+
+    def _describe(self, msg: DescribeAdapters) -> AdapterOpDone:
+        return AdapterOpDone(
+            op_id=msg.op_id,
+            success=True,
+            loaded_adapters=self._registry.loaded_adapters(),
+            adapters=self._registry.describe(),
+        )
+
+    def _on_host_load(self, msg: HostLoadDone) -> list[Effect]:
+        if msg.error is not None:
+            logger.warning("adapter id %d failed to load: %s", msg.adapter_id, msg.error)
+            return self._registry.fail_load(msg.adapter_id, msg.error)
+        copy = msg.weights
+        assert isinstance(copy, HostCopy), f"HostLoadDone.weights is {type(copy).__name__}"
+        logger.info(
+            "adapter id %d loaded to host in %.3f s (rank %d)",
+            msg.adapter_id,
+            copy.load_s,
+            copy.rank,
+        )
+        return self._registry.finish_load(msg.adapter_id, copy.weights, copy.rank, copy.load_s)
+
+    def _apply(self, effects: list[Effect]) -> None:
+        """Carry out the registry's effects in order (uploads before the step's reply)."""
+        for effect in effects:
+            match effect:
+                case LoadSlot() | ClearSlot():
+                    self._runner.send(effect)
+                case AdapterAcquired() | AdapterAcquireFailed() | StepAdaptersReady():
+                    self._scheduler.send(effect)
+                case AdapterOpDone():
+                    self._ops.op_done(effect)
+                case StartHostLoad():
+                    task = asyncio.create_task(
+                        self._host_load(effect.adapter_id, effect.path),
+                        name=f"adapter-load-{effect.adapter_id}",
+                    )
+                    self._loads.add(task)
+                    task.add_done_callback(self._loads.discard)
+                case _:
+                    assert_never(effect)
+
+    async def _host_load(self, adapter_id: AdapterId, path: str) -> None:
+        """Load off the event loop; whatever happens, the actor hears back exactly once."""
+        try:
+            copy = await asyncio.to_thread(self._load_to_host, path)
+        except (ValueError, OSError) as exc:
+            self.send(HostLoadDone(adapter_id=adapter_id, error=str(exc)))
+        except Exception as exc:  # a bug in a loader must not kill the actor nor leak the entry
+            logger.exception("adapter id %d: unexpected error loading %r", adapter_id, path)
+            self.send(HostLoadDone(adapter_id=adapter_id, error=f"{type(exc).__name__}: {exc}"))
+        else:
+            self.send(HostLoadDone(adapter_id=adapter_id, weights=copy))
+
+    def _load_to_host(self, path: str) -> HostCopy:
+        """Runs in a worker thread: read and check the config, then the weights."""
+        start_s = time.monotonic()
+        peft = self._read_config(path)
+        check_compatible(
+            peft.max_rank,
+            peft.target_modules,
+            max_rank=self._max_rank,
+            target_modules=self._target_modules,
+        )
+        weights = self._load_weights(peft.path)
+        return HostCopy(weights, peft.max_rank, time.monotonic() - start_s)
