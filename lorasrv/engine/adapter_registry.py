@@ -189,6 +189,7 @@ class AdapterRegistry:
         del self._holders[request_id]
         entry.last_used = self._tick()
         self._finish_unload_if_drained(entry)
+        self._serve_room_queue()
         return self._flush()
 
     def prepare_step(self, step_id: StepId, adapter_ids: Iterable[AdapterId]) -> list[Effect]:

@@ -10,10 +10,10 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
-from typing import NamedTuple, Protocol, TypeVar, assert_never
+from typing import NamedTuple, Protocol, assert_never
 
 from lorasrv.config import AdapterConfig
-from lorasrv.engine.actor import Actor
+from lorasrv.engine.actor import Actor, Sender
 from lorasrv.engine.adapter_registry import AdapterRegistry
 from lorasrv.engine.adapter_state import Effect, StartHostLoad, check_compatible
 from lorasrv.engine.outputs import OpSink
@@ -37,15 +37,7 @@ from lorasrv.messages import (
     UnloadAdapter,
 )
 
-M_contra = TypeVar("M_contra", contravariant=True)
-
 logger = logging.getLogger(__name__)
-
-
-class Sender(Protocol[M_contra]):
-    """A peer actor (or a test fake): `send` never blocks."""
-
-    def send(self, msg: M_contra) -> None: ...
 
 
 class PeftLike(Protocol):
