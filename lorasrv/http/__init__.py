@@ -1,4 +1,4 @@
-"""HTTP layer (aiohttp): SGLang-native and vLLM adapter-admin routes over an Engine.
+"""HTTP layer (aiohttp): SGLang, OpenAI and vLLM adapter-admin routes and /metrics over an Engine.
 
 Imports the engine only for typing; never torch.
 """

@@ -17,7 +17,8 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from lorasrv.config import ServerConfig
-from lorasrv.http import handlers
+from lorasrv.http import handlers, openai
+from lorasrv.http.metrics import count_requests, metrics
 from lorasrv.http.middleware import Access, auth_middleware, error_middleware
 from lorasrv.http.state import CONFIG_KEY, CREATED_KEY, ENGINE_KEY, EngineLike
 
@@ -34,6 +35,10 @@ ROUTES: Final[tuple[tuple[str, str, Handler, Access], ...]] = (
     ("POST", "/v1/load_lora_adapter", handlers.load_lora_adapter, Access.ADMIN),
     ("POST", "/v1/unload_lora_adapter", handlers.unload_lora_adapter, Access.ADMIN),
     ("GET", "/v1/models", handlers.list_models, Access.USER),
+    ("GET", "/v1/models/{model_id}", openai.retrieve_model, Access.USER),
+    ("POST", "/v1/completions", openai.completions, Access.USER),
+    ("POST", "/v1/chat/completions", openai.chat_completions, Access.USER),
+    ("GET", "/metrics", metrics, Access.USER),
     ("GET", "/health", handlers.health, Access.OPEN),
     ("GET", "/health_generate", handlers.health_generate, Access.USER),
     ("GET", "/get_model_info", handlers.get_model_info, Access.USER),
@@ -52,6 +57,7 @@ def build_app(
     access_of = {path: access for _, path, _, access in ROUTES}
     app = web.Application(
         middlewares=[
+            count_requests,
             error_middleware,
             auth_middleware(access_of, config.http.api_key, config.http.admin_api_key),
         ],

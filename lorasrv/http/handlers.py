@@ -182,6 +182,11 @@ async def _adapter_failure(engine: EngineLike, exc: LorasrvError) -> web.Respons
 
 
 async def list_models(request: web.Request) -> web.Response:
+    return json_response(ModelList(data=await model_cards(request)))
+
+
+async def model_cards(request: web.Request) -> list[ModelCard]:
+    """The base model's card, then one per registered adapter (also for /v1/models/{id})."""
     engine = request.app[ENGINE_KEY]
     created = request.app[CREATED_KEY]
     served = engine.served_model_name
@@ -193,7 +198,7 @@ async def list_models(request: web.Request) -> web.Response:
         ModelCard(id=status.name, created=created, root=status.path, parent=served)
         for status in await engine.describe_adapters()
     ]
-    return json_response(ModelList(data=cards))
+    return cards
 
 
 async def health(request: web.Request) -> web.Response:

@@ -14,7 +14,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
 from lorasrv.errors import LorasrvError, Unauthorized
-from lorasrv.http.responses import error_response, http_error_response
+from lorasrv.http.responses import error_response, http_error_response, is_openai_path
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +31,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         return await handler(request)
     except LorasrvError as exc:
         log.info("%s %s -> %d %s: %s", request.method, request.path, exc.status, exc.code, exc)
-        return error_response(exc)
+        return error_response(exc, openai=is_openai_path(request.path))
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
@@ -40,7 +40,9 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         raise  # the client is gone; nobody to answer
     except Exception:
         log.exception("unhandled error in %s %s", request.method, request.path)
-        return error_response(LorasrvError("internal server error"))
+        return error_response(
+            LorasrvError("internal server error"), openai=is_openai_path(request.path)
+        )
 
 
 def auth_middleware(
@@ -65,7 +67,11 @@ def auth_middleware(
             problem = _bearer_problem(request.headers.get("Authorization"), key)
             if problem is not None:
                 log.info("%s %s -> 401: %s", request.method, request.path, problem)
-                return error_response(Unauthorized(problem), {"WWW-Authenticate": "Bearer"})
+                return error_response(
+                    Unauthorized(problem),
+                    {"WWW-Authenticate": "Bearer"},
+                    openai=is_openai_path(request.path),
+                )
         return await handler(request)
 
     return check_key

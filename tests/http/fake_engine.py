@@ -13,9 +13,18 @@ from typing import Any, NamedTuple
 import msgspec
 
 from lorasrv.config import ServerConfig, build_config
+from lorasrv.engine.stats import SchedulerStats
 from lorasrv.errors import AdapterNotFound, BadRequest, EngineDead, PromptTooLong
-from lorasrv.ids import AdapterId, OpId
-from lorasrv.messages import AdapterOpDone, AdapterStatus, SamplingParams
+from lorasrv.ids import AdapterId, OpId, RequestId
+from lorasrv.messages import (
+    AdapterOpDone,
+    AdapterStatus,
+    ChatMessage,
+    RequestOutput,
+    SamplingParams,
+    TokenLogprob,
+)
+from lorasrv.metrics import Metrics, RequestTracker
 
 CONTEXT_LENGTH = 64
 EMPTY_PROMPT = "the prompt is empty: give non-empty text or input_ids"
@@ -50,6 +59,9 @@ class FakeEngine:
         self.stream_style = "generator"
         self.is_started = False
         self.is_stopped = False
+        self.metrics = Metrics()
+        self.last_stats = SchedulerStats(num_running=1, num_waiting=2, num_kv_pages=10,
+                                         num_kv_pages_used=4)  # fmt: skip
         self._num_rids = 0
         self._num_ops = 0
 
@@ -149,6 +161,38 @@ class FakeEngine:
         finally:
             if not finished:
                 self._abort([item.rid])
+
+    def submit(
+        self,
+        *,
+        params: SamplingParams,
+        text: str | None = None,
+        input_ids: list[int] | tuple[int, ...] | None = None,
+        messages: list[ChatMessage] | tuple[ChatMessage, ...] | None = None,
+        lora_name: str | None = None,
+        request_id: str | None = None,
+    ) -> FakeHandle:
+        """Engine.submit: checks at once, then one output per token (`max_new_tokens` of them)."""
+        kwargs = {"text": text, "input_ids": input_ids, "messages": messages}
+        self.calls.append(
+            ("submit", {**kwargs, "params": params, "lora_name": lora_name, "rid": request_id})
+        )
+        if params.max_new_tokens < 1:
+            raise BadRequest(f"max_new_tokens must be >= 1, got {params.max_new_tokens}")
+        if messages is not None:
+            text = "".join(f"<{m.role}>{m.content}" for m in messages) + "<assistant>"
+        prompts, _ = _prompts(text, list(input_ids) if input_ids is not None else None)
+        if lora_name is not None and lora_name not in self.adapters:
+            raise AdapterNotFound(f"adapter {lora_name!r} is not loaded")
+        if len(prompts[0]) > CONTEXT_LENGTH:
+            raise PromptTooLong(f"prompt has {len(prompts[0])} tokens; limit {CONTEXT_LENGTH}")
+        self._num_rids += 1
+        item = Item(request_id or f"fake-{self._num_rids}", prompts[0], params, lora_name)
+        self.started.set()
+        return FakeHandle(self, item, self.metrics.track(item.rid, lora_name))
+
+    def decode_tokens(self, ids: Any) -> list[str]:
+        return [f"<{token_id}>" for token_id in ids]
 
     def _abort(self, rids: Any) -> None:
         self.aborted.extend(rids)
@@ -254,6 +298,62 @@ class FakeEngine:
     async def server_info(self) -> dict[str, Any]:
         adapters = await self.describe_adapters()
         return {"config": self.config, "adapters": list(adapters), "stats": {"num_running": 0}}
+
+
+class FakeHandle:
+    """Engine.RequestHandle: deltas of one token, text `f" {tag}{i}"`, logprob -0.5 - i/100."""
+
+    def __init__(self, engine: FakeEngine, item: Item, tracker: RequestTracker) -> None:
+        self.engine = engine
+        self.item = item
+        self.request_id = item.rid
+        self.tracker = tracker
+        self.count = 0
+        self.finished = False
+
+    def __aiter__(self) -> FakeHandle:
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        params = self.item.params
+        if self.finished:
+            raise StopAsyncIteration
+        if (
+            self.engine.fail_after_chunks is not None
+            and self.count >= self.engine.fail_after_chunks
+        ):
+            self.finished = True
+            raise self.engine.failure
+        if self.engine.hold:
+            await self.engine.release.wait()
+        await asyncio.sleep(self.engine.chunk_delay_s)
+        i = self.count
+        self.count += 1
+        done = self.count == params.max_new_tokens
+        self.finished = done
+        token = (sum(self.item.prompt_ids) + i) % 256
+        tops = tuple(
+            TokenLogprob(token + j, -0.5 - i / 100 - j) for j in range(params.top_logprobs)
+        )
+        out = RequestOutput(
+            request_id=RequestId(self.item.rid),
+            text=f" {self.item.lora_name or 'base'}{i}",
+            token_ids=(token,),
+            logprobs=(-0.5 - i / 100,) if params.logprobs else (),
+            top_logprobs=(tops,) if params.logprobs else (),
+            finished=done,
+            finish_reason="length" if done else None,
+            prompt_tokens=len(self.item.prompt_ids),
+            completion_tokens=self.count,
+        )
+        self.tracker.observe(out)
+        return out
+
+    def abort(self) -> None:
+        if not self.finished:
+            self.finished = True
+            self.tracker.aborted()
+            self.engine._abort([self.item.rid])
 
 
 class ChunkStream:
