@@ -26,6 +26,7 @@ UNKNOWN_LABEL: Final = "<unknown>"  # requests that named no registered adapter
 ADAPTER_STATES: Final = (
     "loading", "cpu_loaded", "gpu_resident", "pinned", "evicting", "unloaded",
 )  # fmt: skip
+DRAINING_STATE: Final = "unloading"  # describe_adapters' state for an unload in progress
 TTFT_BUCKETS_S: Final = (
     0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 30.0,
 )  # fmt: skip
@@ -207,6 +208,9 @@ def _adapter_families(adapters: Sequence[AdapterStatus]) -> Iterator[Metric]:
     load_s = GaugeMetricFamily(
         "lorasrv_adapter_last_load_seconds", "Seconds the latest host load took.", labels=label
     )
+    # NOTE: an unloaded version still draining its requests keeps its name until it is gone; a
+    # reload under the same name would then give two series with one label, so skip it.
+    adapters = [a for a in adapters if a.state != DRAINING_STATE]
     for status in adapters:
         name = [status.name]
         for value in ADAPTER_STATES:

@@ -209,3 +209,30 @@ def test_cli_applies_log_level(monkeypatch: pytest.MonkeyPatch) -> None:
     assert seen["level"] == "DEBUG"
     for field in ("%(asctime)s", "%(levelname)s", "%(name)s"):
         assert field in seen["format"]
+
+
+def test_draining_adapter_version_gives_no_duplicate_series() -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from lorasrv.ids import AdapterId
+    from lorasrv.messages import AdapterStatus
+    from lorasrv.metrics import _adapter_families
+
+    def status(adapter_id: int, state: str) -> AdapterStatus:
+        return AdapterStatus(name="x", path="/p", adapter_id=AdapterId(adapter_id), state=state,
+                             slot=None, rank=8, pinned=False, num_refs=0)  # fmt: skip
+
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    class Collector:
+        def collect(self):  # type: ignore[no-untyped-def]
+            return _adapter_families([status(1, "unloading"), status(2, "cpu_loaded")])
+
+    registry = CollectorRegistry()
+    registry.register(Collector())  # type: ignore[arg-type]
+    families = {
+        f.name: f for f in text_string_to_metric_families(generate_latest(registry).decode())
+    }
+    assert families["lorasrv_adapters_registered"].samples[0].value == 1
+    states = [s for s in families["lorasrv_adapter_state"].samples if s.value == 1]
+    assert [(s.labels["adapter"], s.labels["state"]) for s in states] == [("x", "cpu_loaded")]

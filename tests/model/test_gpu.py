@@ -46,22 +46,36 @@ def match_rate(ours: list[list[int]], expected: list[list[int]]) -> float:
     return matched / sum(len(e) for e in expected)
 
 
-def hf_bf16(base: Path, rows: list[tuple[list[int], Path | None]]) -> list[list[int]]:
+def hf_bf16(
+    base: Path, rows: list[tuple[list[int], Path | None]]
+) -> tuple[list[list[int]], list[torch.Tensor]]:
+    """Greedy tokens and first-step logits from HF transformers (+ PEFT) in bf16."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    out = []
+    out, first = [], []
     for prompt, adapter in rows:
         model = AutoModelForCausalLM.from_pretrained(base).to("cuda", torch.bfloat16).eval()
         if adapter is not None:
             model = PeftModel.from_pretrained(model, adapter).eval()
         ids = torch.tensor([prompt], device="cuda")
         with torch.no_grad():
+            first.append(model(input_ids=ids).logits[0, -1].float())
             gen = model.generate(
                 input_ids=ids, max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=None
             )
         out.append(gen[0, len(prompt) :].tolist())
-    return out
+    return out, first
+
+
+def logit_report(ours: list[torch.Tensor], theirs: list[torch.Tensor]) -> tuple[float, float]:
+    """Max |difference| of first-step logits, and the smallest cosine similarity over rows."""
+    max_diff = max(float((a - b).abs().max()) for a, b in zip(ours, theirs, strict=True))
+    cosine = min(
+        float(torch.nn.functional.cosine_similarity(a, b, dim=0))
+        for a, b in zip(ours, theirs, strict=True)
+    )
+    return max_diff, cosine
 
 
 @pytest.fixture(scope="module")
@@ -84,39 +98,58 @@ def test_bf16_runner_vs_hf(small_dir: Path) -> None:
     ours = PlanDriver(make_runner(small_dir), token_budget=64).generate(
         PROMPTS, max_new_tokens=NEW_TOKENS
     )
-    expected = hf_bf16(small_dir, [(p, None) for p in PROMPTS])
+    expected, _ = hf_bf16(small_dir, [(p, None) for p in PROMPTS])
     rate = match_rate(ours, expected)
     print(f"bf16 runner vs HF: token match rate {rate:.2%}")
     assert sum(a[0] == b[0] for a, b in zip(ours, expected, strict=True)) >= len(PROMPTS) - 1
     assert rate > 0.5
 
 
-def test_bf16_triton_lora_vs_peft(small_dir: Path, tmp_path: Path) -> None:
-    names = ("qv_r4", "all_r8_rslora", "mlp_r16_patterns")
-    adapters = {n: build_adapter(small_dir, tmp_path / n, **ADAPTERS[n]) for n in names}
+def lora_runner(base: Path, adapters: dict[str, Path], backend: str) -> ModelRunner:
     runner = make_runner(
-        small_dir,
+        base,
         lora_num_slots=3,
         lora_max_rank=16,
         lora_target_modules=("all",),
-        lora_backend="triton",
+        lora_backend=backend,
     )
     load = runner.make_adapter_loader()
-    for slot, name in enumerate(names):
-        runner.load_slot(SlotId(slot), AdapterId(slot), load(str(adapters[name])))
+    for slot, path in enumerate(adapters.values()):
+        runner.load_slot(SlotId(slot), AdapterId(slot), load(str(path)))
+    return runner
+
+
+def test_bf16_triton_lora_vs_peft(small_dir: Path, tmp_path: Path) -> None:
+    """Free-running greedy tokens diverge under bf16 rounding (PEFT keeps adapters in fp32), so
+    the hard checks are on first-step logits and on Triton vs the torch reference backend."""
+    names = ("qv_r4", "all_r8_rslora", "mlp_r16_patterns")
+    adapters = {n: build_adapter(small_dir, tmp_path / n, **ADAPTERS[n]) for n in names}
     rows = [
         (PROMPTS[0], None),
         (PROMPTS[1], "qv_r4"),
         (PROMPTS[2], "all_r8_rslora"),
         (PROMPTS[3], "mlp_r16_patterns"),
     ]
+    prompts = [p for p, _ in rows]
     slots = [names.index(a) if a else -1 for _, a in rows]
-    ours = PlanDriver(runner, token_budget=64).generate([p for p, _ in rows], slots, NEW_TOKENS)
-    expected = hf_bf16(small_dir, [(p, adapters[a] if a else None) for p, a in rows])
-    rate = match_rate(ours, expected)
-    print(f"bf16 triton LoRA vs PEFT: token match rate {rate:.2%}")
-    assert sum(a[0] == b[0] for a, b in zip(ours, expected, strict=True)) >= len(rows) - 1
-    assert rate > 0.5
+    outputs, firsts = {}, {}
+    for backend in ("triton", "torch"):
+        driver = PlanDriver(lora_runner(small_dir, adapters, backend), token_budget=64,
+                            record_logits=True)  # fmt: skip
+        outputs[backend] = driver.generate(prompts, slots, NEW_TOKENS)
+        firsts[backend] = [driver.first_logits[i] for i in range(len(rows))]
+    expected, hf_first = hf_bf16(small_dir, [(p, adapters[a] if a else None) for p, a in rows])
+    rate = match_rate(outputs["triton"], expected)
+    max_diff, cosine = logit_report(firsts["triton"], hf_first)
+    backend_rate = match_rate(outputs["triton"], outputs["torch"])
+    print(
+        f"bf16 triton LoRA vs PEFT: token match rate {rate:.2%} (prefix to first divergence), "
+        f"first-step max |logit diff| {max_diff:.4f}, min cosine {cosine:.5f}; "
+        f"triton vs torch backend token match {backend_rate:.2%}"
+    )
+    assert [o[0] for o in outputs["triton"]] == [e[0] for e in expected]
+    assert cosine > 0.999
+    assert backend_rate > 0.9
 
 
 def test_kv_pages_sized_from_free_memory(small_dir: Path) -> None:
