@@ -82,6 +82,8 @@ class SchedulerActor(Actor[SchedulerInbox]):
         self._num_pinned = 0
         self._freed_in_runner: list[SeqId] = []
         self._last_step = (0.0, 0)  # seconds, sampled tokens
+        self._num_finished = 0
+        self._num_aborted = 0
 
     # ------------------------------------------------------------------ inbox
 
@@ -340,6 +342,8 @@ class SchedulerActor(Actor[SchedulerInbox]):
         elif seq.status is SeqStatus.WAITING:
             self._waiting.remove(seq)
         seq.status = SeqStatus.FINISHED
+        self._num_finished += 1
+        self._num_aborted += reason == "abort"
         self._pool.free(seq.blocks)
         seq.blocks.clear()
         self._drop_runner_state(seq)
@@ -384,5 +388,7 @@ class SchedulerActor(Actor[SchedulerInbox]):
                 last_step_s=step_s,
                 last_step_tokens=num_sampled,
                 num_steps=int(self._step_id),
+                num_finished=self._num_finished,
+                num_aborted=self._num_aborted,
             )
         )

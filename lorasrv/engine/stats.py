@@ -14,6 +14,8 @@ class SchedulerStats(NamedTuple):
     last_step_s: float = 0.0
     last_step_tokens: int = 0
     num_steps: int = 0
+    num_finished: int = 0  # requests that left the scheduler, however they ended
+    num_aborted: int = 0  # of which aborted (client gone, stop string, explicit abort)
 
 
 class StatsSink(Protocol):

@@ -24,8 +24,8 @@ VOCAB = 1024  # the demo tokenizer's size, so text prompts work too
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
-def make_checkpoint(root: Path, kind: str = "llama") -> Path:
-    out = build_checkpoint(root / kind, kind, vocab_size=VOCAB)
+def make_checkpoint(root: Path, kind: str = "llama", **overrides: Any) -> Path:
+    out = build_checkpoint(root / kind, kind, vocab_size=VOCAB, **overrides)
     demo = Path(ensure_demo_model(root / "demo-cache").model_path)
     for name in TOKENIZER_FILES:
         shutil.copy(demo / name, out / name)
