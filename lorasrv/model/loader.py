@@ -8,11 +8,13 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 from collections.abc import Iterator
 from contextlib import ExitStack
 
 import torch
 from safetensors import SafetensorError, safe_open
+from tqdm import tqdm
 
 from lorasrv.model.adapter_loader import load_adapter
 from lorasrv.model.arch import ModelArch
@@ -145,7 +147,11 @@ def load_model_weights(
         if missing:
             raise ValueError(f"{model_dir}: checkpoint lacks {len(missing)} tensors: {missing[:5]}")
         weights: dict[str, torch.Tensor] = {}
-        for name, (sources, shape) in plan.items():
+        # A progress bar on a terminal only (stderr), so logs and tests stay clean.
+        progress = tqdm(
+            plan.items(), desc="Loading weights", unit="tensor", disable=not sys.stderr.isatty()
+        )
+        for name, (sources, shape) in progress:
             # Convert each part on its way to the device, so host memory holds one tensor at a time.
             # copy=True: on CPU a same-dtype `.to` would keep a view of the memory-mapped file.
             parts = [files.get(n).to(device=device, dtype=dtype, copy=True) for n in sources]
