@@ -197,3 +197,34 @@ async def test_crashed_actor_marks_engine_dead() -> None:
         assert not eng.is_healthy()
         assert eng.failure is not None
         assert "kernel exploded" in eng.failure
+
+
+async def test_oldest_waiting_adapter_gets_a_slot_under_steady_load() -> None:
+    """Two slots kept busy by a steady stream for adapters a and b: a request for c still runs
+    within a bounded number of steps (it is never starved by later arrivals)."""
+    eng, fake = make_engine(slots=2, pages=256)
+    async with eng:
+        for name in ("b", "c"):
+            assert (await eng.load_adapter(name, f"/ad/{name}")).success
+        stop = asyncio.Event()
+        params = {"max_new_tokens": 8, "temperature": 0, "ignore_eos": True}
+
+        async def steady(name: str, num_new: int) -> None:
+            # Different lengths keep the stream staggered: some row of a and of b always runs.
+            sampling = {**params, "max_new_tokens": num_new}
+            while not stop.is_set():
+                await eng.generate(text=f"load {name}", lora_path=name, sampling_params=sampling)
+
+        lengths = (5, 7, 9, 11)
+        workers = [asyncio.create_task(steady(n, k)) for n in ("a", "b") for k in lengths]
+        await asyncio.sleep(0.05)  # the two slots are now held by a and b
+        start_step = len(fake.plans)
+        async with asyncio.timeout(10):
+            result = await eng.generate(text="starving", lora_path="c", sampling_params=params)
+        steps_waited = len(fake.plans) - start_step
+        stop.set()
+        await asyncio.gather(*workers)
+        assert isinstance(result, dict)
+        assert result["text"] == expect("starving", SALTS["/ad/c"], 8)
+        # starvation threshold (16 steps) + draining rows of a/b (<= 11) + its own 1 + 8 steps
+        assert steps_waited <= 45, steps_waited
