@@ -1,0 +1,134 @@
+"""Tensor-parallel model pieces: a rank's process-group handle, row-parallel LoRA-aware linears
+and the vocab-parallel Llama model. Built only when tp_size > 1; the plain model never calls them.
+
+Runs inside one worker process per rank; the collectives are torch.distributed (NCCL or gloo).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from lorasrv_kernels import reference, sgmv_expand, sgmv_shrink, triton_lora_forward
+
+from lorasrv.model.arch import ModelArch
+from lorasrv.model.attention import AttentionBackend
+from lorasrv.model.layers import LoraLinear, LoraOp, LoraStep
+from lorasrv.model.llama import LlamaModel
+from lorasrv.model.sharding import Shard, shard_arch, vocab_range
+
+_Shrink = Callable[..., torch.Tensor]
+_Expand = Callable[..., None]
+# The row-parallel LoRA path needs shrink and expand apart, to all-reduce between them.
+_SPLIT_OPS: dict[object, tuple[_Shrink, _Expand]] = {
+    reference.lora_forward: (reference.sgmv_shrink, reference.sgmv_expand),
+    triton_lora_forward: (sgmv_shrink, sgmv_expand),
+}
+# torch >= 2.13 renames all_gather_into_tensor; same arguments.
+_all_gather_single: Any = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
+@dataclass(frozen=True, slots=True)
+class TpGroup:
+    """This process's rank in the tensor-parallel group and the group's collectives."""
+
+    rank: int
+    size: int
+    device: torch.device  # where collective buffers live (CUDA for NCCL, CPU for gloo)
+    group: Any = None  # torch.distributed ProcessGroup; None = the default group
+
+    @property
+    def shard(self) -> Shard:
+        return Shard(self.rank, self.size)
+
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        """Sum over ranks, in place; returns x."""
+        dist.all_reduce(x, group=self.group)
+        return x
+
+    def all_gather_cols(self, x: torch.Tensor) -> torch.Tensor:
+        """`[n, k]` on every rank -> `[n, size * k]`, rank r's columns at `r*k:(r+1)*k`."""
+        n, k = x.shape
+        if n == 0:
+            return x.new_empty(0, self.size * k)
+        out = x.new_empty(self.size * n, k)
+        _all_gather_single(out, x.contiguous(), group=self.group)
+        return out.view(self.size, n, k).transpose(0, 1).reshape(n, self.size * k)
+
+    def min_int(self, value: int) -> int:
+        """The smallest of every rank's value (e.g. KV pages that fit on every device)."""
+        t = torch.tensor([value], dtype=torch.int64, device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MIN, group=self.group)
+        return int(t.item())
+
+
+def split_lora_op(op: LoraOp) -> tuple[_Shrink, _Expand]:
+    pair = _SPLIT_OPS.get(op)
+    if pair is None:
+        raise ValueError(f"LoRA op {op!r} has no separate shrink/expand for tensor parallelism")
+    return pair
+
+
+class RowParallelLoraLinear(LoraLinear):
+    """o/down: this rank's input columns; partial outputs are summed by one all-reduce.
+
+    LoRA (S-LoRA): A is split by input columns like the weight, so `x·Aᵀ` is partial too; the
+    small `[tokens, max_rank]` intermediate is all-reduced, then rank 0 alone adds `v·Bᵀ` to its
+    partial output before the output all-reduce: no extra full-width communication.
+    """
+
+    __slots__ = ("tp",)
+
+    def __init__(self, linear: LoraLinear, tp: TpGroup) -> None:
+        super().__init__(linear.weight, linear.bias, (linear.weight.shape[0],))
+        self.tp = tp
+
+    def forward(self, x: torch.Tensor, lora: LoraStep | None) -> torch.Tensor:
+        y = F.linear(x, self.weight, self.bias)  # [num_tokens, out], this rank's partial sum
+        if lora is not None and self.a_stack is not None and self.b_stack is not None:
+            shrink, expand = split_lora_op(lora.op)
+            v = shrink(x, self.a_stack, lora.info, 1).contiguous()  # [tokens, max_rank], partial
+            self.tp.all_reduce(v)
+            if self.tp.rank == 0:
+                # NOTE: y is summed over ranks next; a second rank adding it would double it.
+                expand(v, self.b_stack, y, lora.info, self.slice_offsets)
+        return self.tp.all_reduce(y)
+
+
+class TpLlamaModel(LlamaModel):
+    """The decoder over this rank's heads and MLP columns, with a vocab-parallel embedding and
+    LM head. Column-parallel q/k/v and gate/up need no communication: their inputs are whole."""
+
+    def __init__(
+        self,
+        arch: ModelArch,
+        weights: Mapping[str, torch.Tensor],
+        *,
+        attention: AttentionBackend,
+        device: torch.device,
+        tp: TpGroup,
+    ) -> None:
+        super().__init__(shard_arch(arch, tp.shard), weights, attention=attention, device=device)
+        self.tp = tp
+        self.vocab_size = arch.vocab_size
+        self.vocab_lo, self.vocab_hi = vocab_range(arch.vocab_size, tp.shard)
+        for layer in self.layers:
+            layer.o_proj = RowParallelLoraLinear(layer.o_proj, tp)
+            layer.down_proj = RowParallelLoraLinear(layer.down_proj, tp)
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Each rank looks up the ids in its vocab range, zeros elsewhere; the sum is exact."""
+        outside = (input_ids < self.vocab_lo) | (input_ids >= self.vocab_hi)  # [num_tokens]
+        local = (input_ids - self.vocab_lo).masked_fill(outside, 0)
+        hidden = F.embedding(local, self.embed_tokens)  # [num_tokens, hidden]
+        hidden.masked_fill_(outside[:, None], 0)
+        return self.tp.all_reduce(hidden)
+
+    def head(self, last: torch.Tensor) -> torch.Tensor:
+        """This rank's vocab columns, gathered from every rank (padding columns dropped)."""
+        logits = self.tp.all_gather_cols(F.linear(last, self.lm_head))  # [num_sampled, padded]
+        return logits[:, : self.vocab_size].float()

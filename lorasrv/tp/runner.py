@@ -1,0 +1,291 @@
+"""TpRunner: the StepRunner for tp_size > 1. Coordinates one worker process per rank from the
+GPU runner's thread: broadcasts each command, returns rank 0's tokens. Holds no weights and
+never touches a device itself; the WorkerMonitor alone decides that a worker has failed.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any, TypeVar
+
+import msgspec
+import torch
+import torch.multiprocessing as mp
+from torch._C._distributed_c10d import TCPStore  # typed there; same object
+
+from lorasrv.errors import ConfigError
+from lorasrv.ids import AdapterId, SlotId
+from lorasrv.messages import RunnerReady, StepPlan
+from lorasrv.model.adapter_loader import load_adapter
+from lorasrv.model.arch import read_arch
+from lorasrv.model.runner import StepResult
+from lorasrv.model.setup import DTYPES
+from lorasrv.model.sharding import check_split
+from lorasrv.tp.adapters import TpAdapterWeights, pack_shards
+from lorasrv.tp.channel import ControlChannel
+from lorasrv.tp.monitor import TpWorkerError, WorkerMonitor
+from lorasrv.tp.protocol import TpClearSlot, TpLoadSlot, TpShutdown, TpStep, TpStepResult
+from lorasrv.tp.worker import STORE_HOST, WorkerSpec, error_key, run_worker
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+STARTUP_TIMEOUT_S = 1800.0  # spawn, connect, load and shard the weights, size the KV cache
+STEP_TIMEOUT_S = 600.0  # one step or slot upload (the first ones compile kernels)
+HEARTBEAT_TIMEOUT_S = 10.0
+JOIN_TIMEOUT_S = 10.0
+
+
+class TpRunner:
+    """ModelRunner's keywords plus `tp_size`; rank r of the model runs in worker process r."""
+
+    def __init__(
+        self,
+        *,
+        tp_size: int,
+        model_path: str,
+        device: str = "auto",
+        step_timeout_s: float = STEP_TIMEOUT_S,
+        startup_timeout_s: float = STARTUP_TIMEOUT_S,
+        heartbeat_timeout_s: float = HEARTBEAT_TIMEOUT_S,
+        **runner_options: Any,
+    ) -> None:
+        started = time.monotonic()
+        self.tp_size = tp_size
+        self.step_timeout_s = step_timeout_s
+        self.arch = read_arch(model_path)
+        try:
+            check_split(self.arch, tp_size)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        device_type = _device_type(device, tp_size)
+        self._allow_pickle = bool(runner_options.get("allow_pickle", False))
+        self._store = TCPStore(
+            STORE_HOST,
+            0,
+            is_master=True,
+            wait_for_workers=False,
+            timeout=datetime.timedelta(seconds=60),
+        )
+        self._processes, heartbeats = self._spawn(model_path, device_type, runner_options)
+        self._monitor = WorkerMonitor(
+            self._processes,
+            heartbeats,
+            heartbeat_timeout_s=heartbeat_timeout_s,
+            read_error=self._read_error,
+        )
+        self._monitor.start()
+        self._channel: ControlChannel | None = None
+        self._is_shut_down = False
+        self._encoder = msgspec.msgpack.Encoder()
+        self._result_decoder = msgspec.msgpack.Decoder(TpStepResult)
+        try:
+            with self._guard("startup", startup_timeout_s):
+                self._channel = self._call_watched(
+                    lambda: ControlChannel(_client(self._store), rank=0, size=tp_size + 1)
+                )
+                ready = self._channel.broadcast(None, root=1)
+                self._ready = msgspec.msgpack.decode(ready, type=RunnerReady)
+        except BaseException:
+            self.shutdown()
+            raise
+        self.page_size = self._ready.page_size
+        self.num_kv_pages = self._ready.num_kv_pages
+        logger.info(
+            "tensor parallel: %d ranks (%s) ready in %.1fs", tp_size, device_type,
+            time.monotonic() - started,
+        )  # fmt: skip
+
+    # ------------------------------------------------------------------ StepRunner protocol
+
+    def ready(self) -> RunnerReady:
+        return self._ready
+
+    def step(self, plan: StepPlan) -> StepResult:
+        with self._guard(f"step {plan.step_id}", self.step_timeout_s):
+            channel = self._live_channel()
+            channel.broadcast(self._encoder.encode(TpStep(plan=plan)))
+            if not plan.seq_ids:
+                return StepResult([], [], [])
+            result = self._result_decoder.decode(channel.broadcast(None, root=1))
+        return StepResult(result.token_ids, result.logprobs, result.top_logprobs)
+
+    def load_slot(self, slot_id: SlotId, adapter_id: AdapterId, weights: object) -> None:
+        if not isinstance(weights, TpAdapterWeights):
+            raise TypeError(f"load_slot: expected TpAdapterWeights, got {type(weights).__name__}")
+        with self._guard(f"upload of adapter {adapter_id}", self.step_timeout_s):
+            channel = self._live_channel()
+            command = TpLoadSlot(slot_id=slot_id, adapter_id=adapter_id, layout=weights.layout)
+            channel.broadcast(self._encoder.encode(command))
+            channel.send_tensors({rank + 1: data for rank, data in enumerate(weights.buffers)})
+
+    def clear_slot(self, slot_id: SlotId) -> None:
+        with self._guard(f"clearing slot {slot_id}", self.step_timeout_s):
+            self._live_channel().broadcast(self._encoder.encode(TpClearSlot(slot_id=slot_id)))
+
+    def shutdown(self) -> None:
+        """Ask the workers to stop; kill whichever has not within JOIN_TIMEOUT_S. Idempotent."""
+        if self._is_shut_down:
+            return
+        self._is_shut_down = True
+        is_healthy = self._monitor.failure is None
+        self._monitor.stop()  # from here on, workers exiting is expected
+        channel, self._channel = self._channel, None
+        if is_healthy and channel is not None:
+            stop = self._encoder.encode(TpShutdown())
+            thread = threading.Thread(target=_quietly, args=(channel.broadcast, stop), daemon=True)
+            thread.start()
+            thread.join(JOIN_TIMEOUT_S)
+        deadline = time.monotonic() + JOIN_TIMEOUT_S
+        for process in self._processes:
+            process.join(max(0.0, deadline - time.monotonic()))
+        for process in self._processes:
+            if process.is_alive():
+                logger.warning("tp worker pid %d did not stop; killing it", process.pid)
+                process.kill()
+                process.join(5)
+
+    def make_adapter_loader(self) -> Callable[[str], TpAdapterWeights]:
+        """Loads a PEFT folder on the host and cuts it into every rank's shard, once."""
+        arch, tp_size, ready = self.arch, self.tp_size, self._ready
+        dtype = DTYPES[ready.dtype]
+
+        def load(path: str) -> TpAdapterWeights:
+            weights = load_adapter(
+                path,
+                arch=arch,
+                max_rank=ready.max_lora_rank,
+                target_modules=ready.lora_target_modules,
+                allow_pickle=self._allow_pickle,
+                dtype=dtype,
+                pin_memory=False,  # this process has no device; the workers copy from here
+            )
+            return pack_shards(weights, arch, tp_size)
+
+        return load
+
+    def on_failure(self, listener: Callable[[str], None]) -> None:
+        """`listener(cause)` once a worker fails, from a monitor thread (even when idle)."""
+        self._monitor.on_failure(listener)
+
+    @property
+    def worker_pids(self) -> list[int]:
+        return [p.pid for p in self._processes if p.pid is not None]
+
+    # ------------------------------------------------------------------ internals
+
+    def _spawn(
+        self, model_path: str, device_type: str, runner_options: dict[str, Any]
+    ) -> tuple[list[Any], list[Any]]:
+        context = mp.get_context("spawn")
+        processes, heartbeats = [], []
+        for rank in range(self.tp_size):
+            heartbeat = context.Value("Q", 0, lock=False)
+            spec = WorkerSpec(
+                tp_rank=rank,
+                tp_size=self.tp_size,
+                store_port=self._store.port,
+                device_type=device_type,
+                runner_options={"model_path": model_path, **runner_options},
+                parent_pid=os.getpid(),
+                log_level=logging.getLogger().getEffectiveLevel(),
+                heartbeat=heartbeat,
+                collective_timeout_s=self.step_timeout_s,
+            )
+            # daemon: multiprocessing kills them if this process exits without shutdown().
+            process = context.Process(
+                target=run_worker, args=(spec,), name=f"lorasrv-tp{rank}", daemon=True
+            )
+            process.start()
+            logger.info("tp worker %d started: pid %d", rank, process.pid)
+            processes.append(process)
+            heartbeats.append(heartbeat)
+        return processes, heartbeats
+
+    def _live_channel(self) -> ControlChannel:
+        if self._channel is None:
+            raise TpWorkerError(self._monitor.failure or "the tensor-parallel runner is shut down")
+        return self._channel
+
+    @contextmanager
+    def _guard(self, what: str, timeout_s: float) -> Iterator[None]:
+        """Bounds a wait on the workers; any error becomes a TpWorkerError naming the cause."""
+        if self._monitor.failure is not None:
+            raise TpWorkerError(self._monitor.failure)
+        try:
+            with self._monitor.deadline(what, timeout_s):
+                yield
+        except TpWorkerError:
+            raise
+        except Exception as exc:
+            # A gloo error here usually means a worker just died: let the monitor name it.
+            cause = self._monitor.wait_failure(2.0)
+            if cause is None:
+                cause = f"{what} failed on the coordinator: {exc!r}"
+                self._monitor.fail(cause)  # ranks may now disagree: stop them all
+            raise TpWorkerError(cause) from exc
+
+    def _call_watched(self, fn: Callable[[], T]) -> T:
+        """Run a call that may block on absent workers in a helper thread, so a failure seen by
+        the monitor (a worker that died before connecting) ends the wait."""
+        box: list[Any] = []
+
+        def target() -> None:
+            try:
+                box.append((True, fn()))
+            except BaseException as exc:
+                box.append((False, exc))
+
+        thread = threading.Thread(target=target, name="lorasrv-tp-connect", daemon=True)
+        thread.start()
+        while thread.is_alive():
+            thread.join(0.1)
+            if self._monitor.failure is not None:
+                raise TpWorkerError(self._monitor.failure)
+        is_ok, value = box[0]
+        if not is_ok:
+            raise value
+        result: T = value
+        return result
+
+    def _read_error(self, rank: int) -> str | None:
+        key = error_key(rank)
+        try:
+            if self._store.check([key]):
+                return self._store.get(key).decode(errors="replace")
+        except Exception:
+            logger.debug("could not read tp worker %d's error", rank, exc_info=True)
+        return None
+
+
+def _client(store: TCPStore) -> TCPStore:
+    """A connection of its own: a TCPStore client serializes its calls, and the group's
+    rendezvous waits on keys that the monitor's error lookups must not queue behind."""
+    return TCPStore(STORE_HOST, store.port, is_master=False, timeout=datetime.timedelta(seconds=60))
+
+
+def _device_type(device: str, tp_size: int) -> str:
+    device_type = device.split(":")[0]
+    if device_type == "auto":
+        device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    if device_type == "cuda":
+        found = torch.cuda.device_count()
+        if found < tp_size:
+            raise ConfigError(f"--tp-size {tp_size} needs {tp_size} CUDA devices; {found} visible")
+    elif device_type != "cpu":
+        raise ConfigError(f"--device {device}: tensor parallelism runs on cuda or cpu")
+    return device_type
+
+
+def _quietly(fn: Callable[[bytes], object], arg: bytes) -> None:
+    try:
+        fn(arg)
+    except Exception:
+        logger.debug("tp shutdown broadcast failed", exc_info=True)

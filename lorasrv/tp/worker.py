@@ -1,0 +1,156 @@
+"""A TP worker process: one rank of the model. Runs a sharded ModelRunner and obeys the
+coordinator's broadcast commands until told to stop; any error ends the process (exit 1).
+
+Started with the spawn method; `run_worker` is the process target. No asyncio, no engine.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, assert_never
+
+import msgspec
+import torch
+import torch.distributed as dist
+from torch._C._distributed_c10d import PrefixStore, TCPStore  # typed there; same objects
+
+from lorasrv.ids import AdapterId, SlotId
+from lorasrv.model.parallel import TpGroup
+from lorasrv.model.runner import ModelRunner
+from lorasrv.tp.adapters import unpack_shard
+from lorasrv.tp.channel import ControlChannel
+from lorasrv.tp.protocol import (
+    TpClearSlot,
+    TpCommand,
+    TpLoadSlot,
+    TpShutdown,
+    TpStep,
+    TpStepResult,
+)
+
+logger = logging.getLogger(__name__)
+
+HEARTBEAT_INTERVAL_S = 0.5
+STORE_HOST = "127.0.0.1"
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """Everything a worker needs, pickled into the spawned process."""
+
+    tp_rank: int
+    tp_size: int
+    store_port: int
+    device_type: str  # "cuda" (rank r uses cuda:r) or "cpu"
+    runner_options: dict[str, Any]  # ModelRunner keywords, device and tp excepted
+    parent_pid: int
+    log_level: int
+    heartbeat: Any  # multiprocessing Value("Q"), incremented while the process lives
+    collective_timeout_s: float  # model-group collectives (NCCL's watchdog aborts past it)
+
+
+def error_key(tp_rank: int) -> str:
+    """Store key where a failing worker leaves its error for the coordinator's message."""
+    return f"tp-error/{tp_rank}"
+
+
+def run_worker(spec: WorkerSpec) -> None:
+    """Process target. Exit status 0 after TpShutdown, 1 after any error (logged first)."""
+    logging.basicConfig(
+        level=spec.log_level,
+        format=f"%(asctime)s %(levelname)s tp{spec.tp_rank} %(name)s: %(message)s",
+        force=True,
+    )
+    # The coordinator decides when workers stop: Ctrl-C reaches the whole process group, and
+    # the server's own graceful shutdown then stops us through TpShutdown.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    beat = threading.Thread(target=_heartbeat, args=(spec,), name="lorasrv-tp-heartbeat")
+    beat.daemon = True
+    beat.start()
+    store: TCPStore | None = None
+    try:
+        store = TCPStore(
+            STORE_HOST, spec.store_port, is_master=False, timeout=datetime.timedelta(seconds=60)
+        )
+        _serve(spec, store)
+    except BaseException as exc:
+        if os.getppid() != spec.parent_pid:  # the control connection broke with the server
+            logger.error("tp worker %d: the server process is gone; exiting", spec.tp_rank)
+        else:
+            logger.exception("tp worker %d failed", spec.tp_rank)
+        if store is not None:
+            with contextlib.suppress(Exception):  # the coordinator may be gone already
+                store.set(error_key(spec.tp_rank), f"{type(exc).__name__}: {exc}"[:2000])
+        sys.stderr.flush()
+        os._exit(1)  # no teardown: peers may be stuck in collectives with us
+
+
+def _serve(spec: WorkerSpec, store: TCPStore) -> None:
+    rank, size = spec.tp_rank, spec.tp_size
+    channel = ControlChannel(store, rank=rank + 1, size=size + 1)
+    device = _init_device(spec)
+    dist.init_process_group(
+        "nccl" if device.type == "cuda" else "gloo",
+        store=PrefixStore("tp-model/", store),
+        rank=rank,
+        world_size=size,
+        timeout=datetime.timedelta(seconds=spec.collective_timeout_s),
+        device_id=device if device.type == "cuda" else None,
+    )
+    runner = ModelRunner(**spec.runner_options, device=str(device), tp=TpGroup(rank, size, device))
+    # Results are broadcast from TP rank 0 (control rank 1); the other ranks take part, unused.
+    channel.broadcast(msgspec.msgpack.encode(runner.ready()) if rank == 0 else None, root=1)
+    encoder, decoder = msgspec.msgpack.Encoder(), msgspec.msgpack.Decoder(TpCommand)
+    while True:
+        command = decoder.decode(channel.broadcast(None))
+        match command:
+            case TpStep(plan=plan):
+                out = runner.step(plan)
+                if plan.seq_ids:  # the coordinator waits for rank 0's tokens
+                    result = TpStepResult(
+                        token_ids=out.token_ids,
+                        logprobs=out.logprobs,
+                        top_logprobs=out.top_logprobs,
+                    )
+                    channel.broadcast(encoder.encode(result) if rank == 0 else None, root=1)
+            case TpLoadSlot(slot_id=slot_id, adapter_id=adapter_id, layout=layout):
+                data = channel.recv_tensor(0, layout.num_bytes)
+                weights = unpack_shard(layout, data)
+                runner.load_slot(SlotId(slot_id), AdapterId(adapter_id), weights)
+            case TpClearSlot(slot_id=slot_id):
+                runner.clear_slot(SlotId(slot_id))
+            case TpShutdown():
+                runner.shutdown()
+                dist.destroy_process_group()
+                logger.info("tp worker %d stopped", rank)
+                return
+            case _:
+                assert_never(command)
+
+
+def _init_device(spec: WorkerSpec) -> torch.device:
+    if spec.device_type == "cuda":
+        device = torch.device("cuda", spec.tp_rank)
+        torch.cuda.set_device(device)
+        return device
+    # Ranks share the host's cores; without this each would start one thread per core.
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // spec.tp_size))
+    return torch.device("cpu")
+
+
+def _heartbeat(spec: WorkerSpec) -> None:
+    """Proof of life for the coordinator's monitor; ends the process if the server is gone."""
+    while True:
+        spec.heartbeat.value += 1
+        if os.getppid() != spec.parent_pid:
+            logger.error("tp worker %d: the server process is gone; exiting", spec.tp_rank)
+            os._exit(1)
+        time.sleep(HEARTBEAT_INTERVAL_S)

@@ -1,0 +1,85 @@
+"""TpRunner driven directly (PlanDriver, no engine) on a checkpoint that exercises the corners of
+the sharding: one KV head over two ranks (replicated), a vocabulary that does not split evenly
+(padded shards), q/k/v and o biases, tied embeddings; and a frozen worker detected as a hang."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from lorasrv.ids import AdapterId, SlotId
+from lorasrv.model.runner import ModelRunner
+from lorasrv.tp.monitor import TpWorkerError
+from lorasrv.tp.runner import TpRunner
+from tests.model.checkpoints import ADAPTERS, build_adapter, build_checkpoint
+from tests.model.plan_driver import PlanDriver
+
+ODD = {
+    "num_key_value_heads": 1,  # < tp_size: each rank holds a copy of the KV head
+    "vocab_size": 255,  # odd: the second vocab shard is padded
+    "attention_bias": True,  # q/k/v bias (column-parallel), o bias (rank 0 only)
+    "tie_word_embeddings": True,  # the LM head is the vocab-parallel embedding
+}
+PROMPTS = [[5, 9, 20, 7], [11, 40, 23, 7, 99, 100, 3], [7], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]]
+SLOTS = [-1, 0, -1, 0]
+
+
+@pytest.fixture(scope="module")
+def odd_world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    root = tmp_path_factory.mktemp("tp-odd")
+    base = build_checkpoint(root / "base", "llama", **ODD)
+    adapter = build_adapter(base, root / "adapter", **ADAPTERS["all_r8_rslora"])
+    return {"base": base, "adapter": adapter}
+
+
+def runner_options(base: Path) -> dict[str, Any]:
+    return {
+        "model_path": str(base),
+        "dtype": "float32",
+        "device": "cpu",
+        "page_size": 4,
+        "num_kv_pages": 64,
+        "lora_num_slots": 2,
+        "lora_max_rank": 16,
+        "lora_target_modules": ("all",),
+        "lora_backend": "torch",
+    }
+
+
+def test_odd_shapes_give_tp1_tokens(odd_world: dict[str, Any]) -> None:
+    options = runner_options(odd_world["base"])
+    tp1 = ModelRunner(**options)
+    tp1.load_slot(SlotId(0), AdapterId(1), tp1.make_adapter_loader()(str(odd_world["adapter"])))
+    expected = PlanDriver(tp1).generate(PROMPTS, SLOTS, max_new_tokens=8)
+    tp2 = TpRunner(tp_size=2, **options)
+    try:
+        weights = tp2.make_adapter_loader()(str(odd_world["adapter"]))
+        tp2.load_slot(SlotId(0), AdapterId(1), weights)
+        assert PlanDriver(tp2).generate(PROMPTS, SLOTS, max_new_tokens=8) == expected
+        tp2.clear_slot(SlotId(0))  # slot 0 is now base-only on every rank
+        base_only = PlanDriver(tp1).generate(PROMPTS[1:2], [-1], max_new_tokens=8)
+        assert PlanDriver(tp2).generate(PROMPTS[1:2], [-1], max_new_tokens=8) == base_only
+    finally:
+        tp2.shutdown()
+    assert base_only[0] != expected[1], "the adapter changed nothing: the test would be vacuous"
+
+
+def test_frozen_worker_is_reported_as_hung(odd_world: dict[str, Any]) -> None:
+    runner = TpRunner(tp_size=2, heartbeat_timeout_s=3.0, **runner_options(odd_world["base"]))
+    reported = threading.Event()
+    causes: list[str] = []
+    runner.on_failure(lambda cause: (causes.append(cause), reported.set()))
+    try:
+        os.kill(runner.worker_pids[0], signal.SIGSTOP)
+        assert reported.wait(10), "no failure reported for a stopped worker"
+        assert "tp worker 0" in causes[0]
+        assert "no heartbeat" in causes[0]
+        with pytest.raises(TpWorkerError, match="no heartbeat"):
+            PlanDriver(runner).generate(PROMPTS[:1], max_new_tokens=1)
+    finally:
+        runner.shutdown()
