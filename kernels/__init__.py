@@ -1,23 +1,37 @@
-"""lorasrv_kernels: batched LoRA (SGMV) ops, as Triton kernels and as a plain-torch reference.
+"""lorasrv_kernels: batched LoRA (SGMV) ops, paged attention, KV store, RMSNorm and rotary, as
+Triton kernels and as plain-torch references.
 
 Imports torch and triton only, never lorasrv.
 """
 
 from __future__ import annotations
 
-from . import reference
+from . import attention_reference, reference
 from .batch_info import LoraBatchInfo, prepare_lora_batch_info
-from .lora_expand import sgmv_expand
+from .kv_store import store_kv
+from .lora_expand import expand_partials, sgmv_expand
 from .lora_ops import triton_lora_forward
-from .lora_shrink import sgmv_shrink
+from .lora_shrink import sgmv_shrink, shrink_partials
+from .norm_rope import apply_rotary, rms_norm
+from .paged_decode import paged_decode_attention, pick_num_splits
+from .paged_prefill import paged_prefill_attention
 from .reference import lora_forward
 
 __all__ = [
     "LoraBatchInfo",
+    "apply_rotary",
+    "attention_reference",
+    "expand_partials",
     "lora_forward",
+    "paged_decode_attention",
+    "paged_prefill_attention",
+    "pick_num_splits",
     "prepare_lora_batch_info",
     "reference",
+    "rms_norm",
     "sgmv_expand",
     "sgmv_shrink",
+    "shrink_partials",
+    "store_kv",
     "triton_lora_forward",
 ]

@@ -22,7 +22,7 @@ MAX_SLICES = 3
 @triton.jit
 def _sgmv_expand_kernel(
     # pointers
-    v_ptr,  # [num_tokens, num_slices * max_rank]
+    v_ptr,  # [NUM_PARTS, num_tokens, num_slices * max_rank], shrink partials
     b_ptr,  # [num_slots, out_total, max_rank]
     y_ptr,  # [num_tokens, out_total], updated in place
     seg_indptr_ptr,  # [num_segments + 1] int32
@@ -38,6 +38,7 @@ def _sgmv_expand_kernel(
     slice_off2,
     slice_off3,
     # strides
+    stride_vp,
     stride_vt,
     stride_vr,
     stride_bs,
@@ -49,6 +50,7 @@ def _sgmv_expand_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_R: tl.constexpr,
+    NUM_PARTS: tl.constexpr,
 ):
     # NOTE: a program's columns never cross a slice boundary: each slice reads its own
     # rank columns of v, so axis 1 is (slice, column block within the slice).
@@ -96,7 +98,12 @@ def _sgmv_expand_kernel(
     # Columns past `rank` are zero padding: stop at rank instead of max_rank.
     for r0 in range(0, rank, BLOCK_R):
         mask_r = (r0 + offs_r) < rank
-        v_tile = tl.load(v_ptrs + r0 * stride_vr, mask=mask_m[:, None] & mask_r[None, :], other=0.0)
+        mask_v = mask_m[:, None] & mask_r[None, :]
+        v_tile = tl.load(v_ptrs + r0 * stride_vr, mask=mask_v, other=0.0).to(tl.float32)
+        for part in range(1, NUM_PARTS):  # split-K partials, summed in a fixed order
+            v_tile += tl.load(v_ptrs + part * stride_vp + r0 * stride_vr, mask=mask_v, other=0.0)
+        # The shrink output is rounded to the adapter dtype once, as in the reference.
+        v_tile = v_tile.to(b_ptr.dtype.element_ty)
         b_tile = tl.load(b_ptrs + r0 * stride_br, mask=mask_r[:, None] & mask_n[None, :], other=0.0)
         acc += tl.dot(v_tile, b_tile)
 
@@ -138,14 +145,31 @@ def sgmv_expand(
         info: segment table (int32 seg_indptr/seg_slot/slot_rank, float32 slot_scaling).
         slice_offsets: num_slices + 1 host ints (num_slices <= 3), last one == out_total.
     """
+    assert v.dtype == b_stack.dtype, "v and b_stack must share a dtype"
+    expand_partials(v[None], b_stack, y, info, slice_offsets)
+
+
+def expand_partials(
+    parts: torch.Tensor,
+    b_stack: torch.Tensor,
+    y: torch.Tensor,
+    info: LoraBatchInfo,
+    slice_offsets: tuple[int, ...],
+) -> None:
+    """`sgmv_expand` of `v = parts.sum(0)` rounded to b_stack.dtype, the sum done in-kernel.
+
+    Args:
+        parts: [num_parts, num_tokens, num_slices * max_rank], the shrink's split-K partials
+            (`lora_shrink.shrink_partials`); b_stack.dtype when num_parts == 1, else float32.
+        b_stack, y, info, slice_offsets: as in `sgmv_expand`.
+    """
     num_slices = len(slice_offsets) - 1
     assert 1 <= num_slices <= MAX_SLICES, f"1..{MAX_SLICES} slices supported"
-    num_tokens, stacked_rank = v.shape
+    num_parts, num_tokens, stacked_rank = parts.shape
     _, out_total, max_rank = b_stack.shape
     assert stacked_rank == num_slices * max_rank, "v width must be num_slices * max_rank"
     assert y.shape == (num_tokens, out_total), "y must be [num_tokens, out_total]"
     assert slice_offsets[-1] <= out_total, "slice_offsets past out_total"
-    assert v.dtype == b_stack.dtype, "v and b_stack must share a dtype"
     num_segments = info.seg_slot.shape[0]
     widths = [slice_offsets[j + 1] - slice_offsets[j] for j in range(num_slices)]
     assert min(widths) >= 0, "slice_offsets must be non-decreasing"
@@ -160,10 +184,10 @@ def sgmv_expand(
 
     grid = (num_segments * num_m_blocks, num_slices * num_n_blocks)
     _sgmv_expand_kernel[grid](
-        v, b_stack, y, info.seg_indptr, info.seg_slot, info.slot_rank, info.slot_scaling,
+        parts, b_stack, y, info.seg_indptr, info.seg_slot, info.slot_rank, info.slot_scaling,
         max_rank, num_m_blocks, num_n_blocks, offs[0], offs[1], offs[2], offs[3],
-        v.stride(0), v.stride(1),
+        parts.stride(0), parts.stride(1), parts.stride(2),
         b_stack.stride(0), b_stack.stride(1), b_stack.stride(2),
         y.stride(0), y.stride(1),
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r, NUM_PARTS=num_parts,
     )  # fmt: skip

@@ -8,8 +8,8 @@ from __future__ import annotations
 import torch
 
 from .batch_info import LoraBatchInfo
-from .lora_expand import sgmv_expand
-from .lora_shrink import sgmv_shrink
+from .lora_expand import expand_partials
+from .lora_shrink import shrink_partials
 
 
 def triton_lora_forward(
@@ -20,7 +20,7 @@ def triton_lora_forward(
     info: LoraBatchInfo,
     slice_offsets: tuple[int, ...],
 ) -> None:
-    """Add the batched LoRA delta to y in place (two launches).
+    """Add the batched LoRA delta to y in place (two launches, no host sync: capturable).
 
     Semantics: `y[s[i]:s[i+1], off[j]:off[j+1]] += scale[slot[i]] *
     (x[s[i]:s[i+1]] @ A[slot[i], j*R:(j+1)*R].T) @ B[slot[i], off[j]:off[j+1]].T`,
@@ -34,5 +34,6 @@ def triton_lora_forward(
         info: segment table on x.device.
         slice_offsets: num_slices + 1 host ints (num_slices <= 3), last one == out_total.
     """
-    v = sgmv_shrink(x, a_stack, info, len(slice_offsets) - 1)  # [num_tokens, slices * rank]
-    sgmv_expand(v, b_stack, y, info, slice_offsets)
+    # [split_k, num_tokens, slices * rank]; the expand sums the split-K partials itself.
+    parts = shrink_partials(x, a_stack, info, len(slice_offsets) - 1, zero_fill=False)
+    expand_partials(parts, b_stack, y, info, slice_offsets)

@@ -25,7 +25,7 @@ def _sgmv_shrink_kernel(
     # pointers
     x_ptr,  # [num_tokens, in_features]
     a_ptr,  # [num_slots, num_slices * max_rank, in_features]
-    v_ptr,  # [num_tokens, num_slices * max_rank], x.dtype, or float32 when SPLIT_K > 1
+    v_ptr,  # [SPLIT_K, num_tokens, num_slices * max_rank], x.dtype, or float32 when SPLIT_K > 1
     seg_indptr_ptr,  # [num_segments + 1] int32
     seg_slot_ptr,  # [num_segments] int32
     slot_rank_ptr,  # [num_slots] int32
@@ -40,6 +40,7 @@ def _sgmv_shrink_kernel(
     stride_as,
     stride_ar,
     stride_ak,
+    stride_vs,
     stride_vt,
     stride_vr,
     # meta
@@ -91,12 +92,16 @@ def _sgmv_shrink_kernel(
         a_tile = tl.load(a_ptrs + k0 * stride_ak, mask=mask_k[:, None] & mask_r[None, :], other=0.0)
         acc += tl.dot(x_tile, a_tile)
 
-    v_ptrs = v_ptr + offs_m.to(tl.int64)[:, None] * stride_vt + a_rows[None, :] * stride_vr
+    # NOTE: each split writes its own partial (no atomics), so results are bitwise
+    # reproducible run to run, which CUDA-graph-vs-eager token identity relies on.
+    v_ptrs = (
+        v_ptr
+        + pid_k.to(tl.int64) * stride_vs
+        + offs_m.to(tl.int64)[:, None] * stride_vt
+        + a_rows[None, :] * stride_vr
+    )
     mask_v = mask_m[:, None] & mask_r[None, :]
-    if SPLIT_K == 1:
-        tl.store(v_ptrs, acc.to(v_ptr.dtype.element_ty), mask=mask_v)
-    else:
-        tl.atomic_add(v_ptrs, acc, mask=mask_v)
+    tl.store(v_ptrs, acc.to(v_ptr.dtype.element_ty), mask=mask_v)
 
 
 def _block_m(max_seg_len: int) -> int:
@@ -119,6 +124,54 @@ def _pick_split_k(num_programs: int, in_features: int, block_k: int) -> int:
     return split_k
 
 
+def shrink_partials(
+    x: torch.Tensor,
+    a_stack: torch.Tensor,
+    info: LoraBatchInfo,
+    num_slices: int,
+    *,
+    split_k: int | None = None,
+    zero_fill: bool = True,
+) -> torch.Tensor:
+    """The shrink's K-split partial sums, `[split_k, num_tokens, num_slices * max_rank]`.
+
+    x.dtype when split_k == 1, else float32 (summed over dim 0 in order by the consumer).
+    Only rows of active segments and columns below each rank are written; zero_fill=False
+    leaves the rest uninitialized (the fused expand never reads them).
+    """
+    num_tokens, in_features = x.shape
+    _, stacked_rank, a_in = a_stack.shape
+    assert a_in == in_features, "a_stack in_features must match x"
+    assert stacked_rank % num_slices == 0, "a_stack rows must be num_slices * max_rank"
+    assert a_stack.dtype == x.dtype, "x and a_stack must share a dtype"
+    max_rank = stacked_rank // num_slices
+    num_segments = info.seg_slot.shape[0]
+
+    block_m, block_r, block_k = _block_m(info.max_seg_len), _block_r(max_rank), 64
+    num_m_blocks = triton.cdiv(info.max_seg_len, block_m)
+    num_r_blocks = triton.cdiv(max_rank, block_r)
+    num_programs = num_segments * num_m_blocks * num_slices * num_r_blocks
+    if split_k is None:
+        split_k = _pick_split_k(num_programs, in_features, block_k)
+    assert split_k >= 1, "split_k must be positive"
+    out_dtype = x.dtype if split_k == 1 else torch.float32
+    alloc = torch.zeros if zero_fill else torch.empty
+    parts = alloc(split_k, num_tokens, stacked_rank, dtype=out_dtype, device=x.device)
+    if num_programs == 0 or num_tokens == 0:
+        return parts
+
+    grid = (num_segments * num_m_blocks, num_slices * num_r_blocks, split_k)
+    _sgmv_shrink_kernel[grid](
+        x, a_stack, parts, info.seg_indptr, info.seg_slot, info.slot_rank,
+        in_features, max_rank, num_m_blocks, num_r_blocks,
+        x.stride(0), x.stride(1),
+        a_stack.stride(0), a_stack.stride(1), a_stack.stride(2),
+        parts.stride(0), parts.stride(1), parts.stride(2),
+        BLOCK_M=block_m, BLOCK_R=block_r, BLOCK_K=block_k, SPLIT_K=split_k,
+    )  # fmt: skip
+    return parts
+
+
 def sgmv_shrink(
     x: torch.Tensor,
     a_stack: torch.Tensor,
@@ -137,39 +190,10 @@ def sgmv_shrink(
         a_stack: [num_slots, num_slices * max_rank, in_features], x.dtype.
         info: segment table (int32 seg_indptr/seg_slot/slot_rank on x.device).
         num_slices: 1 (o/down), 2 (gate/up) or 3 (q/k/v).
-        split_k: K splits (>= 1) summed with float32 atomics; None picks one from the grid.
+        split_k: K splits (>= 1), float32 partials summed after the launch; None picks one.
 
     Returns:
         v: [num_tokens, num_slices * max_rank] in x.dtype, accumulated in float32.
     """
-    num_tokens, in_features = x.shape
-    _, stacked_rank, a_in = a_stack.shape
-    assert a_in == in_features, "a_stack in_features must match x"
-    assert stacked_rank % num_slices == 0, "a_stack rows must be num_slices * max_rank"
-    assert a_stack.dtype == x.dtype, "x and a_stack must share a dtype"
-    max_rank = stacked_rank // num_slices
-    num_segments = info.seg_slot.shape[0]
-
-    block_m, block_r, block_k = _block_m(info.max_seg_len), _block_r(max_rank), 64
-    num_m_blocks = triton.cdiv(info.max_seg_len, block_m)
-    num_r_blocks = triton.cdiv(max_rank, block_r)
-    num_programs = num_segments * num_m_blocks * num_slices * num_r_blocks
-    if split_k is None:
-        split_k = _pick_split_k(num_programs, in_features, block_k)
-    assert split_k >= 1, "split_k must be positive"
-    # fp32 partial sums need atomics into an fp32 buffer; fp32 inputs can use v directly.
-    out_dtype = x.dtype if split_k == 1 else torch.float32
-    v = torch.zeros(num_tokens, stacked_rank, dtype=out_dtype, device=x.device)
-    if num_programs == 0 or num_tokens == 0:
-        return v.to(x.dtype)
-
-    grid = (num_segments * num_m_blocks, num_slices * num_r_blocks, split_k)
-    _sgmv_shrink_kernel[grid](
-        x, a_stack, v, info.seg_indptr, info.seg_slot, info.slot_rank,
-        in_features, max_rank, num_m_blocks, num_r_blocks,
-        x.stride(0), x.stride(1),
-        a_stack.stride(0), a_stack.stride(1), a_stack.stride(2),
-        v.stride(0), v.stride(1),
-        BLOCK_M=block_m, BLOCK_R=block_r, BLOCK_K=block_k, SPLIT_K=split_k,
-    )  # fmt: skip
-    return v.to(x.dtype)
+    parts = shrink_partials(x, a_stack, info, num_slices, split_k=split_k)
+    return parts[0] if parts.shape[0] == 1 else parts.sum(0).to(x.dtype)

@@ -107,3 +107,17 @@ def lora_forward(
     """
     v = sgmv_shrink(x, a_stack, info, len(slice_offsets) - 1)
     sgmv_expand(v, b_stack, y, info, slice_offsets)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Reference RMSNorm (HF's LlamaRMSNorm): normalize in float32, round to x.dtype, scale."""
+    x32 = x.float()
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x32.to(x.dtype)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Reference rotary embedding: x `[tokens, heads, head_dim]`, cos/sin `[tokens, head_dim]`."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos[:, None, :] + rotated * sin[:, None, :]

@@ -5,6 +5,8 @@ event loop never blocks on the GPU; the only engine module that imports `lorasrv
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import logging
 import time
 from collections.abc import Callable
@@ -56,6 +58,23 @@ class GpuRunnerActor(Actor[RunnerInbox]):
         return await loop.run_in_executor(self._executor, self._runner.ready)
 
     async def run(self) -> None:
+        # A tensor-parallel runner also reports a failed worker while no step runs.
+        on_failure = getattr(self.runner, "on_failure", None)
+        if on_failure is None:
+            await self._serve()
+            return
+        serve = asyncio.ensure_future(self._serve())
+        failed = asyncio.ensure_future(_reported_failure(on_failure))
+        try:
+            await asyncio.wait((serve, failed), return_when=asyncio.FIRST_COMPLETED)
+            for task in (failed, serve):
+                if task.done():
+                    task.result()  # raises: the engine's supervisor stops everything
+        finally:
+            serve.cancel()
+            failed.cancel()
+
+    async def _serve(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
             batch = [await self.inbox.get()]
@@ -108,13 +127,19 @@ class GpuRunnerActor(Actor[RunnerInbox]):
 def model_runner_factory(
     config: ServerConfig, model_path: str, pool: LoraPoolSpec
 ) -> Callable[[], StepRunner]:
-    """The real runner: lorasrv.model.runner.ModelRunner, built on the runner thread."""
+    """The real runner, built on the runner thread: lorasrv.model.runner.ModelRunner, or
+    lorasrv.tp.runner.TpRunner with --tp-size > 1."""
 
     def build() -> StepRunner:
         from lorasrv.model.runner import ModelRunner
 
         model, cache = config.model, config.cache
-        runner: StepRunner = ModelRunner(
+        make: Callable[..., StepRunner] = ModelRunner
+        if model.tp_size > 1:
+            from lorasrv.tp.runner import TpRunner  # same keywords; one process per rank
+
+            make = functools.partial(TpRunner, tp_size=model.tp_size)
+        runner: StepRunner = make(
             model_path=model_path,
             dtype=model.dtype,
             device=model.device,
@@ -135,6 +160,24 @@ def model_runner_factory(
         return runner
 
     return build
+
+
+async def _reported_failure(on_failure: Callable[[Callable[[str], None]], None]) -> None:
+    """Raises once the runner reports a failure (from one of its own threads)."""
+    loop = asyncio.get_running_loop()
+    cause: asyncio.Future[str] = loop.create_future()
+
+    def report(reason: str) -> None:
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody left to tell
+            loop.call_soon_threadsafe(_resolve, cause, reason)
+
+    on_failure(report)
+    raise RuntimeError(f"model runner failed: {await cause}")
+
+
+def _resolve(future: asyncio.Future[str], value: str) -> None:
+    if not future.done():
+        future.set_result(value)
 
 
 def adapter_loader_for(runner: StepRunner) -> Callable[[str], object]:

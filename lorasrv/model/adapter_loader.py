@@ -49,8 +49,13 @@ def load_adapter(
     target_modules: tuple[str, ...],
     allow_pickle: bool = False,
     dtype: torch.dtype = torch.float32,
+    pin_memory: bool | None = None,
 ) -> AdapterWeights:
-    """Read and check one PEFT folder; AdapterLoadError says what is refused, which flag helps."""
+    """Read and check one PEFT folder; AdapterLoadError says what is refused, which flag helps.
+
+    `pin_memory`: None = when CUDA exists (pinning creates a CUDA context; TP's coordinator
+    process, which never copies to a device, passes False).
+    """
     config = read_peft_config(path)
     _check_added_tokens(path, arch)
     pairs = _collect_pairs(_read_tensors(path, allow_pickle), path, arch, target_modules)
@@ -64,7 +69,7 @@ def load_adapter(
     return AdapterWeights(
         rank=rank,
         scaling=slot_scaling,
-        modules=_pool_layout(pairs, config, arch, rank, slot_scaling, dtype),
+        modules=_pool_layout(pairs, config, arch, rank, slot_scaling, dtype, pin_memory),
         target_modules=tuple(m for m in SUPPORTED_LORA_MODULES if any(m == n for _, n in pairs)),
         dtype=dtype,
     )
@@ -172,6 +177,7 @@ def _pool_layout(
     rank: int,
     slot_scaling: float,
     dtype: torch.dtype,
+    pin_memory: bool | None,
 ) -> dict[tuple[int, str], LoraModuleWeights]:
     """Stack each (layer, pool module) into A `[slices*rank, in]`, B `[out, rank]`.
 
@@ -183,9 +189,9 @@ def _pool_layout(
         (shapes[m].num_slices * rank * shapes[m].in_features, shapes[m].out_features * rank)
         for _, m in present
     ]
-    buffer = torch.zeros(
-        sum(a + b for a, b in sizes), dtype=dtype, pin_memory=torch.cuda.is_available()
-    )
+    if pin_memory is None:
+        pin_memory = torch.cuda.is_available()
+    buffer = torch.zeros(sum(a + b for a, b in sizes), dtype=dtype, pin_memory=pin_memory)
     modules: dict[tuple[int, str], LoraModuleWeights] = {}
     offset = 0
     for (layer, pool_module), (a_numel, b_numel) in zip(present, sizes, strict=True):

@@ -1,13 +1,14 @@
 """Paged KV cache and attention: the cache layout, storing new K/V, and the attention backends.
 
-The reference backend gathers each row's pages into a padded batch for SDPA; Triton kernels plug
-in behind `AttentionBackend` later. Never reads the StepPlan: metadata arrives as device tensors.
+The reference backend gathers each row's pages into a padded batch for SDPA (CPU, tests); the
+Triton backend reads pages in place (CUDA). Never reads the StepPlan: metadata arrives as tensors.
 """
 
 from __future__ import annotations
 
 from typing import NamedTuple, Protocol
 
+import lorasrv_kernels
 import torch
 import torch.nn.functional as F
 
@@ -44,58 +45,77 @@ class KvCache:
         return 2 * num_layers * page_size * num_kv_heads * head_dim * element_size
 
 
-class AttentionMetadata(NamedTuple):
-    """Device tensors describing one step's rows; built once per step, shared by all layers."""
+class DenseIndex(NamedTuple):
+    """What the reference backend gathers with; the kernel backend never builds it."""
 
-    positions: torch.Tensor  # [num_tokens] int64, position of each new token in its sequence
-    slot_mapping: torch.Tensor  # [num_tokens] int64, flat KV index: page * page_size + offset
     token_to_padded: torch.Tensor  # [num_tokens] int64, index into [num_rows * max_query_len]
     kv_index: torch.Tensor  # [num_rows, max_kv_len] int64, flat KV index of each context token
     mask: torch.Tensor  # [num_rows, 1, max_query_len, max_kv_len] bool, True = attend
+
+
+class AttentionMetadata(NamedTuple):
+    """Device tensors describing one step's rows; built once per step, shared by all layers."""
+
+    positions: torch.Tensor  # [num_tokens] int32/int64, position of each new token in its seq
+    slot_mapping: torch.Tensor  # [num_tokens] int32/int64, page * page_size + offset; -1 = skip
+    block_tables: torch.Tensor  # [num_rows, max_pages] int32, pages per row (padding unread)
+    query_start: torch.Tensor  # [num_rows + 1] int32, token offset of each row's new tokens
+    kv_lens: torch.Tensor  # [num_rows] int32, cached + new tokens per row
     num_rows: int
     max_query_len: int
+    max_kv_len: int  # host upper bound of kv_lens
+    dense: DenseIndex | None  # reference backend only (None when kernels run attention)
 
 
 def prepare_attention_metadata(
     query_lens: torch.Tensor,
     context_lens: torch.Tensor,
     block_tables: torch.Tensor,
+    query_start: torch.Tensor,
+    kv_lens: torch.Tensor,
     *,
     num_tokens: int,
     max_query_len: int,
     max_kv_len: int,
     page_size: int,
+    dense: bool = True,
 ) -> AttentionMetadata:
     """Vectorized per-token and per-row indices from per-row lengths (all on one device).
 
     Args:
-        query_lens, context_lens: [num_rows] int, new tokens and cached tokens per row.
-        block_tables: [num_rows, >= ceil(max_kv_len / page_size)] int, padded with any page id.
+        query_lens, context_lens, kv_lens: [num_rows] int32, new, cached and total tokens per row.
+        block_tables: [num_rows, >= ceil(max_kv_len / page_size)] int32, padded with any page id.
+        query_start: [num_rows + 1] int32, cumulative query_lens.
+        dense: also build the reference backend's gather indices and mask.
     """
     device = query_lens.device
     num_rows = query_lens.shape[0]
-    query_lens, context_lens = query_lens.long(), context_lens.long()
+    q_lens, c_lens = query_lens.long(), context_lens.long()
     tables = block_tables.long()
     rows = torch.arange(num_rows, device=device)
-    row_of_token = torch.repeat_interleave(rows, query_lens, output_size=num_tokens)  # [T]
-    query_start = torch.cumsum(query_lens, 0) - query_lens  # [num_rows]
-    j_of_token = torch.arange(num_tokens, device=device) - query_start[row_of_token]  # [T]
-    positions = context_lens[row_of_token] + j_of_token  # [T]
+    row_of_token = torch.repeat_interleave(rows, q_lens, output_size=num_tokens)  # [T]
+    j_of_token = torch.arange(num_tokens, device=device) - query_start.long()[row_of_token]  # [T]
+    positions = c_lens[row_of_token] + j_of_token  # [T]
     slot_mapping = tables[row_of_token, positions // page_size] * page_size + positions % page_size
-    kv = torch.arange(max_kv_len, device=device)  # [max_kv_len]
-    kv_index = tables[:, kv // page_size] * page_size + kv % page_size  # [num_rows, max_kv_len]
-    # Padding query slots copy the row's last real query so no mask row is empty (NaN-free).
-    jq = torch.arange(max_query_len, device=device)[None, :]  # [1, max_q]
-    last_visible = context_lens[:, None] + torch.minimum(jq, query_lens[:, None] - 1)  # [R, max_q]
-    mask = kv[None, None, :] <= last_visible[:, :, None]  # [R, max_q, max_kv]; causal
+    index = None
+    if dense:
+        kv = torch.arange(max_kv_len, device=device)  # [max_kv_len]
+        kv_index = tables[:, kv // page_size] * page_size + kv % page_size  # [R, max_kv_len]
+        # Padding query slots copy the row's last real query so no mask row is empty (NaN-free).
+        jq = torch.arange(max_query_len, device=device)[None, :]  # [1, max_q]
+        last_visible = c_lens[:, None] + torch.minimum(jq, q_lens[:, None] - 1)  # [R, max_q]
+        mask = kv[None, None, :] <= last_visible[:, :, None]  # [R, max_q, max_kv]; causal
+        index = DenseIndex(row_of_token * max_query_len + j_of_token, kv_index, mask[:, None])
     return AttentionMetadata(
         positions=positions,
         slot_mapping=slot_mapping,
-        token_to_padded=row_of_token * max_query_len + j_of_token,
-        kv_index=kv_index,
-        mask=mask[:, None],
+        block_tables=block_tables,
+        query_start=query_start,
+        kv_lens=kv_lens,
         num_rows=num_rows,
         max_query_len=max_query_len,
+        max_kv_len=max_kv_len,
+        dense=index,
     )
 
 
@@ -106,10 +126,21 @@ def store_kv(
     v_cache: torch.Tensor,
     slot_mapping: torch.Tensor,
 ) -> None:
-    """Write the new tokens' K/V `[num_tokens, num_kv_heads, head_dim]` into their pages."""
+    """Write the new tokens' K/V `[num_tokens, num_kv_heads, head_dim]` into their pages.
+
+    Slots < 0 (padding rows of a decode bucket) write nothing. CUDA: one Triton launch, no sync;
+    elsewhere index_copy_ of the real rows.
+    """
+    if k.is_cuda:
+        lorasrv_kernels.store_kv(k, v, k_cache, v_cache, slot_mapping)
+        return
+    slots = slot_mapping.long()
+    keep = slots >= 0
+    if not bool(keep.all()):  # a host check: this path never runs on a GPU
+        slots, k, v = slots[keep], k[keep], v[keep]
     num_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
-    k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, k)
-    v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, v)
+    k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slots, k)
+    v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slots, v)
 
 
 class AttentionBackend(Protocol):
@@ -145,19 +176,69 @@ class ReferenceAttention:
     ) -> torch.Tensor:
         _, num_heads, head_dim = q.shape
         num_rows, max_q = metadata.num_rows, metadata.max_query_len
+        index = metadata.dense
+        assert index is not None, (
+            "ReferenceAttention needs dense metadata (StepPreparer dense=True)"
+        )
         num_kv_heads = k_cache.shape[2]
         q_padded = q.new_zeros(num_rows * max_q, num_heads, head_dim)
-        q_padded[metadata.token_to_padded] = q
+        q_padded[index.token_to_padded] = q
         q_padded = q_padded.view(num_rows, max_q, num_heads, head_dim).transpose(1, 2)
-        k = k_cache.view(-1, num_kv_heads, head_dim)[metadata.kv_index]  # [R, max_kv, kv_h, d]
-        v = v_cache.view(-1, num_kv_heads, head_dim)[metadata.kv_index]
+        k = k_cache.view(-1, num_kv_heads, head_dim)[index.kv_index]  # [R, max_kv, kv_h, d]
+        v = v_cache.view(-1, num_kv_heads, head_dim)[index.kv_index]
         out = F.scaled_dot_product_attention(
             q_padded,  # [R, num_heads, max_q, head_dim]
             k.transpose(1, 2),  # [R, num_kv_heads, max_kv, head_dim]
             v.transpose(1, 2),
-            attn_mask=metadata.mask,
+            attn_mask=index.mask,
             scale=self.scale,
             enable_gqa=num_kv_heads != num_heads,
         )  # [R, num_heads, max_q, head_dim]
         out = out.transpose(1, 2).reshape(num_rows * max_q, num_heads, head_dim)
-        return out[metadata.token_to_padded]  # [num_tokens, num_heads, head_dim]
+        return out[index.token_to_padded]  # [num_tokens, num_heads, head_dim]
+
+
+class TritonAttention:
+    """Paged attention kernels on the pages in place: the decode kernel when every row has one
+    new token, the prefill kernel otherwise (mixed steps included). Syncs nothing: capturable."""
+
+    def __init__(self, *, scale: float) -> None:
+        self.scale = scale
+
+    def forward(
+        self,
+        q: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        metadata: AttentionMetadata,
+    ) -> torch.Tensor:
+        if metadata.max_query_len == 1:
+            # NOTE: splits depend on host values fixed per CUDA-graph bucket only, so a replay
+            # and an eager run of the same bucket compute identically.
+            num_splits = lorasrv_kernels.pick_num_splits(
+                metadata.num_rows, k_cache.shape[2], metadata.max_kv_len
+            )
+            return lorasrv_kernels.paged_decode_attention(
+                q, k_cache, v_cache, metadata.block_tables, metadata.kv_lens, self.scale,
+                num_splits=num_splits,
+            )  # fmt: skip
+        return lorasrv_kernels.paged_prefill_attention(
+            q, k_cache, v_cache, metadata.block_tables, metadata.query_start, metadata.kv_lens,
+            metadata.max_query_len, self.scale,
+        )  # fmt: skip
+
+
+def make_attention(backend: str, *, scale: float, device: torch.device) -> AttentionBackend:
+    """ "auto" = Triton kernels on CUDA, the reference elsewhere; "triton" | "reference" force."""
+    if backend == "auto":
+        backend = "triton" if device.type == "cuda" else "reference"
+    if backend == "triton":
+        return TritonAttention(scale=scale)
+    if backend == "reference":
+        return ReferenceAttention(scale=scale)
+    raise ValueError(f"attention backend {backend!r} not supported; use auto, triton or reference")
+
+
+def needs_dense_metadata(attention: AttentionBackend) -> bool:
+    """Whether the step preparer must build `DenseIndex` (every backend but the kernels)."""
+    return not isinstance(attention, TritonAttention)

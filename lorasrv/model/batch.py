@@ -29,10 +29,13 @@ class StepBatch(NamedTuple):
 class StepPreparer:
     """Builds StepBatches; keeps one pinned staging buffer so uploads need no fresh pinning."""
 
-    def __init__(self, *, page_size: int, num_pages: int, device: torch.device) -> None:
+    def __init__(
+        self, *, page_size: int, num_pages: int, device: torch.device, dense_metadata: bool = True
+    ) -> None:
         self.page_size = page_size
         self.num_pages = num_pages
         self.device = device
+        self.dense_metadata = dense_metadata  # the reference attention's gather indices
         self._staging = torch.empty(0, dtype=torch.int32)
         self._upload_done: torch.cuda.Event | None = None  # the last copy out of _staging
 
@@ -54,7 +57,7 @@ class StepPreparer:
         sample_index = cu_query[1:][sampled] - 1  # [S]
         seg_indptr, seg_slot, max_seg_len = _lora_segments(plan, cu_query)
         parts = [torch.tensor(plan.input_ids, dtype=torch.int32), query_lens, context_lens]
-        parts += [sample_index, tables.view(-1)]
+        parts += [sample_index, tables.view(-1), cu_query, kv_lens]
         if seg_indptr is not None and seg_slot is not None:
             parts += [seg_indptr, seg_slot]
         views = self._upload(parts)
@@ -62,10 +65,13 @@ class StepPreparer:
             views[1],
             views[2],
             views[4].view(num_rows, -1),
+            views[5],
+            views[6],
             num_tokens=num_tokens,
             max_query_len=max_query_len,
             max_kv_len=max_kv_len,
             page_size=self.page_size,
+            dense=self.dense_metadata,
         )
         has_lora = seg_indptr is not None
         return StepBatch(
@@ -73,8 +79,8 @@ class StepPreparer:
             metadata=metadata,
             sample_index=views[3].long(),
             sampled_seq_ids=list(itertools.compress(plan.seq_ids, plan.sample_rows)),
-            seg_indptr=views[5] if has_lora else None,
-            seg_slot=views[6] if has_lora else None,
+            seg_indptr=views[7] if has_lora else None,
+            seg_slot=views[8] if has_lora else None,
             max_seg_len=max_seg_len,
         )
 

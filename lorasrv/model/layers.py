@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 from typing import NamedTuple, Protocol
 
+import lorasrv_kernels
 import torch
 import torch.nn.functional as F
 from lorasrv_kernels import LoraBatchInfo
@@ -37,7 +38,13 @@ class LoraStep(NamedTuple):
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """HF's LlamaRMSNorm: normalize in float32, round to x.dtype, then scale."""
+    """HF's LlamaRMSNorm: normalize in float32, round to x.dtype, then scale.
+
+    CUDA: one Triton launch with the same roundings (torch's version is ~6 kernels per call,
+    which dominates a CUDA-graph decode step of small batches).
+    """
+    if x.is_cuda and weight.dtype == x.dtype:
+        return lorasrv_kernels.rms_norm(x, weight, eps)
     x32 = x.float()
     x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
     return weight * x32.to(x.dtype)
@@ -85,7 +92,12 @@ class Rotary:
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x `[num_tokens, num_heads, head_dim]`; cos/sin `[num_tokens, head_dim]`."""
+    """x `[num_tokens, num_heads, head_dim]`; cos/sin `[num_tokens, head_dim]`.
+
+    CUDA: one Triton launch, bitwise equal to the torch formula below.
+    """
+    if x.is_cuda and x.stride(-1) == 1 and cos.dtype == sin.dtype == x.dtype:
+        return lorasrv_kernels.apply_rotary(x, cos, sin)
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return x * cos[:, None, :] + rotated * sin[:, None, :]

@@ -143,7 +143,7 @@ class LlamaModel:
         Returns:
             logits: [num_sampled, vocab] float32.
         """
-        hidden = F.embedding(input_ids, self.embed_tokens)  # [num_tokens, hidden]
+        hidden = self.embed(input_ids)  # [num_tokens, hidden]
         cos_sin = self.rotary.cos_sin(metadata.positions, hidden.dtype)
         for i, layer in enumerate(self.layers):
             hidden = layer.forward(
@@ -151,5 +151,13 @@ class LlamaModel:
             )
         # RMSNorm is per token, so normalizing only the sampled rows gives the same values.
         last = rms_norm(hidden[sample_index], self.norm, self.arch.rms_norm_eps)
+        return self.head(last)  # [num_sampled, vocab]
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """[num_tokens] -> [num_tokens, hidden]; parallel.TpLlamaModel splits it by vocab."""
+        return F.embedding(input_ids, self.embed_tokens)
+
+    def head(self, last: torch.Tensor) -> torch.Tensor:
+        """[num_sampled, hidden] -> logits [num_sampled, vocab] float32."""
         # The head runs in the model dtype, as in HF, so greedy picks match it; then float32.
-        return F.linear(last, self.lm_head).float()  # [num_sampled, vocab]
+        return F.linear(last, self.lm_head).float()

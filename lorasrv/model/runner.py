@@ -5,12 +5,14 @@ Runs on the GPU runner's one thread; every method may block. Never imports async
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
+from lorasrv_kernels import triton_lora_forward
 
 from lorasrv.hub import resolve_path
 from lorasrv.ids import AdapterId, SeqId, SlotId
@@ -18,14 +20,17 @@ from lorasrv.messages import RunnerReady, StepPlan, TokenLogprob
 from lorasrv.model import setup
 from lorasrv.model.adapter_loader import load_adapter
 from lorasrv.model.arch import ModelArch, read_arch
-from lorasrv.model.attention import KvCache, ReferenceAttention
+from lorasrv.model.attention import KvCache, make_attention, needs_dense_metadata
 from lorasrv.model.batch import StepPreparer
+from lorasrv.model.cuda_graphs import DecodeRunner
 from lorasrv.model.layers import LoraStep
 from lorasrv.model.llama import LlamaModel
 from lorasrv.model.loader import load_model_weights
 from lorasrv.model.lora_layout import AdapterWeights
 from lorasrv.model.lora_pool import LoraPool
+from lorasrv.model.parallel import TpGroup, TpLlamaModel
 from lorasrv.model.sampler import Sampler
+from lorasrv.model.sharding import load_sharded_weights, shard_arch
 
 logger = logging.getLogger(__name__)
 
@@ -58,10 +63,13 @@ class ModelRunner:
         lora_num_slots: int = 0,
         lora_max_rank: int = 0,
         lora_target_modules: tuple[str, ...] = (),
-        lora_backend: str = "torch",
+        lora_backend: str = "auto",
         seed: int = 0,
         enable_cuda_graph: bool = False,
         allow_pickle: bool = False,
+        tp: TpGroup | None = None,
+        attention_backend: str = "auto",
+        cuda_graph_max_batch_size: int = 256,
     ) -> None:
         started = time.monotonic()
         torch.manual_seed(seed)
@@ -69,37 +77,45 @@ class ModelRunner:
         patterns = [*_MODEL_FILES, "*.bin"] if allow_pickle else _MODEL_FILES
         self.model_path = resolve_path(model_path, revision=revision, allow_patterns=patterns)
         self.arch: ModelArch = read_arch(self.model_path)
+        # Tensor parallel (one process per rank): this rank's heads, KV heads and MLP width.
+        self.tp = tp
+        self.shard_arch = shard_arch(self.arch, tp.shard) if tp is not None else self.arch
         self.dtype = setup.resolve_dtype(dtype, self.arch, self.device)
         self.allow_pickle = allow_pickle
         self.page_size = page_size
         self.context_length = setup.context_length(self.arch, context_length)
-        if enable_cuda_graph:
-            logger.info("enable_cuda_graph is accepted but not implemented yet; running eagerly")
+        self.attention_backend = attention_backend
         self.model = self._load_model()
         self.lora_target_modules = setup.lora_target_modules(lora_target_modules)
         self.lora_max_rank = lora_max_rank
         self.lora_op = setup.lora_op(lora_backend, self.device)
         self.pool = self._make_pool(lora_num_slots) if lora_num_slots > 0 else None
         self.num_kv_pages = num_kv_pages or setup.count_kv_pages(
-            self.arch,
+            self.shard_arch,
             page_size=page_size,
             dtype=self.dtype,
             device=self.device,
             kv_cache_bytes=kv_cache_bytes,
             mem_fraction_static=mem_fraction_static,
         )
+        if tp is not None:  # NOTE: the scheduler's page ids must be valid on every rank
+            self.num_kv_pages = tp.min_int(self.num_kv_pages)
         self.kv_cache = KvCache(
             num_layers=self.arch.num_layers,
             num_pages=self.num_kv_pages,
             page_size=page_size,
-            num_kv_heads=self.arch.num_kv_heads,
+            num_kv_heads=self.shard_arch.num_kv_heads,
             head_dim=self.arch.head_dim,
             dtype=self.dtype,
             device=self.device,
         )
         self.preparer = StepPreparer(
-            page_size=page_size, num_pages=self.num_kv_pages, device=self.device
+            page_size=page_size,
+            num_pages=self.num_kv_pages,
+            device=self.device,
+            dense_metadata=needs_dense_metadata(self.model.attention),
         )
+        self.decode = self._make_decode_runner(enable_cuda_graph, cuda_graph_max_batch_size)
         self.sampler = Sampler(self.arch.vocab_size, self.device, seed=seed)
         logger.info(
             "model %s (%s) on %s in %s: %d KV pages of %d tokens, %d LoRA slots, %.1fs",
@@ -137,8 +153,8 @@ class ModelRunner:
         if not plan.seq_ids:
             return StepResult([], [], [])
         logits, seq_ids = self._forward(plan)
-        if not seq_ids:
-            return StepResult([], [], [])
+        if not seq_ids or (self.tp is not None and self.tp.rank != 0):
+            return StepResult([], [], [])  # with TP, rank 0 alone samples (logits are gathered)
         result = self.sampler.sample(logits, seq_ids)
         return StepResult(result.token_ids, result.logprobs, result.top_logprobs)
 
@@ -159,6 +175,7 @@ class ModelRunner:
 
     def shutdown(self) -> None:
         self.pool = None
+        self.decode = None  # its graphs hold their memory pool
         del self.kv_cache, self.model
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
@@ -184,6 +201,8 @@ class ModelRunner:
 
     @torch.inference_mode()
     def _forward(self, plan: StepPlan) -> tuple[torch.Tensor, list[SeqId]]:
+        if self.decode is not None and self.decode.can_run(plan):
+            return self.decode.run(plan), list(plan.seq_ids)
         batch = self.preparer.prepare(plan)
         lora = None
         if self.pool is not None and batch.seg_indptr is not None and batch.seg_slot is not None:
@@ -197,20 +216,55 @@ class ModelRunner:
         return logits, batch.sampled_seq_ids
 
     def _load_model(self) -> LlamaModel:
-        weights = load_model_weights(
+        load: Callable[..., dict[str, torch.Tensor]] = load_model_weights
+        if self.tp is not None:  # only this rank's part of each tensor reaches the device
+            load = functools.partial(load_sharded_weights, shard=self.tp.shard)
+        weights = load(
             self.model_path,
             self.arch,
             dtype=self.dtype,
             device=self.device,
             allow_pickle=self.allow_pickle,
         )
-        # The reference path on every device for now; a Triton backend plugs in here later.
-        attention = ReferenceAttention(scale=self.arch.head_dim**-0.5)
+        attention = make_attention(
+            self.attention_backend, scale=self.arch.head_dim**-0.5, device=self.device
+        )
+        if self.tp is not None:
+            return TpLlamaModel(
+                self.arch, weights, attention=attention, device=self.device, tp=self.tp
+            )
         return LlamaModel(self.arch, weights, attention=attention, device=self.device)
+
+    def _make_decode_runner(self, use_graphs: bool, max_batch_size: int) -> DecodeRunner | None:
+        """Static-buffer decode (graphs on CUDA when enabled) when attention and LoRA can run it:
+        kernel attention, Triton LoRA, no TP."""
+        reason = None
+        if needs_dense_metadata(self.model.attention):
+            reason = "the reference attention backend"
+        elif self.tp is not None:
+            reason = "tensor parallelism"
+        elif self.pool is not None and self.lora_op is not triton_lora_forward:
+            reason = "the torch LoRA backend (it reads segments back to the host)"
+        if reason is not None:
+            if use_graphs and self.device.type == "cuda":
+                logger.info("CUDA graphs off: not available with %s", reason)
+            return None
+        decode = DecodeRunner(
+            model=self.model,
+            kv_cache=self.kv_cache,
+            pool=self.pool,
+            lora_op=self.lora_op,
+            max_batch_size=max_batch_size,
+            max_pages_per_seq=min(-(-self.context_length // self.page_size), self.num_kv_pages),
+            device=self.device,
+        )
+        if use_graphs and self.device.type == "cuda":
+            decode.capture()
+        return decode
 
     def _make_pool(self, num_slots: int) -> LoraPool:
         pool = LoraPool(
-            self.arch,
+            self.shard_arch,
             num_slots=num_slots,
             max_rank=self.lora_max_rank,
             target_modules=self.lora_target_modules,

@@ -50,27 +50,34 @@ def test_pure_engine_modules_import_no_asyncio_or_torch(name: str) -> None:
 
 
 def test_only_gpu_runner_imports_the_model() -> None:
+    """`lorasrv.tp` (tensor-parallel workers) counts as part of the model."""
     for path in files("lorasrv"):
-        if path.parent.name == "model" or path.name == "demo.py":
+        if path.parent.name in ("model", "tp") or path.name == "demo.py":
             continue
-        uses_model = any(m.startswith("lorasrv.model") for m in imports_of(path))
+        uses_model = any(m.startswith(("lorasrv.model", "lorasrv.tp")) for m in imports_of(path))
         if uses_model:
             assert path.relative_to(ROOT).as_posix() == "lorasrv/engine/gpu_runner.py", path
 
 
 def test_model_imports_neither_asyncio_nor_the_engine() -> None:
-    for path in files("lorasrv/model"):
+    for path in [*files("lorasrv/model"), *files("lorasrv/tp")]:
         for module in imports_of(path):
             assert module != "asyncio", path
             engine_ok = module == "lorasrv.engine.step_runner"
             assert engine_ok or not module.startswith("lorasrv.engine"), f"{path}: {module}"
 
 
+def test_model_never_imports_tp() -> None:
+    """The dependency runs one way: tp workers build the model, the model knows no processes."""
+    for path in files("lorasrv/model"):
+        assert not any(m.startswith("lorasrv.tp") for m in imports_of(path)), path
+
+
 def test_http_never_imports_torch_or_the_model() -> None:
     for path in files("lorasrv/http"):
         for module in imports_of(path):
             assert module.split(".")[0] not in {"torch", "triton"}, f"{path}: {module}"
-            assert not module.startswith("lorasrv.model"), f"{path}: {module}"
+            assert not module.startswith(("lorasrv.model", "lorasrv.tp")), f"{path}: {module}"
 
 
 def test_kernels_never_import_lorasrv() -> None:

@@ -1,0 +1,249 @@
+"""Decode steps on static buffers, bucketed by batch size and replayed as CUDA graphs.
+
+Owns the static inputs, the per-bucket graphs and their shared memory pool; prefill and mixed
+steps never come here. A bucket runs the same kernels replayed or eager, so outputs match.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+
+import torch
+from lorasrv_kernels import LoraBatchInfo
+
+from lorasrv.messages import StepPlan
+from lorasrv.model.attention import AttentionMetadata, KvCache
+from lorasrv.model.layers import LoraOp, LoraStep
+from lorasrv.model.llama import LlamaModel
+from lorasrv.model.lora_pool import LoraPool
+
+logger = logging.getLogger(__name__)
+
+BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 256)
+
+
+def is_decode_plan(plan: StepPlan) -> bool:
+    """Every row feeds one token and samples one (the only steps graphs serve)."""
+    return bool(plan.seq_ids) and all(n == 1 for n in plan.query_lens) and all(plan.sample_rows)
+
+
+def buckets_up_to(max_batch_size: int) -> tuple[int, ...]:
+    return tuple(sorted({b for b in BUCKETS if b < max_batch_size} | {max_batch_size}))
+
+
+def lora_runs(slots: Sequence[int]) -> tuple[list[int], list[int]]:
+    """Runs of equal consecutive slots -> (row offsets, length runs + 1; slot of each run)."""
+    indptr: list[int] = [0]
+    run_slots: list[int] = []
+    for row, slot in enumerate(slots):
+        if not run_slots or slot != run_slots[-1]:
+            if run_slots:
+                indptr.append(row)
+            run_slots.append(slot)
+    indptr.append(len(slots))
+    return indptr, run_slots
+
+
+class DecodeRunner:
+    """Runs decode plans of up to `max_batch_size` rows on static buffers.
+
+    A plan of n rows runs in the smallest bucket b >= n; rows n..b-1 are padding (token 0,
+    one context token, slot -1 so they store no K/V, no LoRA segment). LoRA segments are padded
+    to `min(b, num_slots + 1)` with empty base segments and sized for `max_seg_len = b`, so one
+    graph serves any adapter mix and rank. Two graphs per bucket: with and without LoRA kernels.
+    """
+
+    def __init__(
+        self,
+        *,
+        model: LlamaModel,
+        kv_cache: KvCache,
+        pool: LoraPool | None,
+        lora_op: LoraOp,
+        max_batch_size: int,
+        max_pages_per_seq: int,
+        device: torch.device,
+    ) -> None:
+        self.model, self.kv_cache, self.pool, self.lora_op = model, kv_cache, pool, lora_op
+        self.device = device
+        self.page_size = kv_cache.page_size
+        self.num_pages = kv_cache.num_pages
+        self.buckets = buckets_up_to(max_batch_size)
+        self.max_pages = max_pages_per_seq
+        b_max = self.buckets[-1]
+        self.max_segments = min(b_max, pool.num_slots + 1) if pool is not None else 0
+        # One int32 buffer, one upload: ids | positions | slots | kv_lens | seg_indptr | seg_slot
+        self._header_len = 4 * b_max + 2 * self.max_segments + 1
+        self._header = torch.zeros(self._header_len, dtype=torch.int32, device=device)
+        self._tables = torch.zeros(b_max, self.max_pages, dtype=torch.int32, device=device)
+        self._landing = torch.empty(0, dtype=torch.int32, device=device)  # tables on the way
+        self._query_start = torch.arange(b_max + 1, dtype=torch.int32, device=device)
+        self._sample_index = torch.arange(b_max, dtype=torch.int64, device=device)
+        self._staging = torch.empty(0, dtype=torch.int32)
+        self._upload_done: torch.cuda.Event | None = None
+        self._graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph] = {}
+        self._logits: torch.Tensor | None = None  # [b_max, vocab] float32, graph output
+        self.use_graphs = False  # set by capture(); False runs the same buckets eagerly
+
+    # ------------------------------------------------------------------ per step
+
+    def can_run(self, plan: StepPlan) -> bool:
+        """Decode plan that fits: rows <= the largest bucket, pages, segments, slots."""
+        num_rows = len(plan.seq_ids)
+        if not is_decode_plan(plan) or num_rows > self.buckets[-1]:
+            return False
+        if max(plan.context_lens) // self.page_size >= self.max_pages:
+            return False
+        has_lora = any(slot >= 0 for slot in plan.lora_slots)
+        if not has_lora:
+            return True
+        if self.pool is None:
+            return False  # the eager path reports the misconfiguration
+        num_runs = len(lora_runs(plan.lora_slots)[1])
+        return num_runs <= min(self._bucket(num_rows), self.max_segments)
+
+    def run(self, plan: StepPlan) -> torch.Tensor:
+        """Logits `[num_rows, vocab]` float32 of a decode plan (valid until the next step)."""
+        num_rows = len(plan.seq_ids)
+        bucket = self._bucket(num_rows)
+        with_lora = any(slot >= 0 for slot in plan.lora_slots)
+        self._upload(plan)
+        graph = self._graphs.get((bucket, with_lora)) if self.use_graphs else None
+        if graph is None:
+            return self._forward(bucket, with_lora)[:num_rows]
+        graph.replay()
+        assert self._logits is not None
+        return self._logits[:num_rows]
+
+    # ------------------------------------------------------------------ capture
+
+    @torch.inference_mode()
+    def capture(self) -> None:
+        """Capture every bucket (largest first, one shared pool); CUDA only."""
+        assert self.device.type == "cuda", "CUDA graphs need a CUDA device"
+        started = time.monotonic()
+        variants = (False, True) if self.pool is not None else (False,)
+        vocab = self.model.lm_head.shape[0]
+        self._logits = torch.empty(self.buckets[-1], vocab, dtype=torch.float32, device=self.device)
+        mempool = torch.cuda.graph_pool_handle()
+        side = torch.cuda.Stream(self.device)  # type: ignore[no-untyped-call]
+        for bucket in reversed(self.buckets):
+            for with_lora in variants:
+                self._fill_padding()
+                # Warm-up off the capture: Triton compiles, cuBLAS picks its kernels.
+                side.wait_stream(torch.cuda.current_stream(self.device))
+                with torch.cuda.stream(side):
+                    for _ in range(2):
+                        self._forward(bucket, with_lora)
+                torch.cuda.current_stream(self.device).wait_stream(side)
+                graph = torch.cuda.CUDAGraph()
+                # thread_local: another thread's CUDA calls (pinning a host buffer) cannot break it
+                with torch.cuda.graph(graph, pool=mempool, capture_error_mode="thread_local"):
+                    logits = self._forward(bucket, with_lora)
+                    self._logits[:bucket].copy_(logits)
+                self._graphs[bucket, with_lora] = graph
+        torch.cuda.synchronize(self.device)
+        self.use_graphs = True
+        logger.info(
+            "captured %d decode graphs (batch buckets %s) in %.1fs",
+            len(self._graphs),
+            ",".join(map(str, self.buckets)),
+            time.monotonic() - started,
+        )
+
+    # ------------------------------------------------------------------ internals
+
+    def _bucket(self, num_rows: int) -> int:
+        return next(b for b in self.buckets if b >= num_rows)
+
+    def _views(self) -> tuple[torch.Tensor, ...]:
+        """ids, positions, slot_mapping, kv_lens, seg_indptr, seg_slot (full length)."""
+        b_max, num_segments = self.buckets[-1], self.max_segments
+        return tuple(self._header.split_with_sizes([b_max] * 4 + [num_segments + 1, num_segments]))
+
+    def _forward(self, bucket: int, with_lora: bool) -> torch.Tensor:
+        ids, positions, slots, kv_lens, seg_indptr, seg_slot = self._views()
+        metadata = AttentionMetadata(
+            positions=positions[:bucket],
+            slot_mapping=slots[:bucket],
+            block_tables=self._tables[:bucket],
+            query_start=self._query_start[: bucket + 1],
+            kv_lens=kv_lens[:bucket],
+            num_rows=bucket,
+            max_query_len=1,
+            max_kv_len=self.max_pages * self.page_size,  # a bound: replays see any length
+            dense=None,
+        )
+        lora = None
+        if with_lora:
+            assert self.pool is not None
+            num_segments = min(bucket, self.max_segments)
+            info = LoraBatchInfo(
+                seg_indptr=seg_indptr[: num_segments + 1],
+                seg_slot=seg_slot[:num_segments],
+                slot_rank=self.pool.slot_rank,
+                slot_scaling=self.pool.slot_scaling,
+                max_seg_len=bucket,  # NOTE: a fixed bound; the kernels mask shorter segments
+            )
+            lora = LoraStep(info=info, op=self.lora_op)
+        return self.model.forward(
+            ids[:bucket], metadata, self.kv_cache, lora, self._sample_index[:bucket]
+        )
+
+    def _fill_padding(self) -> None:
+        """Every row padding: nothing is stored, attention reads one token of page 0."""
+        b_max = self.buckets[-1]
+        header = [0] * (2 * b_max) + [-1] * b_max + [1] * b_max
+        header += [0] * (self.max_segments + 1) + [-1] * self.max_segments
+        self._header.copy_(torch.tensor(header, dtype=torch.int32))
+
+    def _upload(self, plan: StepPlan) -> None:
+        """Host lists -> one pinned int32 staging buffer -> the static buffers (3 copies)."""
+        b_max, page_size = self.buckets[-1], self.page_size
+        num_rows = len(plan.seq_ids)
+        pad = b_max - num_rows
+        context_lens = plan.context_lens
+        num_cols = max(context_lens) // page_size + 1  # pages holding context + the new token
+        slot_mapping: list[int] = []
+        tables: list[int] = []
+        for table, ctx in zip(plan.block_tables, context_lens, strict=True):
+            used = ctx // page_size + 1
+            if len(table) < used:
+                raise ValueError("a block table does not cover its row's context + new token")
+            slot_mapping.append(table[ctx // page_size] * page_size + ctx % page_size)
+            tables.extend(table[:used])
+            tables.extend([0] * (num_cols - used))
+        if tables and not 0 <= min(tables) <= max(tables) < self.num_pages:
+            raise ValueError(f"block table page id outside [0, {self.num_pages})")
+        header = [*plan.input_ids, *[0] * pad, *context_lens, *[0] * pad]
+        header += [*slot_mapping, *[-1] * pad, *(c + 1 for c in context_lens), *[1] * pad]
+        if self.max_segments:
+            indptr, run_slots = lora_runs(plan.lora_slots)
+            extra = self.max_segments - len(run_slots)
+            header += [*indptr, *[num_rows] * extra, *run_slots, *[-1] * extra]
+        total = self._header_len + len(tables)
+        staging = self._staging_for(total)
+        staging[:total] = torch.tensor(header + tables, dtype=torch.int32)
+        non_blocking = self.device.type == "cuda"
+        self._header.copy_(staging[: self._header_len], non_blocking=non_blocking)
+        if self._landing.numel() < len(tables):
+            self._landing = torch.empty(
+                b_max * self.max_pages, dtype=torch.int32, device=self.device
+            )
+        landing = self._landing[: len(tables)]
+        landing.copy_(staging[self._header_len : total], non_blocking=non_blocking)
+        self._tables[:num_rows, :num_cols].copy_(landing.view(num_rows, num_cols))
+        if non_blocking:
+            self._upload_done = torch.cuda.current_stream(self.device).record_event()
+
+    def _staging_for(self, total: int) -> torch.Tensor:
+        if self._upload_done is not None:
+            # NOTE: the previous step's copy may still be reading the staging buffer.
+            self._upload_done.synchronize()
+        if self._staging.numel() < total:
+            pinned = self.device.type == "cuda"
+            size = max(total, 2 * self._staging.numel())
+            self._staging = torch.empty(size, dtype=torch.int32, pin_memory=pinned)
+        return self._staging

@@ -1,0 +1,80 @@
+"""RMSNorm and rotary kernels against `lorasrv_kernels.reference` (HF's formulas).
+
+Rotary must be bitwise equal (same roundings); RMSNorm may differ in the float32 sum order only.
+CPU runs need TRITON_INTERPRET=1 (float32); `-m gpu` adds bfloat16/float16 at Llama-3-8B shapes.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from lorasrv_kernels import apply_rotary, reference, rms_norm
+
+IS_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+HAS_CUDA = torch.cuda.is_available()
+TRITON_DEVICE = "cpu" if IS_INTERPRET else "cuda"
+needs_triton = pytest.mark.skipif(
+    not (IS_INTERPRET or HAS_CUDA),
+    reason="Triton needs CUDA, or TRITON_INTERPRET=1 set before Python starts (make test-kernels)",
+)
+needs_cuda = pytest.mark.skipif(
+    not HAS_CUDA or IS_INTERPRET, reason="needs CUDA, without the interpreter"
+)
+
+
+def rope_inputs(
+    num_tokens: int, num_heads: int, head_dim: int, dtype: torch.dtype, device: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q as a strided column window of a fused qkv output, cos/sin from random positions."""
+    width = num_heads * head_dim
+    fused = torch.randn(num_tokens, width + 24, device=device).to(dtype)
+    x = fused[:, 8 : 8 + width].view(num_tokens, num_heads, head_dim)
+    angles = torch.rand(num_tokens, head_dim // 2, device=device) * 100
+    emb = torch.cat((angles, angles), dim=-1)
+    return x, emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+@needs_triton
+@pytest.mark.parametrize(("num_tokens", "num_cols"), [(1, 72), (7, 130), (33, 64), (0, 72)])
+def test_triton_rms_norm(num_tokens: int, num_cols: int) -> None:
+    x = torch.randn(num_tokens, num_cols + 6, device=TRITON_DEVICE)[:, 3 : 3 + num_cols] * 3
+    weight = torch.randn(num_cols, device=TRITON_DEVICE)
+    out = rms_norm(x, weight, 1e-5)
+    assert out.shape == x.shape
+    torch.testing.assert_close(out, reference.rms_norm(x, weight, 1e-5), atol=1e-5, rtol=1e-5)
+
+
+@needs_triton
+def test_triton_rms_norm_per_head() -> None:
+    # Qwen3's q/k norm: [tokens, heads, head_dim] normalized over head_dim.
+    x, _, _ = rope_inputs(5, 3, 32, torch.float32, TRITON_DEVICE)
+    weight = torch.randn(32, device=TRITON_DEVICE)
+    torch.testing.assert_close(rms_norm(x, weight, 1e-6), reference.rms_norm(x, weight, 1e-6))
+
+
+@needs_triton
+@pytest.mark.parametrize(
+    ("num_tokens", "num_heads", "head_dim"), [(1, 4, 16), (9, 3, 40), (0, 2, 8)]
+)
+def test_triton_rotary(num_tokens: int, num_heads: int, head_dim: int) -> None:
+    x, cos, sin = rope_inputs(num_tokens, num_heads, head_dim, torch.float32, TRITON_DEVICE)
+    out = apply_rotary(x, cos, sin)
+    assert out.is_contiguous()
+    assert torch.equal(out, reference.apply_rotary(x, cos, sin))
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gpu_llama3_8b(dtype: torch.dtype) -> None:
+    for num_heads in (32, 8):  # q and k
+        x, cos, sin = rope_inputs(64, num_heads, 128, dtype, "cuda")
+        assert torch.equal(apply_rotary(x, cos, sin), reference.apply_rotary(x, cos, sin))
+    x = torch.randn(64, 4096, device="cuda", dtype=dtype) * 4
+    weight = torch.randn(4096, device="cuda", dtype=dtype)
+    out, expected = rms_norm(x, weight, 1e-5), reference.rms_norm(x, weight, 1e-5)
+    # Only the sum order differs: at most one rounding step apart, rarely.
+    torch.testing.assert_close(out, expected, atol=0.0, rtol=2 * torch.finfo(dtype).eps)
+    assert float((out != expected).float().mean()) < 0.01

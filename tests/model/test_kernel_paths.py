@@ -1,0 +1,145 @@
+"""The CUDA serving paths, run on CPU: Triton attention (prefill, mixed and decode kernels), the
+static-buffer decode runner (bucket padding, padded LoRA segments) and Triton LoRA, all through
+TRITON_INTERPRET=1 in float32, against the reference runner. Graph capture itself is GPU-only
+(tests/model/test_gpu.py).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+
+from lorasrv.ids import AdapterId, BlockId, SeqId, SlotId, StepId
+from lorasrv.messages import NewSeq, StepPlan
+from lorasrv.model.cuda_graphs import DecodeRunner, buckets_up_to, is_decode_plan, lora_runs
+from lorasrv.model.runner import ModelRunner
+from tests.model.plan_driver import GREEDY, PlanDriver
+
+pytestmark = pytest.mark.skipif(
+    os.environ.get("TRITON_INTERPRET") != "1",
+    reason="Triton kernels on CPU need TRITON_INTERPRET=1 set before Python starts",
+)
+
+ADAPTERS = ("qv_r4", "all_r8_rslora", "mlp_r16_patterns")
+# Odd prompt lengths around the page size (4), a one-token prompt, base and adapter rows.
+ROWS: list[tuple[list[int], int]] = [
+    ([5, 6, 7, 8, 9], -1),
+    (list(range(20, 33)), 0),
+    ([17], 1),
+    (list(range(100, 108)), 1),
+    ([42, 43, 44], 2),
+]
+NEW_TOKENS = 9
+
+
+def make_runner(base: Path, kernels: bool, **kwargs: object) -> ModelRunner:
+    backend = "triton" if kernels else "torch"
+    return ModelRunner(
+        model_path=str(base),
+        device="cpu",
+        page_size=4,
+        num_kv_pages=128,
+        lora_num_slots=3,
+        lora_max_rank=16,
+        lora_target_modules=("all",),
+        lora_backend=backend,
+        attention_backend="triton" if kernels else "reference",
+        **kwargs,  # type: ignore[arg-type]
+    )
+
+
+def load_adapters(runner: ModelRunner, adapter_dir: Callable[[str], Path]) -> None:
+    load = runner.make_adapter_loader()
+    for slot, name in enumerate(ADAPTERS):
+        runner.load_slot(SlotId(slot), AdapterId(slot), load(str(adapter_dir(name))))
+
+
+def generate(runner: ModelRunner, token_budget: int) -> tuple[list[list[int]], PlanDriver]:
+    driver = PlanDriver(runner, token_budget=token_budget, record_logits=True)
+    prompts, slots = [p for p, _ in ROWS], [s for _, s in ROWS]
+    return driver.generate(prompts, slots, NEW_TOKENS), driver
+
+
+@pytest.mark.parametrize("token_budget", [7, 64])  # chunked + mixed steps; one prefill step
+def test_kernel_runner_matches_reference(
+    checkpoint_dir: Callable[[str], Path], adapter_dir: Callable[[str], Path], token_budget: int
+) -> None:
+    base = checkpoint_dir("llama")
+    reference = make_runner(base, kernels=False)
+    kernels = make_runner(base, kernels=True)
+    assert kernels.decode is not None
+    assert reference.decode is None
+    for runner in (reference, kernels):
+        load_adapters(runner, adapter_dir)  # type: ignore[arg-type]
+    expected, ref_driver = generate(reference, token_budget)
+    decode_steps = []
+    run = kernels.decode.run
+    kernels.decode.run = lambda plan: decode_steps.append(len(plan.seq_ids)) or run(plan)  # type: ignore[method-assign]
+    tokens, driver = generate(kernels, token_budget)
+    assert tokens == expected
+    assert 5 in decode_steps  # the static decode path ran, all rows in bucket 8
+    for seq_id, logits in ref_driver.first_logits.items():
+        torch.testing.assert_close(driver.first_logits[seq_id], logits, atol=1e-4, rtol=1e-4)
+
+
+def test_decode_runner_padding_writes_no_kv(checkpoint_dir: Callable[[str], Path]) -> None:
+    # 3 rows run in bucket 4: the padding row must not touch any page.
+    runner = make_runner(checkpoint_dir("llama"), kernels=True, cuda_graph_max_batch_size=8)
+    decode = runner.decode
+    assert decode is not None
+    assert decode.buckets == (1, 2, 4, 8)
+    plan = StepPlan(
+        step_id=StepId(0),
+        new_seqs=tuple(NewSeq(seq_id=SeqId(i), params=GREEDY, prompt_ids=(1,)) for i in range(3)),
+        seq_ids=(SeqId(0), SeqId(1), SeqId(2)),
+        input_ids=(11, 12, 13),
+        query_lens=(1, 1, 1),
+        context_lens=(0, 5, 3),
+        block_tables=((BlockId(7),), (BlockId(3), BlockId(9)), (BlockId(0),)),
+        lora_slots=(-1, -1, -1),
+        sample_rows=(True, True, True),
+    )
+    assert is_decode_plan(plan)
+    assert decode.can_run(plan)
+    before = runner.kv_cache.buffer.clone()
+    result = runner.step(plan)
+    assert len(result.token_ids) == 3
+    changed = (runner.kv_cache.buffer != before).flatten(4).any(-1)  # [layers, 2, pages, slot]
+    written = {(int(p), int(s)) for p, s in changed.nonzero()[:, 2:].tolist()}
+    assert written == {(7, 0), (9, 1), (0, 3)}
+
+
+def test_decode_runner_can_run() -> None:
+    def plan(slots: tuple[int, ...], query_lens: tuple[int, ...] | None = None) -> StepPlan:
+        n = len(slots)
+        return StepPlan(
+            step_id=StepId(0),
+            seq_ids=tuple(SeqId(i) for i in range(n)),
+            input_ids=(1,) * sum(query_lens or (1,) * n),
+            query_lens=query_lens or (1,) * n,
+            context_lens=(3,) * n,
+            block_tables=((BlockId(0),),) * n,
+            lora_slots=slots,
+            sample_rows=(True,) * n,
+        )
+
+    decode = DecodeRunner.__new__(DecodeRunner)  # only the host-side checks, no model
+    decode.buckets, decode.page_size, decode.max_pages = (1, 2, 4), 4, 2
+    decode.pool, decode.max_segments = object(), 3  # type: ignore[assignment]
+    assert decode.can_run(plan((-1, 0, 0, 1)))
+    assert not decode.can_run(plan((0, 1, 0, 1)))  # unsorted: 4 runs > 3 padded segments
+    assert not decode.can_run(plan((0, 1), (2, 1)))  # a prefill row
+    assert not decode.can_run(plan((-1,) * 5))  # more rows than the largest bucket
+    decode.pool = None
+    assert not decode.can_run(plan((0,)))  # adapter rows without a pool: the eager path refuses
+
+
+def test_lora_runs_and_buckets() -> None:
+    assert lora_runs([-1, -1, 0, 0, 3]) == ([0, 2, 4, 5], [-1, 0, 3])
+    assert lora_runs([2]) == ([0, 1], [2])
+    assert buckets_up_to(50) == (1, 2, 4, 8, 16, 24, 32, 48, 50)
+    assert buckets_up_to(1) == (1,)
