@@ -223,6 +223,8 @@ class DecodeRunner:
             indptr, run_slots = lora_runs(plan.lora_slots)
             extra = self.max_segments - len(run_slots)
             header += [*indptr, *[num_rows] * extra, *run_slots, *[-1] * extra]
+        else:
+            header.append(0)  # NOTE: the layout keeps seg_indptr's one entry even with no LoRA
         total = self._header_len + len(tables)
         staging = self._staging_for(total)
         staging[:total] = torch.tensor(header + tables, dtype=torch.int32)

@@ -71,7 +71,15 @@ def test_triton_rotary(num_tokens: int, num_heads: int, head_dim: int) -> None:
 def test_gpu_llama3_8b(dtype: torch.dtype) -> None:
     for num_heads in (32, 8):  # q and k
         x, cos, sin = rope_inputs(64, num_heads, 128, dtype, "cuda")
-        assert torch.equal(apply_rotary(x, cos, sin), reference.apply_rotary(x, cos, sin))
+        # On the GPU the kernel rounds once (fused multiply-add) where torch's bf16/fp16 formula
+        # rounds after every op, so they differ by an ulp (seen on an H200, 2026-11-28); the
+        # kernel must be at least as close to the float32 result and within the dtype's tolerance.
+        exact = reference.apply_rotary(x.float(), cos.float(), sin.float())
+        ours = apply_rotary(x, cos, sin).float()
+        theirs = reference.apply_rotary(x, cos, sin).float()
+        assert (ours - exact).abs().max() <= (theirs - exact).abs().max()
+        tolerance = {torch.bfloat16: 1.6e-2, torch.float16: 1e-3}[dtype]
+        torch.testing.assert_close(ours, theirs, rtol=tolerance, atol=tolerance)
     x = torch.randn(64, 4096, device="cuda", dtype=dtype) * 4
     weight = torch.randn(4096, device="cuda", dtype=dtype)
     out, expected = rms_norm(x, weight, 1e-5), reference.rms_norm(x, weight, 1e-5)

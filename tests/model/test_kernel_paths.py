@@ -143,3 +143,23 @@ def test_lora_runs_and_buckets() -> None:
     assert lora_runs([2]) == ([0, 1], [2])
     assert buckets_up_to(50) == (1, 2, 4, 8, 16, 24, 32, 48, 50)
     assert buckets_up_to(1) == (1,)
+
+
+def test_decode_path_without_lora_matches_reference(checkpoint_dir: Callable[[str], Path]) -> None:
+    """No LoRA pool at all (zero segments): the static decode inputs must still pack right."""
+    base = checkpoint_dir("llama")
+    runners = [
+        ModelRunner(
+            model_path=str(base),
+            device="cpu",
+            page_size=4,
+            num_kv_pages=128,
+            attention_backend=attention,
+            lora_backend=lora,
+        )
+        for attention, lora in (("reference", "torch"), ("triton", "triton"))
+    ]
+    assert runners[1].decode is not None
+    prompts = [p for p, _ in ROWS]
+    outputs = [PlanDriver(r, token_budget=64).generate(prompts, None, NEW_TOKENS) for r in runners]
+    assert outputs[1] == outputs[0]
