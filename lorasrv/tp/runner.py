@@ -38,7 +38,9 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 STARTUP_TIMEOUT_S = 1800.0  # spawn, connect, load and shard the weights, size the KV cache
-STEP_TIMEOUT_S = 600.0  # one step or slot upload (the first ones compile kernels)
+STEP_TIMEOUT_S = 600.0  # one step or slot upload while cold (the first ones compile kernels)
+WARM_STEP_TIMEOUT_S = 60.0  # once warm: a late first-time kernel compile takes seconds
+NUM_COLD_STEPS = 8
 HEARTBEAT_TIMEOUT_S = 10.0
 JOIN_TIMEOUT_S = 10.0
 
@@ -53,6 +55,7 @@ class TpRunner:
         model_path: str,
         device: str = "auto",
         step_timeout_s: float = STEP_TIMEOUT_S,
+        warm_step_timeout_s: float = WARM_STEP_TIMEOUT_S,
         startup_timeout_s: float = STARTUP_TIMEOUT_S,
         heartbeat_timeout_s: float = HEARTBEAT_TIMEOUT_S,
         **runner_options: Any,
@@ -60,6 +63,8 @@ class TpRunner:
         started = time.monotonic()
         self.tp_size = tp_size
         self.step_timeout_s = step_timeout_s
+        self.warm_step_timeout_s = warm_step_timeout_s
+        self._num_steps = 0
         self.arch = read_arch(model_path)
         try:
             check_split(self.arch, tp_size)
@@ -109,7 +114,12 @@ class TpRunner:
         return self._ready
 
     def step(self, plan: StepPlan) -> StepResult:
-        with self._guard(f"step {plan.step_id}", self.step_timeout_s):
+        # NOTE: a worker stuck inside a collective still beats its heartbeat; only this deadline
+        # catches it, so it drops from minutes (kernels compiling) to one minute once warm.
+        warm = self._num_steps >= NUM_COLD_STEPS
+        self._num_steps += 1
+        timeout_s = self.warm_step_timeout_s if warm else self.step_timeout_s
+        with self._guard(f"step {plan.step_id}", timeout_s):
             channel = self._live_channel()
             channel.broadcast(self._encoder.encode(TpStep(plan=plan)))
             if not plan.seq_ids:

@@ -83,3 +83,27 @@ def test_frozen_worker_is_reported_as_hung(odd_world: dict[str, Any]) -> None:
             PlanDriver(runner).generate(PROMPTS[:1], max_new_tokens=1)
     finally:
         runner.shutdown()
+
+
+def test_step_deadline_tightens_once_warm(odd_world: dict[str, Any]) -> None:
+    """A worker stuck inside a collective keeps beating; the step deadline is what catches it, so
+    after the cold steps (kernel compiles) it must drop to the warm one."""
+    from lorasrv.tp.runner import NUM_COLD_STEPS
+
+    runner = TpRunner(tp_size=2, warm_step_timeout_s=7.0, **runner_options(odd_world["base"]))
+    used: list[float] = []
+    guard = runner._guard
+
+    def recording_guard(what: str, timeout_s: float) -> Any:
+        if what.startswith("step"):
+            used.append(timeout_s)
+        return guard(what, timeout_s)
+
+    runner._guard = recording_guard  # type: ignore[method-assign]
+    try:
+        PlanDriver(runner).generate(PROMPTS[:1], max_new_tokens=NUM_COLD_STEPS + 3)
+    finally:
+        runner.shutdown()
+    assert len(used) > NUM_COLD_STEPS
+    assert set(used[:NUM_COLD_STEPS]) == {runner.step_timeout_s}
+    assert set(used[NUM_COLD_STEPS:]) == {7.0}
