@@ -152,8 +152,3 @@ class FakeTokenizer:
 
     def new_stream(self, prompt_ids: list[int], skip_special_tokens: bool) -> FakeTextStream:
         return FakeTextStream()
-
-
-def simple_find_stop(text: str, stops: tuple[str, ...], search_from: int) -> int | None:
-    hits = [i for s in stops if (i := text.find(s, max(0, search_from - len(s) + 1))) >= 0]
-    return min(hits) if hits else None

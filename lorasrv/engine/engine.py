@@ -14,13 +14,14 @@ from typing import Any, Self
 
 from lorasrv.config import ServerConfig, build_config, lora_enabled
 from lorasrv.engine.adapters import AdapterManagerActor
+from lorasrv.engine.detokenizer import Detokenizer
 from lorasrv.engine.gpu_runner import GpuRunnerActor
 from lorasrv.engine.requests import GenerateBatch, normalize_generate
 from lorasrv.engine.results import ResultBuilder
 from lorasrv.engine.scheduler import SchedulerActor
 from lorasrv.engine.setup import EngineParts, prepare_parts
 from lorasrv.engine.stats import SchedulerStats
-from lorasrv.engine.tokenizer import Detokenizer, TokenizerActor
+from lorasrv.engine.tokenizer import TokenizerActor
 from lorasrv.engine.validation import check_sampling
 from lorasrv.errors import BadRequest, EngineDead, LorasrvError, Overloaded, error_for_code
 from lorasrv.ids import OpId, RequestId
@@ -130,7 +131,6 @@ class Engine:
             scheduler=_Late(self, "scheduler"),
             outputs=self,
             vocab_size=ready.vocab_size,
-            find_stop=parts.find_stop,
         )
         self._adapter_actor = AdapterManagerActor(
             cfg=self.config.adapters,

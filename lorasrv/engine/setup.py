@@ -13,10 +13,10 @@ from typing import Any, NamedTuple
 import msgspec
 
 from lorasrv.config import LoraRef, ServerConfig
+from lorasrv.engine.detokenizer import Detokenizer
 from lorasrv.engine.gpu_runner import adapter_loader_for, model_runner_factory
 from lorasrv.engine.lora_spec import infer_pool_spec
 from lorasrv.engine.step_runner import StepRunner
-from lorasrv.engine.tokenizer import Detokenizer, StopFinder
 from lorasrv.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -26,7 +26,6 @@ class EngineParts(NamedTuple):
     model_path: str
     runner_factory: Callable[[], StepRunner]
     tokenizer: Detokenizer
-    find_stop: StopFinder
     read_adapter_config: Callable[[str], Any]
     make_adapter_loader: Callable[[StepRunner], Callable[[str], object]]
     initial_adapters: tuple[LoraRef, ...]
@@ -35,7 +34,7 @@ class EngineParts(NamedTuple):
 
 
 async def prepare_parts(config: ServerConfig) -> EngineParts:
-    from lorasrv.engine.detokenizer import HfTokenizer, find_stop
+    from lorasrv.engine.detokenizer import HfTokenizer
     from lorasrv.hub import resolve_path
     from lorasrv.peft_config import read_peft_config
 
@@ -68,7 +67,6 @@ async def prepare_parts(config: ServerConfig) -> EngineParts:
         model_path=model_path,
         runner_factory=model_runner_factory(config, model_path, pool),
         tokenizer=tokenizer,
-        find_stop=find_stop,
         read_adapter_config=read_peft_config,
         make_adapter_loader=adapter_loader_for,
         initial_adapters=initial,

@@ -5,16 +5,15 @@ applies stop strings, and hands output deltas to the request's output queue. Nev
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
-from dataclasses import dataclass, field
-from typing import Protocol, assert_never
+from dataclasses import dataclass
+from typing import assert_never
 
 from lorasrv.engine.actor import Actor, Sender
+from lorasrv.engine.detokenizer import Detokenizer, DetokenizerStream, find_stop, holdback
 from lorasrv.engine.outputs import OutputSink
 from lorasrv.ids import RequestId
 from lorasrv.messages import (
     Abort,
-    ChatMessage,
     EmitTokens,
     Enqueue,
     RequestFailed,
@@ -28,44 +27,14 @@ from lorasrv.messages import (
 logger = logging.getLogger(__name__)
 
 
-class TextStream(Protocol):
-    def step(self, new_ids: list[int]) -> str: ...
-
-    def flush(self) -> str:
-        """Text held back at the end (an incomplete character), once the request is done."""
-        ...
-
-
-class Detokenizer(Protocol):
-    """What the actor needs of a tokenizer; `detokenizer.HfTokenizer` is the real one."""
-
-    @property
-    def vocab_size(self) -> int: ...
-
-    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]: ...
-
-    def apply_chat_template(
-        self, messages: Sequence[ChatMessage], add_generation_prompt: bool = True
-    ) -> str: ...
-
-    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str: ...
-
-    def new_stream(self, prompt_ids: list[int], skip_special_tokens: bool) -> TextStream: ...
-
-
-class StopFinder(Protocol):
-    def __call__(self, text: str, stops: tuple[str, ...], search_from: int) -> int | None: ...
-
-
 @dataclass(slots=True)
 class _Stream:
     params: SamplingParams
-    text_stream: TextStream
+    text_stream: DetokenizerStream
     text: str = ""  # everything decoded so far (truncated at a stop string)
     num_emitted_chars: int = 0
     num_tokens: int = 0
     prompt_tokens: int = 0
-    max_stop_len: int = field(default=0)
 
 
 class TokenizerActor(Actor[TokenizerInbox]):
@@ -78,14 +47,12 @@ class TokenizerActor(Actor[TokenizerInbox]):
         scheduler: Sender[SchedulerInbox],
         outputs: OutputSink,
         vocab_size: int,
-        find_stop: StopFinder,
     ) -> None:
         super().__init__()
         self._tokenizer = tokenizer
         self._scheduler = scheduler
         self._outputs = outputs
         self._vocab_size = vocab_size
-        self._find_stop = find_stop
         self._streams: dict[RequestId, _Stream] = {}
 
     def handle(self, msg: TokenizerInbox) -> None:
@@ -113,7 +80,6 @@ class TokenizerActor(Actor[TokenizerInbox]):
             params=msg.params,
             text_stream=self._tokenizer.new_stream(prompt_ids, msg.params.skip_special_tokens),
             prompt_tokens=len(prompt_ids),
-            max_stop_len=max((len(s) for s in msg.params.stop), default=0),
         )
         self._streams[msg.request_id] = stream
         self._scheduler.send(
@@ -153,7 +119,7 @@ class TokenizerActor(Actor[TokenizerInbox]):
             search_from = len(stream.text)
             stream.text += stream.text_stream.step(list(msg.token_ids))
             if stream.params.stop:
-                at = self._find_stop(stream.text, stream.params.stop, search_from)
+                at = find_stop(stream.text, stream.params.stop, search_from)
                 if at is not None:
                     matched_text = next(
                         s for s in stream.params.stop if stream.text.startswith(s, at)
@@ -166,7 +132,9 @@ class TokenizerActor(Actor[TokenizerInbox]):
         if finished and matched_text is None:
             stream.text += stream.text_stream.flush()
         # Hold back a tail that could still grow into a stop string.
-        end = len(stream.text) if finished else self._safe_end(stream)
+        end = len(stream.text)
+        if not finished:
+            end -= holdback(stream.text, stream.params.stop)
         delta = stream.text[stream.num_emitted_chars : end]
         stream.num_emitted_chars = max(stream.num_emitted_chars, end)
         self._outputs.put_output(
@@ -186,17 +154,6 @@ class TokenizerActor(Actor[TokenizerInbox]):
         )
         if finished:
             del self._streams[msg.request_id]
-
-    @staticmethod
-    def _safe_end(stream: _Stream) -> int:
-        text, stops = stream.text, stream.params.stop
-        if not stops:
-            return len(text)
-        for keep in range(min(stream.max_stop_len - 1, len(text)), 0, -1):
-            tail = text[-keep:]
-            if any(stop.startswith(tail) for stop in stops):
-                return len(text) - keep
-        return len(text)
 
     def _fail(self, request_id: RequestId, code: str, detail: str, known: bool = True) -> None:
         if known:

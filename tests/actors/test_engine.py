@@ -13,7 +13,7 @@ from lorasrv.config import AdapterConfig, LoraRef, SchedulerConfig, ServerConfig
 from lorasrv.engine.engine import Engine
 from lorasrv.engine.setup import EngineParts
 from lorasrv.errors import AdapterNotFound, BadRequest, EngineDead, PromptTooLong
-from tests.fakes import FakeRunner, FakeTokenizer, fake_generate, simple_find_stop
+from tests.fakes import FakeRunner, FakeTokenizer, fake_generate
 
 SALTS = {"/ad/a": 11, "/ad/b": 22, "/ad/c": 33, "/ad/d": 44, "/ad/a2": 55}
 
@@ -42,7 +42,6 @@ def make_engine(
         model_path="/fake/model",
         runner_factory=lambda: fake,
         tokenizer=FakeTokenizer(),
-        find_stop=simple_find_stop,
         read_adapter_config=read_config,
         make_adapter_loader=lambda runner: SALTS.__getitem__,
         initial_adapters=(LoraRef(lora_name="a", lora_path="/ad/a"),),

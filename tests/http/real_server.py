@@ -22,7 +22,7 @@ from lorasrv.engine.engine import Engine
 from lorasrv.engine.setup import EngineParts
 from lorasrv.http.app import build_app, make_runner
 from tests.actors.test_engine import SALTS, read_config
-from tests.fakes import FakeRunner, FakeTokenizer, fake_generate, simple_find_stop
+from tests.fakes import FakeRunner, FakeTokenizer, fake_generate
 
 BASE = "fake-base"
 KEY = "sk-test-key-77"
@@ -60,7 +60,6 @@ async def real_server(*, api_key: str | None = KEY) -> AsyncIterator[Server]:
         model_path="/fake/model",
         runner_factory=lambda: fake,
         tokenizer=FakeTokenizer(),
-        find_stop=simple_find_stop,
         read_adapter_config=read_config,
         make_adapter_loader=lambda runner: SALTS.__getitem__,
         initial_adapters=tuple(LoraRef(lora_name=n, lora_path=p) for n, p in ADAPTERS.items()),
