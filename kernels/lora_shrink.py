@@ -16,7 +16,11 @@ from .batch_info import LoraBatchInfo
 
 # Split-K only while the grid is smaller than this many programs (decode: few segments,
 # long in_features), so that more SMs stream the A rows.
-_TARGET_PROGRAMS = 256
+# Measured inside CUDA graphs on an H200 (bench/lora_sweep.py, bench/results/lora_sweep_h200.json):
+# each split-K partial is re-read by every expand column block, so fewer, longer splits win at
+# decode. 64 programs: 53.5 us per layer (q/k/v + gate/up + o + down) at 64 tokens over 8
+# adapters, against 90 us with 256; about 11% slower than 256 at 32 adapters.
+_TARGET_PROGRAMS = 64
 _MIN_K_CHUNKS_PER_SPLIT = 2
 
 
