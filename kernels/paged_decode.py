@@ -10,6 +10,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .paged_common import check_paged_args
+
 # @triton.jit bodies are untyped except their tl.constexpr params; the launchers are fully typed.
 # mypy: disable-error-code="no-untyped-def,untyped-decorator"
 
@@ -194,19 +196,9 @@ def paged_decode_attention(
         out: [num_rows, num_heads, head_dim] in q.dtype.
     """
     num_rows, num_heads, head_dim = q.shape
-    _, page_size, num_kv_heads, cache_dim = k_cache.shape
-    assert cache_dim == head_dim, "K/V cache shape mismatch"
-    assert v_cache.shape == k_cache.shape, "K/V cache shape mismatch"
-    assert num_heads % num_kv_heads == 0, "num_heads must be a multiple of num_kv_heads"
-    assert q.stride(2) == 1
-    assert k_cache.stride(3) == 1
-    assert v_cache.stride(3) == 1
-    assert block_tables.dtype == torch.int32
-    assert kv_lens.dtype == torch.int32
-    if out is None:
-        out = torch.empty_like(q, memory_format=torch.contiguous_format)
-    assert out.shape == q.shape
-    assert out.stride(2) == 1
+    out, page_size, num_kv_heads = check_paged_args(
+        q, k_cache, v_cache, block_tables, (kv_lens,), out
+    )
     if num_rows == 0:
         return out
     group = num_heads // num_kv_heads
