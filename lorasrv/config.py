@@ -51,6 +51,7 @@ class SchedulerConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, k
     max_running_requests: PositiveInt = 256
     chunked_prefill_size: PositiveInt = 2048  # token budget of one step
     max_queued_requests: PositiveInt = 4096  # ingress bound; beyond it requests get 503
+    enable_mixed_chunk: bool = False  # SGLang's flag: prefill chunks ride along decode steps
 
 
 class LoraRef(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):

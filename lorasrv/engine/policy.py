@@ -3,12 +3,14 @@
 Rules: running rows first (oldest first), then waiting ones first-come-first-served, within the
 token budget, the free KV pages, `max_running_requests` and the adapter slots. Rows that do not
 fit wait; they are never dropped. When pages run out, the newest running rows are preempted
-(pages freed, recomputed later).
+(pages freed, recomputed later). As in SGLang, a step is prefill-only or decode-only unless
+mixed chunks are enabled: pure decode steps replay CUDA graphs, mixed ones cannot.
 """
 
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from typing import NamedTuple
 
 from lorasrv.engine.block_pool import BlockPool, pages_needed
@@ -24,6 +26,7 @@ class PlanLimits(NamedTuple):
     page_size: int
     context_length: int
     starvation_steps: int = 16  # after this many skipped steps, an adapter's request jumps the line
+    mixed_chunk: bool = False  # prefill chunks and decode rows in one step (--enable-mixed-chunk)
 
 
 class Row(NamedTuple):
@@ -39,6 +42,7 @@ class BatchDecision(NamedTuple):
     rows: list[Row]
     preempted: list[Sequence]
     exhausted: list[Sequence]  # alone in the cache and still cannot grow: must finish
+    is_prefill_only: bool = False
 
 
 class _AdapterBudget:
@@ -59,6 +63,10 @@ class _AdapterBudget:
         if seq.adapter_id is not None and not seq.is_pinned_adapter:
             self.adapters.add(seq.adapter_id)
 
+    def has(self, seq: Sequence) -> bool:
+        """Its adapter got a place (pinned and base rows always have one)."""
+        return seq.adapter_id is None or seq.is_pinned_adapter or seq.adapter_id in self.adapters
+
 
 def plan_batch(
     running: list[Sequence],
@@ -66,13 +74,58 @@ def plan_batch(
     pool: BlockPool,
     limits: PlanLimits,
     step_no: int,
+    *,
+    prefill_turn: bool = True,
 ) -> BatchDecision:
     """Choose rows and allocate their pages. Mutates `running`, `waiting`, the pool and seq.blocks.
 
-    Preempted sequences go back to the front of `waiting` with their pages freed.
+    Preempted sequences go back to the front of `waiting` with their pages freed. Without mixed
+    chunks, prefill work (new requests, unfinished chunks) gets a prefill-only step when
+    `prefill_turn` (the scheduler clears it after a prefill-only step, so decoding rows advance
+    at least every other step); otherwise the step decodes.
     """
+    if limits.mixed_chunk:
+        return _plan(running, waiting, pool, limits, step_no, _any_row, admit=True)
+    has_decode = any(_is_decode(seq) for seq in running)
+    has_prefill = bool(waiting) or any(not _is_decode(seq) for seq in running)
+    if has_prefill and (prefill_turn or not has_decode):
+        first = _plan(running, waiting, pool, limits, step_no, _is_prefill, admit=True)
+        if first.rows or first.exhausted or not has_decode:
+            return first._replace(is_prefill_only=bool(first.rows))
+        second = _plan(running, waiting, pool, limits, step_no, _is_decode, admit=False)
+        return second._replace(preempted=first.preempted + second.preempted)
+    return _plan(running, waiting, pool, limits, step_no, _is_decode, admit=False)
+
+
+def _any_row(seq: Sequence) -> bool:
+    return True
+
+
+def _is_decode(seq: Sequence) -> bool:
+    return seq.num_uncomputed == 1 and seq.num_computed > 0
+
+
+def _is_prefill(seq: Sequence) -> bool:
+    return not _is_decode(seq)
+
+
+def _plan(
+    running: list[Sequence],
+    waiting: deque[Sequence],
+    pool: BlockPool,
+    limits: PlanLimits,
+    step_no: int,
+    wanted: Callable[[Sequence], bool],
+    *,
+    admit: bool,
+) -> BatchDecision:
     budget = limits.token_budget
     adapters = _AdapterBudget(limits)
+    for seq in running:
+        # NOTE: every running sequence keeps its adapter's slot, even when this step skips it;
+        # otherwise a prefill step could admit an adapter that evicts one still decoding.
+        if adapters.fits(seq):
+            adapters.take(seq)
     rows: list[Row] = []
     preempted: list[Sequence] = []
     exhausted: list[Sequence] = []
@@ -80,7 +133,7 @@ def plan_batch(
     index = 0
     while index < len(running) and budget > 0:
         seq = running[index]
-        if not adapters.fits(seq):
+        if not wanted(seq) or not adapters.has(seq):
             index += 1
             continue
         num_new = min(seq.num_uncomputed, budget)
@@ -92,15 +145,12 @@ def plan_batch(
             victim = _pick_victim(running, index, scheduled)
             _preempt(victim, running, waiting, pool)
             preempted.append(victim)
-            if victim is seq:
-                continue  # `index` now points at the next sequence
-            continue  # retry the same sequence with more free pages
-        adapters.take(seq)
+            continue  # `index` now points at the next sequence, or retries this one
         rows.append(Row(seq, num_new))
         scheduled.add(seq.seq_id)
         budget -= num_new
         index += 1
-    if not exhausted:
+    if admit and not exhausted:
         _admit_waiting(running, waiting, pool, limits, adapters, rows, budget, step_no)
     return BatchDecision(rows, preempted, exhausted)
 

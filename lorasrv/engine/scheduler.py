@@ -82,6 +82,7 @@ class SchedulerActor(Actor[SchedulerInbox]):
         self._num_pinned = 0
         self._freed_in_runner: list[SeqId] = []
         self._last_step = (0.0, 0)  # seconds, sampled tokens
+        self._prefill_turn = True  # cleared after a prefill-only step: decoding rows go next
         self._num_finished = 0
         self._num_aborted = 0
 
@@ -183,8 +184,12 @@ class SchedulerActor(Actor[SchedulerInbox]):
             num_pinned=self._num_pinned,
             page_size=self._ready.page_size,
             context_length=self._ready.context_length,
+            mixed_chunk=self._cfg.enable_mixed_chunk,
         )
-        decision = plan_batch(self._running, self._waiting, self._pool, limits, self._step_id)
+        decision = plan_batch(
+            self._running, self._waiting, self._pool, limits, self._step_id,
+            prefill_turn=self._prefill_turn,
+        )  # fmt: skip
         for seq in decision.preempted:
             self._drop_runner_state(seq)
             logger.info("preempted %s (seq %d) for lack of KV pages", seq.request_id, seq.seq_id)
@@ -195,6 +200,7 @@ class SchedulerActor(Actor[SchedulerInbox]):
             self._unstick()
             return
         self._step_id = StepId(self._step_id + 1)
+        self._prefill_turn = not decision.is_prefill_only
         self._rows = decision.rows
         adapter_ids = tuple({r.seq.adapter_id for r in self._rows if r.seq.adapter_id is not None})
         if adapter_ids:

@@ -55,14 +55,49 @@ def test_chunked_prefill_respects_token_budget() -> None:
     assert third.rows[0].is_sampled
 
 
-def test_decode_rows_come_before_new_prefills() -> None:
+def test_mixed_chunk_puts_decode_rows_before_new_prefills() -> None:
+    limits = LIMITS._replace(mixed_chunk=True)
     pool = BlockPool(32)
     running: list[Sequence] = []
     waiting = deque([make_seq(0), make_seq(1, prompt_len=20)])
-    run_rows(plan_batch(running, waiting, pool, LIMITS, 0).rows)
-    decision = plan_batch(running, waiting, pool, LIMITS, 1)
+    run_rows(plan_batch(running, waiting, pool, limits, 0).rows)
+    decision = plan_batch(running, waiting, pool, limits, 1)
     # seq 0 decodes (1 token); seq 1 finishes its prefill with what is left of the budget
     assert [(r.seq.seq_id, r.num_new) for r in decision.rows] == [(0, 1), (1, 9)]
+
+
+def test_without_mixed_chunk_steps_are_prefill_or_decode_and_alternate() -> None:
+    pool = BlockPool(64)
+    running: list[Sequence] = []
+    waiting = deque([make_seq(0), make_seq(1)])
+    first = plan_batch(running, waiting, pool, LIMITS, 0)
+    assert first.is_prefill_only
+    assert [r.seq.seq_id for r in first.rows] == [0, 1]
+    run_rows(first.rows)
+    waiting.append(make_seq(2))  # arrives while 0 and 1 decode
+    second = plan_batch(running, waiting, pool, LIMITS, 1, prefill_turn=True)
+    assert second.is_prefill_only
+    assert [(r.seq.seq_id, r.num_new) for r in second.rows] == [(2, 5)]
+    run_rows(second.rows)
+    waiting.append(make_seq(3))
+    # right after a prefill-only step, decoding rows go first even though seq 3 waits
+    third = plan_batch(running, waiting, pool, LIMITS, 2, prefill_turn=False)
+    assert not third.is_prefill_only
+    assert [(r.seq.seq_id, r.num_new) for r in third.rows] == [(0, 1), (1, 1), (2, 1)]
+    assert [s.seq_id for s in waiting] == [3]
+
+
+def test_prefill_step_keeps_slots_of_adapters_that_are_decoding() -> None:
+    pool = BlockPool(64)
+    running: list[Sequence] = []
+    waiting = deque([make_seq(0, 2, adapter=1), make_seq(1, 2, adapter=2)])
+    run_rows(plan_batch(running, waiting, pool, LIMITS, 0).rows)  # both slots now in use
+    waiting.append(make_seq(2, 2, adapter=3))
+    waiting.append(make_seq(3, 2))
+    decision = plan_batch(running, waiting, pool, LIMITS, 1, prefill_turn=True)
+    # adapter 3 would evict a slot still decoding: it waits; the base request is admitted
+    assert [r.seq.seq_id for r in decision.rows] == [3]
+    assert [s.seq_id for s in waiting] == [2]
 
 
 def test_adapter_slots_limit_distinct_adapters() -> None:
