@@ -121,15 +121,18 @@ class AdapterRegistry:
                 self._grant(entry, request_id)
             entry.waiters.clear()
         elif entry.pinned:  # a pinned adapter must stay in memory: refuse it
-            self._remove(entry)
             error = (
                 f"no host memory left for pinned adapter {entry.name!r}; raise --max-loaded-loras"
             )
+            self._fail_waiters(entry, "adapter_error", error)
+            self._remove(entry)
         else:  # registered, but the host cap had no victim: it reloads on first use
             logger.info(
                 "adapter %r (id %d) loaded, then dropped by the host cap", entry.name, adapter_id
             )
             entry.move_to(S.UNLOADED)
+            if entry.waiters:  # requests that came during the load wait for host room
+                self._room_queue.append(entry.adapter_id)
         self._op_done(op_id, error)
         self._serve_room_queue()
         return self._flush()
@@ -138,6 +141,7 @@ class AdapterRegistry:
         entry = self.entries[adapter_id]
         detail = f"failed to load adapter {entry.name!r} from {entry.path!r}: {error}"
         if entry.num_loads == 0 or entry.unloading:  # a failed first load leaves no trace
+            self._fail_waiters(entry, "adapter_error", detail)
             self._remove(entry)
             self._op_done(entry.op_id, detail)
         else:  # a failed reload: the adapter stays registered; the next acquire retries
@@ -169,11 +173,9 @@ class AdapterRegistry:
         entry = self.by_name.get(name)
         if entry is None:
             self._out.append(not_found(request_id, name, "is not loaded"))
-        elif entry.num_loads == 0:
-            self._out.append(not_found(request_id, name, "is still loading"))
         elif entry.state in CAN_SERVE:
             self._grant(entry, request_id)
-        else:  # dropped by the host cap (UNLOADED) or reloading (LOADING): wait for the reload
+        else:  # first load or reload in flight (LOADING), or dropped by the host cap (UNLOADED)
             entry.waiters.append(request_id)
             self._holders[request_id] = entry.adapter_id
             if entry.state is S.UNLOADED and entry.adapter_id not in self._room_queue:

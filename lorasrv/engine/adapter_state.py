@@ -215,7 +215,9 @@ def check_invariants(
         assert e.pinned or e.state is not S.PINNED, where
         assert not (e.pinned and e.state is S.GPU_RESIDENT), where
         assert not e.refs or e.state in CAN_SERVE, f"{where}: referenced but not servable"
-        assert not e.waiters or (e.state in (S.UNLOADED, S.LOADING) and e.num_loads > 0), where
+        # Waiters wait for a load in flight (first load or reload) or for host room to reload.
+        waits_ok = e.state is S.LOADING or (e.state is S.UNLOADED and e.num_loads > 0)
+        assert not e.waiters or waits_ok, f"{where}: waiters"
         assert not (e.unloading and e.waiters), f"{where}: unloading with waiters"
         assert not (e.unloading and not e.refs and e.state is not S.LOADING), f"{where}: drained"
         assert (e.op_id is not None) == (e.num_loads == 0), f"{where}: op id"

@@ -359,11 +359,28 @@ async def test_a_slow_load_blocks_no_other_operation() -> None:
         slow_op = h.send_op(lambda op: LoadAdapter(op_id=op, lora_name="slow", lora_path="/slow"))
         assert (await h.load("a")).success
         a = (await acquired(h, "r1", "a")).adapter_id
-        failed = await h.acquire("r2", "slow")
-        assert isinstance(failed, AdapterAcquireFailed)
-        assert failed.detail == "adapter 'slow' is still loading"
+        # A request for an adapter still loading waits for it (no 404 for a name being loaded).
+        h.actor.send(AcquireAdapter(request_id=RequestId("r2"), lora_name="slow"))
         h.release("r1", a)
         assert (await h.unload("a")).success
         assert [(s.name, s.state) for s in await h.describe()] == [("slow", "loading")]
+        assert h._reply_to("r2") is None
         gate.set()
         assert (await h.op_result(slow_op)).loaded_adapters == {"slow": "/slow"}
+        waited = await h.until(lambda: h._reply_to("r2"))
+        assert isinstance(waited, AdapterAcquired)
+
+
+async def test_requests_waiting_on_a_failed_first_load_fail_with_its_reason() -> None:
+    async with running() as h:
+        gate = h.disk.gates["/resolved/slow"] = threading.Event()
+        h.disk.weight_errors["/resolved/slow"] = ValueError("corrupt adapter_model.safetensors")
+        slow_op = h.send_op(lambda op: LoadAdapter(op_id=op, lora_name="slow", lora_path="/slow"))
+        h.actor.send(AcquireAdapter(request_id=RequestId("r1"), lora_name="slow"))
+        await asyncio.sleep(0.01)
+        gate.set()
+        assert not (await h.op_result(slow_op)).success
+        failed = await h.until(lambda: h._reply_to("r1"))
+        assert isinstance(failed, AdapterAcquireFailed)
+        assert failed.code == "adapter_error"
+        assert "corrupt adapter_model.safetensors" in failed.detail

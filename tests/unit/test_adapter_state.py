@@ -153,13 +153,17 @@ def test_same_name_twice_fails_and_a_failed_load_leaves_no_trace() -> None:
     assert b > start.adapter_id
 
 
-def test_acquire_unknown_or_still_loading_is_not_found() -> None:
+def test_acquire_unknown_is_not_found_and_still_loading_waits() -> None:
     reg = make()
-    reg.begin_load(OpId(1), "a", "/a", False)
-    for name in ("nope", "a"):
-        (failed,) = acquire(reg, "r1", name)
-        assert isinstance(failed, AdapterAcquireFailed)
-        assert failed.code == "adapter_not_found"
+    (start,) = reg.begin_load(OpId(1), "a", "/a", False)
+    (failed,) = acquire(reg, "r1", "nope")
+    assert isinstance(failed, AdapterAcquireFailed)
+    assert failed.code == "adapter_not_found"
+    assert acquire(reg, "r2", "a") == []  # waits for the first load, no 404 for a loading name
+    effects = reg.finish_load(start.adapter_id, "w", 8, 0.1)
+    granted = [e for e in effects if isinstance(e, AdapterAcquired)]
+    assert [g.request_id for g in granted] == ["r2"]
+    reg.check_invariants()
 
 
 def test_acquire_and_release_exactly_once() -> None:
