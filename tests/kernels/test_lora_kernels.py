@@ -7,7 +7,6 @@ float16/bfloat16 at Llama-3-8B shapes.
 from __future__ import annotations
 
 import math
-import os
 from typing import NamedTuple
 
 import pytest
@@ -21,14 +20,7 @@ from lorasrv_kernels import (
     triton_lora_forward,
 )
 
-IS_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-HAS_CUDA = torch.cuda.is_available()
-# The interpreter runs on CPU tensors; without it Triton needs CUDA ones.
-TRITON_DEVICE = "cpu" if IS_INTERPRET else "cuda"
-needs_triton = pytest.mark.skipif(
-    not (IS_INTERPRET or HAS_CUDA),
-    reason="Triton needs CUDA, or TRITON_INTERPRET=1 set before Python starts (make test-kernels)",
-)
+from tests.kernels.marks import HAS_CUDA, IS_INTERPRET, TRITON_DEVICE, needs_triton
 
 
 class LoraCase(NamedTuple):

@@ -8,7 +8,6 @@ was never written (past a row's length, or a padding page) poisons the output.
 
 from __future__ import annotations
 
-import os
 from typing import NamedTuple
 
 import pytest
@@ -22,16 +21,7 @@ from lorasrv_kernels import (
     store_kv,
 )
 
-IS_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-HAS_CUDA = torch.cuda.is_available()
-TRITON_DEVICE = "cpu" if IS_INTERPRET else "cuda"
-needs_triton = pytest.mark.skipif(
-    not (IS_INTERPRET or HAS_CUDA),
-    reason="Triton needs CUDA, or TRITON_INTERPRET=1 set before Python starts (make test-kernels)",
-)
-needs_cuda = pytest.mark.skipif(
-    not HAS_CUDA or IS_INTERPRET, reason="needs CUDA, without the interpreter"
-)
+from tests.kernels.marks import IS_INTERPRET, TRITON_DEVICE, needs_cuda, needs_triton
 
 # (atol, rtol). Interpreted float32 is exact up to summation order; compiled float32 dots are tf32.
 TOLERANCE: dict[torch.dtype, tuple[float, float]] = {
