@@ -9,7 +9,7 @@ from __future__ import annotations
 from . import attention_reference, reference
 from .batch_info import LoraBatchInfo, prepare_lora_batch_info
 from .kv_store import store_kv
-from .lora_expand import expand_partials, sgmv_expand
+from .lora_expand import expand_partials, sgmv_expand, sgmv_expand_stacked
 from .lora_ops import triton_lora_forward
 from .lora_shrink import sgmv_shrink, shrink_partials
 from .norm_rope import apply_rotary, rms_norm
@@ -30,6 +30,7 @@ __all__ = [
     "reference",
     "rms_norm",
     "sgmv_expand",
+    "sgmv_expand_stacked",
     "sgmv_shrink",
     "shrink_partials",
     "store_kv",

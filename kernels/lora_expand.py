@@ -31,6 +31,7 @@ def _sgmv_expand_kernel(
     slot_scaling_ptr,  # [num_slots] float32
     # sizes
     max_rank,
+    slot_cols,
     num_m_blocks,
     num_n_blocks,
     slice_off0,
@@ -83,10 +84,11 @@ def _sgmv_expand_kernel(
     mask_m = offs_m < seg_end
     mask_n = offs_n < col_hi
 
+    # Compact v (from the shrink): slot_cols == 0. Stacked v (the base GEMM's extra columns,
+    # one block of num_slices * max_rank per slot): each segment reads its own slot's block.
+    v_cols = slot * slot_cols + slice_idx * max_rank + offs_r
     v_ptrs = (
-        v_ptr
-        + offs_m.to(tl.int64)[:, None] * stride_vt
-        + (slice_idx * max_rank + offs_r)[None, :] * stride_vr
+        v_ptr + offs_m.to(tl.int64)[:, None] * stride_vt + v_cols[None, :] * stride_vr
     )  # [BLOCK_M, BLOCK_R]
     b_ptrs = (
         b_ptr
@@ -149,6 +151,33 @@ def sgmv_expand(
     expand_partials(v[None], b_stack, y, info, slice_offsets)
 
 
+def sgmv_expand_stacked(
+    v_all: torch.Tensor,
+    b_stack: torch.Tensor,
+    y: torch.Tensor,
+    info: LoraBatchInfo,
+    slice_offsets: tuple[int, ...],
+) -> None:
+    """`sgmv_expand` where v holds every slot's shrink, as the stacked base GEMM computes it.
+
+    With A's rows stored under the base weight (`[W; A[0]; A[1]; ...]`), one GEMM gives each
+    token its base output and its shrink against every slot; this reads each segment's own
+    slot block, `v_all[:, slot * num_slices * R:(slot + 1) * num_slices * R]`.
+
+    Args:
+        v_all: [num_tokens, num_slots * num_slices * max_rank], b_stack.dtype; may be a
+            strided view (the GEMM output's columns past out_total).
+        b_stack, y, info, slice_offsets: as in `sgmv_expand`.
+    """
+    num_slots, _, max_rank = b_stack.shape
+    num_slices = len(slice_offsets) - 1
+    assert v_all.dtype == b_stack.dtype, "v_all and b_stack must share a dtype"
+    assert v_all.shape[1] == num_slots * num_slices * max_rank, (
+        "v_all width must be num_slots * num_slices * max_rank"
+    )
+    _launch_expand(v_all[None], b_stack, y, info, slice_offsets, slot_cols=num_slices * max_rank)
+
+
 def expand_partials(
     parts: torch.Tensor,
     b_stack: torch.Tensor,
@@ -164,10 +193,23 @@ def expand_partials(
         b_stack, y, info, slice_offsets: as in `sgmv_expand`.
     """
     num_slices = len(slice_offsets) - 1
+    assert parts.shape[2] == num_slices * b_stack.shape[2], "v width must be num_slices * max_rank"
+    _launch_expand(parts, b_stack, y, info, slice_offsets, slot_cols=0)
+
+
+def _launch_expand(
+    parts: torch.Tensor,
+    b_stack: torch.Tensor,
+    y: torch.Tensor,
+    info: LoraBatchInfo,
+    slice_offsets: tuple[int, ...],
+    *,
+    slot_cols: int,
+) -> None:
+    num_slices = len(slice_offsets) - 1
     assert 1 <= num_slices <= MAX_SLICES, f"1..{MAX_SLICES} slices supported"
-    num_parts, num_tokens, stacked_rank = parts.shape
+    num_parts, num_tokens, _ = parts.shape
     _, out_total, max_rank = b_stack.shape
-    assert stacked_rank == num_slices * max_rank, "v width must be num_slices * max_rank"
     assert y.shape == (num_tokens, out_total), "y must be [num_tokens, out_total]"
     assert slice_offsets[-1] <= out_total, "slice_offsets past out_total"
     num_segments = info.seg_slot.shape[0]
@@ -185,7 +227,7 @@ def expand_partials(
     grid = (num_segments * num_m_blocks, num_slices * num_n_blocks)
     _sgmv_expand_kernel[grid](
         parts, b_stack, y, info.seg_indptr, info.seg_slot, info.slot_rank, info.slot_scaling,
-        max_rank, num_m_blocks, num_n_blocks, offs[0], offs[1], offs[2], offs[3],
+        max_rank, slot_cols, num_m_blocks, num_n_blocks, offs[0], offs[1], offs[2], offs[3],
         parts.stride(0), parts.stride(1), parts.stride(2),
         b_stack.stride(0), b_stack.stride(1), b_stack.stride(2),
         y.stride(0), y.stride(1),

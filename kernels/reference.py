@@ -77,13 +77,52 @@ def sgmv_expand(
         slice_offsets: num_slices + 1 host ints, `slice_offsets[-1] == out_total`.
     """
     num_slices = len(slice_offsets) - 1
+    assert v.shape[1] == num_slices * b_stack.shape[2], "v width must be num_slices * max_rank"
+    _expand(v, b_stack, y, info, slice_offsets, slot_cols=0)
+
+
+def sgmv_expand_stacked(
+    v_all: torch.Tensor,
+    b_stack: torch.Tensor,
+    y: torch.Tensor,
+    info: LoraBatchInfo,
+    slice_offsets: tuple[int, ...],
+) -> None:
+    """Reference expand from every slot's shrink (the stacked base GEMM's extra columns).
+
+    Semantics: `sgmv_expand` with segment i reading
+    `v_all[:, slot[i] * num_slices * R:(slot[i] + 1) * num_slices * R]` as its v.
+
+    Args:
+        v_all: [num_tokens, num_slots * num_slices * max_rank]; may be a strided view.
+        b_stack, y, info, slice_offsets: as in `sgmv_expand`.
+    """
+    num_slots, _, max_rank = b_stack.shape
+    num_slices = len(slice_offsets) - 1
+    assert v_all.shape[1] == num_slots * num_slices * max_rank, (
+        "v_all width must be num_slots * num_slices * max_rank"
+    )
+    _expand(v_all, b_stack, y, info, slice_offsets, slot_cols=num_slices * max_rank)
+
+
+def _expand(
+    v: torch.Tensor,
+    b_stack: torch.Tensor,
+    y: torch.Tensor,
+    info: LoraBatchInfo,
+    slice_offsets: tuple[int, ...],
+    *,
+    slot_cols: int,
+) -> None:
+    num_slices = len(slice_offsets) - 1
     max_rank = b_stack.shape[2]
-    assert v.shape[1] == num_slices * max_rank, "v width must be num_slices * max_rank"
     scaling = info.slot_scaling.tolist()
     for start, end, slot, rank in active_segments(info):
+        base = slot * slot_cols  # 0 for a compact v
         for j in range(num_slices):
             lo, hi = slice_offsets[j], slice_offsets[j + 1]
-            v_seg = v[start:end, j * max_rank : j * max_rank + rank].float()  # [len, rank]
+            col = base + j * max_rank
+            v_seg = v[start:end, col : col + rank].float()  # [len, rank]
             b = b_stack[slot, lo:hi, :rank].float()  # [out_j, rank]
             # In-place add of a float32 tensor computes in float32: one rounding into y.dtype.
             y[start:end, lo:hi].add_(v_seg @ b.T, alpha=scaling[slot])

@@ -15,7 +15,7 @@ from lorasrv_kernels import LoraBatchInfo
 
 from lorasrv.messages import StepPlan
 from lorasrv.model.attention import AttentionMetadata, KvCache
-from lorasrv.model.layers import LoraOp, LoraStep
+from lorasrv.model.layers import LoraOp, make_lora_step
 from lorasrv.model.llama import LlamaModel
 from lorasrv.model.lora_pool import LoraPool
 
@@ -187,7 +187,7 @@ class DecodeRunner:
                 slot_scaling=self.pool.slot_scaling,
                 max_seg_len=bucket,  # NOTE: a fixed bound; the kernels mask shorter segments
             )
-            lora = LoraStep(info=info, op=self.lora_op)
+            lora = make_lora_step(info, self.lora_op, bucket)
         return self.model.forward(
             ids[:bucket], metadata, self.kv_cache, lora, self._sample_index[:bucket]
         )

@@ -11,7 +11,7 @@ from typing import NamedTuple, Protocol
 import lorasrv_kernels
 import torch
 import torch.nn.functional as F
-from lorasrv_kernels import LoraBatchInfo
+from lorasrv_kernels import LoraBatchInfo, reference, sgmv_expand_stacked, triton_lora_forward
 
 from lorasrv.model.arch import ModelArch
 
@@ -30,11 +30,43 @@ class LoraOp(Protocol):
     ) -> None: ...
 
 
+class StackedExpandOp(Protocol):
+    """`y += LoRA delta` from every slot's shrink, `v_all` (see `LoraLinear.attach_lora`)."""
+
+    def __call__(
+        self,
+        v_all: torch.Tensor,
+        b_stack: torch.Tensor,
+        y: torch.Tensor,
+        info: LoraBatchInfo,
+        slice_offsets: tuple[int, ...],
+    ) -> None: ...
+
+
+# Steps of at most this many tokens take the shrink from the base GEMM (`x @ [W; A].T`): at
+# decode sizes the extra rows cost a few percent of the weight's bytes and save one launch per
+# layer and module. Past it the extra columns are real FLOPs for every token, against a shrink
+# over each token's own adapter only.
+STACKED_MAX_TOKENS = 512
+_STACKED_EXPAND: dict[object, StackedExpandOp] = {
+    reference.lora_forward: reference.sgmv_expand_stacked,
+    triton_lora_forward: sgmv_expand_stacked,
+}
+
+
 class LoraStep(NamedTuple):
     """What a LoRA-aware layer needs for one step; absent when no row has an adapter."""
 
     info: LoraBatchInfo
     op: LoraOp
+    # Set: the stacked path (the shrink comes out of the base GEMM); None: shrink + expand.
+    expand_stacked: StackedExpandOp | None = None
+
+
+def make_lora_step(info: LoraBatchInfo, op: LoraOp, num_tokens: int) -> LoraStep:
+    """The step's LoRA: stacked when it is small and the op has a stacked expand."""
+    stacked = _STACKED_EXPAND.get(op) if num_tokens <= STACKED_MAX_TOKENS else None
+    return LoraStep(info=info, op=op, expand_stacked=stacked)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -53,7 +85,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 class LoraLinear:
     """`y = x Wᵀ + b` over fused parts, plus each row's adapter delta from the slot pool."""
 
-    __slots__ = ("a_stack", "b_stack", "bias", "slice_offsets", "weight")
+    __slots__ = ("a_stack", "b_stack", "bias", "slice_offsets", "stacked", "stacked_bias", "weight")
 
     def __init__(
         self, weight: torch.Tensor, bias: torch.Tensor | None, slice_sizes: tuple[int, ...]
@@ -68,11 +100,37 @@ class LoraLinear:
         # Set by LoraPool.attach when this module is a LoRA target; views of the pool's stacks.
         self.a_stack: torch.Tensor | None = None  # [num_slots, num_slices * max_rank, in]
         self.b_stack: torch.Tensor | None = None  # [num_slots, out_total, max_rank]
+        # [out_total + num_slots * num_slices * max_rank, in]: the weight, then every A row.
+        self.stacked: torch.Tensor | None = None
+        self.stacked_bias: torch.Tensor | None = None  # the bias, zeros under the A rows
+
+    def attach_lora(self, stacked: torch.Tensor, b_stack: torch.Tensor, num_slots: int) -> None:
+        """Serve LoRA from `stacked` = `[W; A[0]; A[1]; ...]` (the weight's rows copied in by
+        the caller) and `b_stack`; the weight and A stack become views of it."""
+        out_total, in_features = self.weight.shape
+        assert stacked.shape[1] == in_features, "stacked rows must have the weight's width"
+        assert (stacked.shape[0] - out_total) % num_slots == 0, "one A block per slot"
+        self.weight = stacked[:out_total]
+        self.stacked = stacked
+        self.a_stack = stacked[out_total:].view(num_slots, -1, in_features)
+        self.b_stack = b_stack
+        if self.bias is not None:
+            self.stacked_bias = torch.cat(
+                [self.bias, self.bias.new_zeros(stacked.shape[0] - out_total)]
+            )
 
     def forward(self, x: torch.Tensor, lora: LoraStep | None) -> torch.Tensor:
-        y = F.linear(x, self.weight, self.bias)  # [num_tokens, out_total]
-        if lora is not None and self.a_stack is not None and self.b_stack is not None:
-            lora.op(x, y, self.a_stack, self.b_stack, lora.info, self.slice_offsets)
+        if lora is None or self.a_stack is None or self.b_stack is None:
+            return F.linear(x, self.weight, self.bias)  # [num_tokens, out_total]
+        if lora.expand_stacked is not None and self.stacked is not None:
+            # One GEMM: each token's base output, then its shrink against every slot.
+            wide = F.linear(x, self.stacked, self.stacked_bias)
+            out_total = self.weight.shape[0]
+            y = wide[:, :out_total]  # [num_tokens, out_total], a strided view
+            lora.expand_stacked(wide[:, out_total:], self.b_stack, y, lora.info, self.slice_offsets)
+            return y
+        y = F.linear(x, self.weight, self.bias)
+        lora.op(x, y, self.a_stack, self.b_stack, lora.info, self.slice_offsets)
         return y
 
 

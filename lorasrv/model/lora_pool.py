@@ -60,10 +60,31 @@ class LoraPool:
         return sum(t.numel() * t.element_size() for t in [*self.a.values(), *self.b.values()])
 
     def attach(self, model: LlamaModel) -> None:
-        """Point each targeted linear layer at its stacks."""
+        """Point each targeted linear layer at its stacks.
+
+        Each A stack moves under its base weight, into one `[W; A[0]; A[1]; ...]` buffer, so
+        that small steps get the shrink out of the base GEMM (`LoraLinear.forward`). The old
+        weight is freed as soon as it is copied: one module's weight is transient memory.
+        """
         for layer, name, linear in model.lora_linears():
-            if (layer, name) in self.a:
-                linear.a_stack, linear.b_stack = self.a[layer, name], self.b[layer, name]
+            key = (layer, name)
+            if key not in self.a:
+                continue
+            a = self.a[key]  # [num_slots, num_slices * max_rank, in]
+            out_total, in_features = linear.weight.shape
+            if a.shape[2] != in_features:
+                raise ValueError(f"layer {layer} {name}: A width {a.shape[2]} != {in_features}")
+            stacked = torch.empty(
+                out_total + a.shape[0] * a.shape[1],
+                in_features,
+                dtype=linear.weight.dtype,
+                device=linear.weight.device,
+            )
+            stacked[:out_total].copy_(linear.weight)
+            stacked[out_total:].copy_(a.view(-1, in_features))
+            linear.attach_lora(stacked, self.b[key], self.num_slots)
+            assert linear.a_stack is not None
+            self.a[key] = linear.a_stack
 
     def load_slot(self, slot_id: SlotId, adapter_id: AdapterId, weights: AdapterWeights) -> None:
         """Copy an adapter into a slot; everything it does not cover is zeroed (no stale data)."""

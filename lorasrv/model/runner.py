@@ -23,7 +23,7 @@ from lorasrv.model.arch import ModelArch, read_arch
 from lorasrv.model.attention import KvCache, make_attention, needs_dense_metadata
 from lorasrv.model.batch import StepPreparer
 from lorasrv.model.cuda_graphs import DecodeRunner
-from lorasrv.model.layers import LoraStep
+from lorasrv.model.layers import make_lora_step
 from lorasrv.model.llama import LlamaModel
 from lorasrv.model.loader import load_model_weights
 from lorasrv.model.lora_layout import AdapterWeights
@@ -207,7 +207,7 @@ class ModelRunner:
         lora = None
         if self.pool is not None and batch.seg_indptr is not None and batch.seg_slot is not None:
             info = self.pool.batch_info(batch.seg_indptr, batch.seg_slot, batch.max_seg_len)
-            lora = LoraStep(info=info, op=self.lora_op)
+            lora = make_lora_step(info, self.lora_op, int(batch.input_ids.shape[0]))
         elif batch.seg_indptr is not None:
             raise ValueError("plan has adapter rows but this runner has no LoRA slots")
         logits = self.model.forward(

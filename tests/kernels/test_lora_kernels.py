@@ -16,6 +16,7 @@ from lorasrv_kernels import (
     prepare_lora_batch_info,
     reference,
     sgmv_expand,
+    sgmv_expand_stacked,
     sgmv_shrink,
     triton_lora_forward,
 )
@@ -175,6 +176,46 @@ def test_reference_matches_naive(name: str, dtype: torch.dtype) -> None:
     assert_close(y, y_naive)
 
 
+def stacked_gemm(case: LoraCase) -> tuple[torch.Tensor, torch.Tensor]:
+    """(y, v_all), views of the stacked base GEMM's output `x @ [W; A[0]; A[1]; ...].T`:
+    y, its first out_total columns, set to case.y; v_all, the rest, every slot's shrink."""
+    in_features = case.x.shape[1]
+    out_total = case.y.shape[1]
+    a_rows = case.a_stack.reshape(-1, in_features)  # [num_slots * num_slices * max_rank, in]
+    weight = torch.cat([case.a_stack.new_zeros(out_total, in_features), a_rows])
+    wide = case.x @ weight.T  # [num_tokens, out_total + num_slots * num_slices * max_rank]
+    wide[:, :out_total] = case.y
+    return wide[:, :out_total], wide[:, out_total:]
+
+
+@pytest.mark.parametrize("name", CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_reference_stacked_matches_naive(name: str, dtype: torch.dtype) -> None:
+    case = cpu_case(name, dtype=dtype)
+    _, y_naive = naive_lora(case)
+    y, v_all = stacked_gemm(case)
+    reference.sgmv_expand_stacked(v_all, case.b_stack, y, case.info, case.slice_offsets)
+    assert_close(y, y_naive)
+
+
+@needs_triton
+@pytest.mark.parametrize("pad_value", [0.0, math.nan])
+@pytest.mark.parametrize("name", CASES)
+def test_triton_expand_stacked(name: str, pad_value: float) -> None:
+    # NaN padding: v_all then holds NaN in every column past a slot's rank and in the whole
+    # block of the rank-0 slot; none of it may reach y.
+    case = cpu_case(name, device=TRITON_DEVICE, pad_value=pad_value)
+    y_ref, v_ref = stacked_gemm(case)
+    reference.sgmv_expand_stacked(v_ref, case.b_stack, y_ref, case.info, case.slice_offsets)
+    y, v_all = stacked_gemm(case)
+    sgmv_expand_stacked(v_all, case.b_stack, y, case.info, case.slice_offsets)
+    assert bool(torch.isfinite(y_ref).all())
+    assert_close(y, y_ref)
+    assert bool(torch.isfinite(y).all())
+    # The kernel writes y only: the shrink columns are left as the GEMM wrote them.
+    torch.testing.assert_close(v_all, stacked_gemm(case)[1], equal_nan=True)
+
+
 @needs_triton
 @pytest.mark.parametrize("split_k", [None, 1, 2])
 @pytest.mark.parametrize("name", CASES)
@@ -283,3 +324,10 @@ def test_gpu_llama3_8b_shapes(dtype: torch.dtype, module: str, num_tokens: int) 
     y = case.y.clone()
     triton_lora_forward(case.x, y, case.a_stack, case.b_stack, case.info, case.slice_offsets)
     assert_close(y, y_ref)
+    y_stacked_ref, v_all = stacked_gemm(case)
+    reference.sgmv_expand_stacked(v_all, case.b_stack, y_stacked_ref, case.info,
+                                  case.slice_offsets)  # fmt: skip
+    y_stacked, v_all = stacked_gemm(case)
+    sgmv_expand_stacked(v_all, case.b_stack, y_stacked, case.info, case.slice_offsets)
+    assert_close(y_stacked, y_stacked_ref)
+    assert_close(y_stacked, y_ref)
