@@ -1,4 +1,4 @@
-"""lorasrv_kernels: batched LoRA (SGMV) ops, paged attention, KV store, RMSNorm and rotary, as
+"""lorasrv_kernels: batched LoRA (SGMV) ops, paged attention, KV store, RMSNorm, rotary, SiLU, as
 Triton kernels and as plain-torch references.
 
 Imports torch and triton only, never lorasrv.
@@ -7,18 +7,20 @@ Imports torch and triton only, never lorasrv.
 from __future__ import annotations
 
 from . import attention_reference, reference
+from .activation import silu_mul
 from .batch_info import LoraBatchInfo, prepare_lora_batch_info
 from .kv_store import store_kv
 from .lora_expand import expand_partials, sgmv_expand, sgmv_expand_stacked
 from .lora_ops import triton_lora_forward
 from .lora_shrink import sgmv_shrink, shrink_partials
-from .norm_rope import apply_rotary, rms_norm
+from .norm_rope import add_rms_norm, apply_rotary, rms_norm
 from .paged_decode import paged_decode_attention, pick_num_splits
 from .paged_prefill import paged_prefill_attention
 from .reference import lora_forward
 
 __all__ = [
     "LoraBatchInfo",
+    "add_rms_norm",
     "apply_rotary",
     "attention_reference",
     "expand_partials",
@@ -33,6 +35,7 @@ __all__ = [
     "sgmv_expand_stacked",
     "sgmv_shrink",
     "shrink_partials",
+    "silu_mul",
     "store_kv",
     "triton_lora_forward",
 ]

@@ -205,7 +205,10 @@ def _launch_expand(
     slice_offsets: tuple[int, ...],
     *,
     slot_cols: int,
+    tile: tuple[int, int] | None = None,
+    num_warps: int = 4,
 ) -> None:
+    """The launch behind both expands; `tile` = (BLOCK_M, BLOCK_N) overrides the table (sweeps)."""
     num_slices = len(slice_offsets) - 1
     assert 1 <= num_slices <= MAX_SLICES, f"1..{MAX_SLICES} slices supported"
     num_parts, num_tokens, _ = parts.shape
@@ -217,6 +220,8 @@ def _launch_expand(
     assert min(widths) >= 0, "slice_offsets must be non-decreasing"
 
     block_m, block_n, block_r = _tile_config(info.max_seg_len, max_rank)
+    if tile is not None:
+        block_m, block_n = tile
     num_m_blocks = triton.cdiv(info.max_seg_len, block_m)
     num_n_blocks = triton.cdiv(max(widths), block_n)
     if num_segments * num_m_blocks * num_n_blocks == 0 or num_tokens == 0:
@@ -232,4 +237,5 @@ def _launch_expand(
         b_stack.stride(0), b_stack.stride(1), b_stack.stride(2),
         y.stride(0), y.stride(1),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r, NUM_PARTS=num_parts,
+        num_warps=num_warps,
     )  # fmt: skip

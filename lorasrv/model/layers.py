@@ -82,6 +82,19 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * x32.to(x.dtype)
 
 
+def add_rms_norm(
+    x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The residual add and the next RMSNorm: `(s, rms_norm(s))`, `s = x + delta` in x.dtype.
+
+    CUDA: one Triton launch (torch: the add plus the norm's launches).
+    """
+    if x.is_cuda and weight.dtype == x.dtype == delta.dtype and x.dim() == 2:
+        return lorasrv_kernels.add_rms_norm(x, delta, weight, eps)
+    total = x + delta
+    return total, rms_norm(total, weight, eps)
+
+
 class LoraLinear:
     """`y = x Wᵀ + b` over fused parts, plus each row's adapter delta from the slot pool."""
 
@@ -190,5 +203,7 @@ def gated_mlp(
 ) -> torch.Tensor:
     """`down(silu(gate(x)) * up(x))` with gate and up fused into one matmul."""
     gate_up_out = gate_up.forward(x, lora)  # [num_tokens, 2 * intermediate]
+    if gate_up_out.is_cuda and gate_up_out.stride(1) == 1:
+        return down.forward(lorasrv_kernels.silu_mul(gate_up_out), lora)  # one launch
     gate, up = gate_up_out.chunk(2, dim=-1)
     return down.forward(F.silu(gate) * up, lora)

@@ -16,6 +16,7 @@ from lorasrv.model.layers import (
     LoraLinear,
     LoraStep,
     Rotary,
+    add_rms_norm,
     apply_rotary,
     gated_mlp,
     rms_norm,
@@ -59,19 +60,23 @@ class DecoderLayer:
     def forward(
         self,
         hidden: torch.Tensor,
+        pending: torch.Tensor | None,
         cos_sin: tuple[torch.Tensor, torch.Tensor],
         kv: tuple[torch.Tensor, torch.Tensor],
         metadata: AttentionMetadata,
         attention: AttentionBackend,
         lora: LoraStep | None,
-    ) -> torch.Tensor:
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The residual stream is `hidden + pending`; the adds are deferred so that each one
+        runs fused with the RMSNorm after it. Returns this layer's (hidden, pending)."""
         eps = self.arch.rms_norm_eps
-        attn_out = self._attention(
-            rms_norm(hidden, self.input_norm, eps), cos_sin, kv, metadata, attention, lora
-        )
-        hidden = hidden + attn_out  # [num_tokens, hidden]
-        mlp_in = rms_norm(hidden, self.post_attention_norm, eps)
-        return hidden + gated_mlp(mlp_in, self.gate_up_proj, self.down_proj, lora)
+        if pending is None:  # the first layer: hidden is the embedding
+            attn_in = rms_norm(hidden, self.input_norm, eps)
+        else:
+            hidden, attn_in = add_rms_norm(hidden, pending, self.input_norm, eps)
+        attn_out = self._attention(attn_in, cos_sin, kv, metadata, attention, lora)
+        hidden, mlp_in = add_rms_norm(hidden, attn_out, self.post_attention_norm, eps)
+        return hidden, gated_mlp(mlp_in, self.gate_up_proj, self.down_proj, lora)
 
     def _attention(
         self,
@@ -145,12 +150,16 @@ class LlamaModel:
         """
         hidden = self.embed(input_ids)  # [num_tokens, hidden]
         cos_sin = self.rotary.cos_sin(metadata.positions, hidden.dtype)
+        pending: torch.Tensor | None = None  # the last block's output, not yet added
         for i, layer in enumerate(self.layers):
-            hidden = layer.forward(
-                hidden, cos_sin, kv_cache.layer(i), metadata, self.attention, lora
+            hidden, pending = layer.forward(
+                hidden, pending, cos_sin, kv_cache.layer(i), metadata, self.attention, lora
             )
-        # RMSNorm is per token, so normalizing only the sampled rows gives the same values.
-        last = rms_norm(hidden[sample_index], self.norm, self.arch.rms_norm_eps)
+        # The add and RMSNorm are per token: only the sampled rows need them.
+        last = hidden[sample_index]
+        if pending is not None:
+            last = last + pending[sample_index]
+        last = rms_norm(last, self.norm, self.arch.rms_norm_eps)
         return self.head(last)  # [num_sampled, vocab]
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,5 @@
-"""RMSNorm and rotary kernels against `lorasrv_kernels.reference` (HF's formulas).
+"""RMSNorm (alone and after the residual add), rotary and SiLU-and-multiply kernels against
+`lorasrv_kernels.reference` and torch (HF's formulas).
 
 Rotary is bitwise equal in the interpreter; on the GPU it rounds once (an ulp apart). RMSNorm may
 differ in the float32 sum order only.
@@ -9,7 +10,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from lorasrv_kernels import apply_rotary, reference, rms_norm
+import torch.nn.functional as F
+from lorasrv_kernels import add_rms_norm, apply_rotary, reference, rms_norm, silu_mul
 
 from tests.kernels.marks import TRITON_DEVICE, needs_cuda, needs_triton
 
@@ -34,6 +36,31 @@ def test_triton_rms_norm(num_tokens: int, num_cols: int) -> None:
     out = rms_norm(x, weight, 1e-5)
     assert out.shape == x.shape
     torch.testing.assert_close(out, reference.rms_norm(x, weight, 1e-5), atol=1e-5, rtol=1e-5)
+
+
+@needs_triton
+@pytest.mark.parametrize(("num_tokens", "num_cols"), [(1, 72), (7, 130), (0, 72)])
+def test_triton_add_rms_norm(num_tokens: int, num_cols: int) -> None:
+    x = torch.randn(num_tokens, num_cols, device=TRITON_DEVICE) * 3
+    # delta as a column window of a wider output (the stacked o/down GEMMs give those)
+    delta = torch.randn(num_tokens, num_cols + 6, device=TRITON_DEVICE)[:, 2 : 2 + num_cols]
+    weight = torch.randn(num_cols, device=TRITON_DEVICE)
+    total, out = add_rms_norm(x, delta, weight, 1e-5)
+    assert torch.equal(total, x + delta)
+    torch.testing.assert_close(out, reference.rms_norm(x + delta, weight, 1e-5), atol=1e-5,
+                               rtol=1e-5)  # fmt: skip
+
+
+@needs_triton
+@pytest.mark.parametrize(("num_tokens", "num_cols"), [(1, 72), (5, 1100), (0, 8)])
+def test_triton_silu_mul(num_tokens: int, num_cols: int) -> None:
+    # gate/up as a column window of the stacked gate_up GEMM output; 1100 spans two blocks
+    wide = torch.randn(num_tokens, 2 * num_cols + 10, device=TRITON_DEVICE) * 4
+    gate_up = wide[:, : 2 * num_cols]
+    gate, up = gate_up.chunk(2, dim=-1)
+    out = silu_mul(gate_up)
+    assert out.shape == (num_tokens, num_cols)
+    torch.testing.assert_close(out, F.silu(gate) * up, atol=1e-5, rtol=1e-5)
 
 
 @needs_triton
@@ -76,3 +103,22 @@ def test_gpu_llama3_8b(dtype: torch.dtype) -> None:
     # Only the sum order differs: at most one rounding step apart, rarely.
     torch.testing.assert_close(out, expected, atol=0.0, rtol=2 * torch.finfo(dtype).eps)
     assert float((out != expected).float().mean()) < 0.01
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gpu_fused_residual_and_mlp_ops(dtype: torch.dtype) -> None:
+    x = torch.randn(64, 4096, device="cuda", dtype=dtype) * 4
+    delta = torch.randn(64, 4096 + 128, device="cuda", dtype=dtype)[:, :4096]
+    weight = torch.randn(4096, device="cuda", dtype=dtype)
+    total, out = add_rms_norm(x, delta, weight, 1e-5)
+    assert torch.equal(total, x + delta)  # the add is torch's, bitwise
+    expected = reference.rms_norm(x + delta, weight, 1e-5)
+    torch.testing.assert_close(out, expected, atol=0.0, rtol=2 * torch.finfo(dtype).eps)
+    gate_up = torch.randn(64, 2 * 14336 + 256, device="cuda", dtype=dtype)[:, : 2 * 14336] * 4
+    gate, up = gate_up.chunk(2, dim=-1)
+    act, expected = silu_mul(gate_up), F.silu(gate) * up
+    # exp may differ in float32's last bit, which moves a rounding of silu now and then.
+    torch.testing.assert_close(act, expected, atol=0.0, rtol=2 * torch.finfo(dtype).eps)
+    assert float((act != expected).float().mean()) < 0.01
