@@ -52,6 +52,8 @@ class SchedulerConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, k
     chunked_prefill_size: PositiveInt = 2048  # token budget of one step
     max_queued_requests: PositiveInt = 4096  # ingress bound; beyond it requests get 503
     enable_mixed_chunk: bool = False  # SGLang's flag: prefill chunks ride along decode steps
+    # SGLang's flag: off, the runner waits for each step's tokens before starting the next
+    disable_overlap_schedule: bool = False
 
 
 class LoraRef(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):

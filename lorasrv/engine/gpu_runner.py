@@ -156,6 +156,7 @@ def model_runner_factory(
             seed=model.seed,
             enable_cuda_graph=not model.disable_cuda_graph,
             allow_pickle=model.allow_pickle,
+            enable_lookahead=not config.scheduler.disable_overlap_schedule,
         )
         return runner
 

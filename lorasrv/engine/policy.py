@@ -27,6 +27,9 @@ class PlanLimits(NamedTuple):
     context_length: int
     starvation_steps: int = 16  # after this many skipped steps, an adapter's request jumps the line
     mixed_chunk: bool = False  # prefill chunks and decode rows in one step (--enable-mixed-chunk)
+    # Decode steps also give each row the page of its next token, when free pages allow, so the
+    # runner can launch that step before this one's tokens are back (the overlap schedule).
+    lookahead: bool = False
 
 
 class Row(NamedTuple):
@@ -84,6 +87,20 @@ def plan_batch(
     `prefill_turn` (the scheduler clears it after a prefill-only step, so decoding rows advance
     at least every other step); otherwise the step decodes.
     """
+    decision = _plan_rows(running, waiting, pool, limits, step_no, prefill_turn)
+    if limits.lookahead and decision.rows and all(_is_decode(r.seq) for r in decision.rows):
+        _reserve_next_token_pages(decision.rows, pool, limits)
+    return decision
+
+
+def _plan_rows(
+    running: list[Sequence],
+    waiting: deque[Sequence],
+    pool: BlockPool,
+    limits: PlanLimits,
+    step_no: int,
+    prefill_turn: bool,
+) -> BatchDecision:
     if limits.mixed_chunk:
         return _plan(running, waiting, pool, limits, step_no, _any_row, admit=True)
     has_decode = any(_is_decode(seq) for seq in running)
@@ -195,6 +212,19 @@ def _reserve_pages(seq: Sequence, num_new: int, pool: BlockPool, page_size: int)
         return False
     seq.blocks.extend(pool.allocate(missing))
     return True
+
+
+def _reserve_next_token_pages(rows: list[Row], pool: BlockPool, limits: PlanLimits) -> None:
+    """Opportunistic: a row whose next token starts a page gets it now if one is free (it needs
+    it next step anyway, unless it stops). Never preempts; rows left without one are simply
+    not run ahead."""
+    for row in rows:
+        seq = row.seq
+        next_len = seq.num_computed + row.num_new + 1  # tokens once the next step has run
+        if next_len > limits.context_length:
+            continue
+        if pages_needed(next_len, limits.page_size) > len(seq.blocks) and pool.can_allocate(1):
+            seq.blocks.extend(pool.allocate(1))
 
 
 def _pick_victim(running: list[Sequence], index: int, scheduled: set[int]) -> Sequence:

@@ -185,6 +185,7 @@ class SchedulerActor(Actor[SchedulerInbox]):
             page_size=self._ready.page_size,
             context_length=self._ready.context_length,
             mixed_chunk=self._cfg.enable_mixed_chunk,
+            lookahead=not self._cfg.disable_overlap_schedule,
         )
         decision = plan_batch(
             self._running, self._waiting, self._pool, limits, self._step_id,

@@ -104,12 +104,18 @@ class DecodeRunner:
         num_runs = len(lora_runs(plan.lora_slots)[1])
         return num_runs <= min(self._bucket(num_rows), self.max_segments)
 
-    def run(self, plan: StepPlan) -> torch.Tensor:
-        """Logits `[num_rows, vocab]` float32 of a decode plan (valid until the next step)."""
+    def run(self, plan: StepPlan, input_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits `[num_rows, vocab]` float32 of a decode plan (valid until the next step).
+
+        `input_ids` [num_rows] on the device replaces `plan.input_ids` (the previous step's
+        tokens, not yet on the host: see lookahead.py).
+        """
         num_rows = len(plan.seq_ids)
         bucket = self._bucket(num_rows)
         with_lora = any(slot >= 0 for slot in plan.lora_slots)
         self._upload(plan)
+        if input_ids is not None:
+            self._views()[0][:num_rows].copy_(input_ids)  # queued after the header upload
         graph = self._graphs.get((bucket, with_lora)) if self.use_graphs else None
         if graph is None:
             return self._forward(bucket, with_lora)[:num_rows]

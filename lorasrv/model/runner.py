@@ -26,10 +26,11 @@ from lorasrv.model.cuda_graphs import DecodeRunner
 from lorasrv.model.layers import make_lora_step
 from lorasrv.model.llama import LlamaModel
 from lorasrv.model.loader import load_model_weights
+from lorasrv.model.lookahead import Guess, guess_holds, next_decode_plan
 from lorasrv.model.lora_layout import AdapterWeights
 from lorasrv.model.lora_pool import LoraPool
 from lorasrv.model.parallel import TpGroup, TpLlamaModel
-from lorasrv.model.sampler import Sampler
+from lorasrv.model.sampler import PendingSample, Sampler
 from lorasrv.model.sharding import load_sharded_weights, shard_arch
 
 logger = logging.getLogger(__name__)
@@ -70,6 +71,7 @@ class ModelRunner:
         tp: TpGroup | None = None,
         attention_backend: str = "auto",
         cuda_graph_max_batch_size: int = 256,
+        enable_lookahead: bool = True,
     ) -> None:
         started = time.monotonic()
         torch.manual_seed(seed)
@@ -117,6 +119,11 @@ class ModelRunner:
         )
         self.decode = self._make_decode_runner(enable_cuda_graph, cuda_graph_max_batch_size)
         self.sampler = Sampler(self.arch.vocab_size, self.device, seed=seed)
+        # The next decode step runs while the host plans it (lookahead.py); static decode only.
+        self.lookahead = enable_lookahead and self.decode is not None
+        self._guess: Guess | None = None
+        self.num_guesses_used = 0
+        self.num_guesses_dropped = 0
         logger.info(
             "model %s (%s) on %s in %s: %d KV pages of %d tokens, %d LoRA slots, %.1fs",
             self.model_path,
@@ -150,12 +157,20 @@ class ModelRunner:
             self.sampler.remove_seq(seq_id)
         for seq in plan.new_seqs:
             self.sampler.add_seq(seq)
+        guess = self._take_guess()
         if not plan.seq_ids:
             return StepResult([], [], [])
-        logits, seq_ids = self._forward(plan)
-        if not seq_ids or (self.tp is not None and self.tp.rank != 0):
-            return StepResult([], [], [])  # with TP, rank 0 alone samples (logits are gathered)
-        result = self.sampler.sample(logits, seq_ids)
+        if guess is not None and guess_holds(guess, plan, self.page_size):
+            self.num_guesses_used += 1
+            pending = guess.pending
+        else:
+            self.num_guesses_dropped += guess is not None
+            logits, seq_ids = self._forward(plan)
+            if not seq_ids or (self.tp is not None and self.tp.rank != 0):
+                return StepResult([], [], [])  # with TP, rank 0 alone samples (logits gathered)
+            pending = self.sampler.sample_async(logits, seq_ids)
+        self._launch_guess(plan, pending)  # queued behind this step, before waiting for it
+        result = pending.result()
         return StepResult(result.token_ids, result.logprobs, result.top_logprobs)
 
     def forward(self, plan: StepPlan) -> torch.Tensor:
@@ -167,13 +182,16 @@ class ModelRunner:
             raise RuntimeError("load_slot: this runner has no LoRA slots (lora_num_slots=0)")
         if not isinstance(weights, AdapterWeights):
             raise TypeError(f"load_slot: expected AdapterWeights, got {type(weights).__name__}")
+        self.num_guesses_dropped += self._take_guess() is not None  # ran on the old slots
         self.pool.load_slot(slot_id, adapter_id, weights)
 
     def clear_slot(self, slot_id: SlotId) -> None:
         if self.pool is not None:
+            self.num_guesses_dropped += self._take_guess() is not None
             self.pool.clear_slot(slot_id)
 
     def shutdown(self) -> None:
+        self._guess = None
         self.pool = None
         self.decode = None  # its graphs hold their memory pool
         del self.kv_cache, self.model
@@ -198,6 +216,24 @@ class ModelRunner:
         return load
 
     # ------------------------------------------------------------------ internals
+
+    def _take_guess(self) -> Guess | None:
+        guess, self._guess = self._guess, None
+        return guess
+
+    @torch.inference_mode()
+    def _launch_guess(self, plan: StepPlan, parent: PendingSample) -> None:
+        """Queue the step after `plan`, fed `parent`'s tokens on the device, if it can be
+        guessed (see lookahead.py); its results wait in `self._guess`."""
+        if not self.lookahead or self.decode is None:
+            return
+        guess = next_decode_plan(plan, self.page_size, self.context_length)
+        if guess is None or not self.decode.can_run(guess):
+            return
+        if not self.sampler.is_replayable(guess.seq_ids):
+            return
+        logits = self.decode.run(guess, input_ids=parent.token_ids)
+        self._guess = Guess(guess, parent, self.sampler.sample_async(logits, guess.seq_ids))
 
     @torch.inference_mode()
     def _forward(self, plan: StepPlan) -> tuple[torch.Tensor, list[SeqId]]:

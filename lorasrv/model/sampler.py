@@ -1,7 +1,7 @@
 """Token sampling for one step: penalties, greedy/temperature/top-k/top-p/min-p, seeds, logprobs.
 
 Owns per-seq sampling state (params, penalty counts, generators); must not touch the KV cache
-or the model, and must not sync the device before the final `.tolist()` of the results.
+or the model, and must not sync the device before `PendingSample.result()`.
 """
 
 from __future__ import annotations
@@ -25,6 +25,52 @@ class SampleResult(NamedTuple):
     token_ids: list[int]
     logprobs: list[float]  # empty unless some row asked (params.logprobs or top_logprobs > 0)
     top_logprobs: list[tuple[TokenLogprob, ...]]  # empty unless some row asked; others get ()
+
+
+class PendingSample:
+    """A step's choices on their way to the host: `token_ids` stays on the device (the next step
+    may read it before the host does); `result()` waits for this step's copies only, not for
+    work queued after it."""
+
+    __slots__ = ("_done", "_host", "_num_rows", "_result", "_top_ks", "_top_rows", "token_ids")
+
+    def __init__(
+        self,
+        token_ids: torch.Tensor,
+        extras: list[torch.Tensor],
+        top_rows: list[int],
+        top_ks: list[int],
+        num_rows: int,
+    ) -> None:
+        self.token_ids = token_ids  # [n] int64, device
+        self._top_rows, self._top_ks = top_rows, top_ks
+        self._result: SampleResult | None = None
+        tensors = [token_ids, *extras]  # chosen logprobs, then top values and ids, if asked
+        self._done: torch.cuda.Event | None = None
+        if token_ids.is_cuda:
+            # NOTE: pinned targets make the copies asynchronous; the event marks their end.
+            self._host = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in tensors]
+            for host, t in zip(self._host, tensors, strict=True):
+                host.copy_(t, non_blocking=True)
+            self._done = torch.cuda.current_stream(token_ids.device).record_event()
+        else:
+            self._host = tensors
+        self._num_rows = num_rows
+
+    def result(self) -> SampleResult:
+        if self._result is None:
+            if self._done is not None:
+                self._done.synchronize()
+            lists = [t.tolist() for t in self._host]
+            token_ids, logprobs = lists[0], lists[1] if len(lists) > 1 else []
+            top_logprobs: list[tuple[TokenLogprob, ...]] = []
+            if len(lists) > 2:
+                top_logprobs = [() for _ in range(self._num_rows)]
+                rows = zip(self._top_rows, self._top_ks, lists[2], lists[3], strict=True)
+                for row, k, values, ids in rows:
+                    top_logprobs[row] = tuple(map(TokenLogprob, ids[:k], values[:k]))
+            self._result = SampleResult(token_ids, logprobs, top_logprobs)
+        return self._result
 
 
 @dataclass(slots=True)
@@ -162,6 +208,21 @@ class Sampler:
         Appends each chosen token to its seq's history (penalty counts), so the next step's
         penalties see it. `logits` is not modified.
         """
+        return self.sample_async(logits, seq_ids).result()
+
+    def is_replayable(self, seq_ids: Sequence[SeqId]) -> bool:
+        """Whether a sample for these seqs may be thrown away unseen: no penalty history and
+        no own generator would move (unseeded draws use the shared stream, which nobody can
+        replay anyway)."""
+        for seq_id in seq_ids:
+            state = self._seqs[seq_id]
+            if state.penalty_slot >= 0 or state.generator is not None:
+                return False
+        return True
+
+    def sample_async(self, logits: torch.Tensor, seq_ids: Sequence[SeqId]) -> PendingSample:
+        """`sample` with every device op queued now and the host copy still pending; all reads of
+        `logits` are queued before this returns, so the caller may reuse its buffer."""
         states = [self._seqs[seq_id] for seq_id in seq_ids]
         batch = self._prepare_batch(states)
         penalized = logits
@@ -268,23 +329,21 @@ class Sampler:
 
     def _result(
         self, raw_logits: torch.Tensor, token_ids: torch.Tensor, states: list[_SeqState]
-    ) -> SampleResult:
+    ) -> PendingSample:
+        num_rows = len(states)
         if not any(state.wants_logprobs for state in states):
-            return SampleResult(token_ids.tolist(), [], [])
+            return PendingSample(token_ids, [], [], [], num_rows)
         logprobs = raw_logits.log_softmax(dim=-1)  # [n, vocab]
         chosen = logprobs.gather(1, token_ids[:, None]).squeeze(1)  # [n]
         top_rows = [row for row, state in enumerate(states) if state.num_top_logprobs > 0]
         if not top_rows:
-            return SampleResult(token_ids.tolist(), chosen.tolist(), [])
+            return PendingSample(token_ids, [chosen], [], [], num_rows)
         max_top = max(states[row].num_top_logprobs for row in top_rows)
         top_values, top_ids = logprobs.index_select(0, self._ids_tensor(top_rows)).topk(
             min(max_top, self.vocab_size), dim=-1
         )  # [num_top_rows, max_top]
-        top_logprobs: list[tuple[TokenLogprob, ...]] = [() for _ in states]
-        for row, values, ids in zip(top_rows, top_values.tolist(), top_ids.tolist(), strict=True):
-            k = states[row].num_top_logprobs
-            top_logprobs[row] = tuple(map(TokenLogprob, ids[:k], values[:k]))
-        return SampleResult(token_ids.tolist(), chosen.tolist(), top_logprobs)
+        top_ks = [states[row].num_top_logprobs for row in top_rows]
+        return PendingSample(token_ids, [chosen, top_values, top_ids], top_rows, top_ks, num_rows)
 
     # ------------------------------------------------------------------------- helpers
 

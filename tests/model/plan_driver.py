@@ -38,13 +38,24 @@ class _Seq:
 
 
 class PlanDriver:
-    """Runs prompts to completion through `runner.step`; pages are handed out shuffled."""
+    """Runs prompts to completion through `runner.step`; pages are handed out shuffled.
+
+    As the engine's scheduler does (policy.py), decode steps also hand each row the page of its
+    next token (`lookahead_pages`), so the runner can launch that step ahead.
+    """
 
     def __init__(
-        self, runner: Any, *, token_budget: int = 16, seed: int = 0, record_logits: bool = False
+        self,
+        runner: Any,
+        *,
+        token_budget: int = 16,
+        seed: int = 0,
+        record_logits: bool = False,
+        lookahead_pages: bool = True,
     ) -> None:
         self.runner = runner
         self.token_budget = token_budget
+        self.lookahead_pages = lookahead_pages
         self.page_size: int = runner.page_size
         self.free_pages = list(range(runner.num_kv_pages))
         random.Random(seed).shuffle(self.free_pages)  # non-contiguous block tables
@@ -54,12 +65,20 @@ class PlanDriver:
         self._next_seq_id = 0
 
     def generate(
-        self, prompts: list[list[int]], slots: list[int] | None = None, max_new_tokens: int = 32
+        self,
+        prompts: list[list[int]],
+        slots: list[int] | None = None,
+        max_new_tokens: int | list[int] = 32,
     ) -> list[list[int]]:
-        """Greedy tokens per prompt; `slots[i]` is the LoRA slot of prompt i (-1 = base)."""
+        """Greedy tokens per prompt; `slots[i]` is the LoRA slot of prompt i (-1 = base);
+        `max_new_tokens` for all prompts or one per prompt."""
         seqs = []
-        for prompt, slot in zip(prompts, slots or [-1] * len(prompts), strict=True):
-            seqs.append(_Seq(SeqId(self._next_seq_id), list(prompt), slot, max_new_tokens))
+        limits = (
+            max_new_tokens if isinstance(max_new_tokens, list) else [max_new_tokens] * len(prompts)
+        )
+        rows = zip(prompts, slots or [-1] * len(prompts), limits, strict=True)
+        for prompt, slot, limit in rows:
+            seqs.append(_Seq(SeqId(self._next_seq_id), list(prompt), slot, limit))
             self._next_seq_id += 1
         freed: list[SeqId] = []
         while not all(s.done for s in seqs):
@@ -86,8 +105,10 @@ class PlanDriver:
             budget -= query_len
         chosen.sort(key=lambda item: item[0].slot)  # rows sorted by LoRA slot, base first
         new_seqs = []
+        is_decode = all(n == 1 and s.num_cached == len(s.tokens) - 1 for s, n in chosen)
+        ahead = 1 if self.lookahead_pages and is_decode else 0
         for seq, query_len in chosen:
-            needed = -(-(seq.num_cached + query_len) // self.page_size)
+            needed = -(-(seq.num_cached + query_len + ahead) // self.page_size)
             while len(seq.pages) < needed:
                 seq.pages.append(self.free_pages.pop())
             if not seq.started:

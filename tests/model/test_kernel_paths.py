@@ -78,7 +78,9 @@ def test_kernel_runner_matches_reference(
     expected, ref_driver = generate(reference, token_budget)
     decode_steps = []
     run = kernels.decode.run
-    kernels.decode.run = lambda plan: decode_steps.append(len(plan.seq_ids)) or run(plan)  # type: ignore[method-assign]
+    kernels.decode.run = lambda plan, **kw: (
+        decode_steps.append(len(plan.seq_ids)) or run(plan, **kw)
+    )  # type: ignore[method-assign]
     tokens, driver = generate(kernels, token_budget)
     assert tokens == expected
     assert 5 in decode_steps  # the static decode path ran, all rows in bucket 8
@@ -163,3 +165,32 @@ def test_decode_path_without_lora_matches_reference(checkpoint_dir: Callable[[st
     prompts = [p for p, _ in ROWS]
     outputs = [PlanDriver(r, token_budget=64).generate(prompts, None, NEW_TOKENS) for r in runners]
     assert outputs[1] == outputs[0]
+
+
+@pytest.mark.parametrize("lookahead_pages", [True, False])
+def test_lookahead_decode_matches_step_by_step(
+    checkpoint_dir: Callable[[str], Path], adapter_dir: Callable[[str], Path], lookahead_pages: bool
+) -> None:
+    """Steps launched ahead (lookahead.py) give the same tokens as waiting for each step; rows
+    that stop at different steps make some guesses wrong, which must be dropped cleanly."""
+    base = checkpoint_dir("llama")
+    step_by_step = make_runner(base, kernels=True, enable_lookahead=False)
+    ahead = make_runner(base, kernels=True)
+    assert ahead.lookahead
+    assert not step_by_step.lookahead
+    for runner in (step_by_step, ahead):
+        load_adapters(runner, adapter_dir)  # type: ignore[arg-type]
+    prompts, slots = [p for p, _ in ROWS], [s for _, s in ROWS]
+    limits = [3, 11, 6, 14, 8]
+
+    def generate(runner: ModelRunner) -> list[list[int]]:
+        driver = PlanDriver(runner, token_budget=64, lookahead_pages=lookahead_pages)
+        return driver.generate(prompts, slots, limits)
+
+    expected = generate(step_by_step)
+    assert generate(ahead) == expected
+    assert [len(t) for t in expected] == limits
+    assert step_by_step.num_guesses_used == 0
+    if lookahead_pages:  # without them most steps have a row at a page boundary: no guess
+        assert ahead.num_guesses_used >= 5
+        assert ahead.num_guesses_dropped >= 3  # a row stopped: the guess had one row too many

@@ -316,3 +316,37 @@ def test_readded_seed_restarts_its_stream() -> None:
     add(sampler, 3, seed=11)  # same id again: replaces the old state
     assert [sampler.sample(logits, [seq_id]).token_ids[0] for _ in range(8)] == first
     assert len(set(first)) > 1
+
+
+# ----------------------------------------------------------------------------- lookahead
+
+
+def test_only_rows_without_history_or_own_seed_are_replayable() -> None:
+    sampler = make_sampler(10)
+    greedy = add(sampler, 0, temperature=0.0, logprobs=True)
+    shared_stream = add(sampler, 1, temperature=0.8, top_k=3)
+    seeded = add(sampler, 2, temperature=0.8, seed=5)
+    penalized = add(sampler, 3, temperature=0.0, presence_penalty=0.5)
+    assert sampler.is_replayable([greedy, shared_stream])
+    assert not sampler.is_replayable([greedy, seeded])
+    assert not sampler.is_replayable([penalized])
+
+
+def test_pending_sample_keeps_tokens_on_the_device_and_matches_sample() -> None:
+    vocab = 16
+    logits = torch.randn(3, vocab, generator=torch.Generator().manual_seed(6))
+    sampler = make_sampler(vocab)
+    greedy = {"temperature": 0.0}
+    seq_ids = [
+        add(sampler, 0, **greedy),
+        add(sampler, 1, top_logprobs=2, **greedy),
+        add(sampler, 2, logprobs=True, **greedy),
+    ]
+    pending = sampler.sample_async(logits, seq_ids)
+    assert pending.token_ids.tolist() == logits.argmax(-1).tolist()
+    result = pending.result()
+    assert result is pending.result()  # materialized once
+    assert result.token_ids == logits.argmax(-1).tolist()
+    assert [len(row) for row in result.top_logprobs] == [0, 2, 0]
+    assert result.top_logprobs[1][0].token_id == result.token_ids[1]
+    assert result == sampler.sample(logits, seq_ids)

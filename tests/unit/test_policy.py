@@ -176,3 +176,36 @@ def test_max_running_caps_admission() -> None:
     plan_batch(running, waiting, BlockPool(32), limits, 0)
     assert len(running) == 2
     assert len(waiting) == 2
+
+
+def test_lookahead_gives_decode_rows_the_page_of_their_next_token() -> None:
+    limits = LIMITS._replace(lookahead=True)
+    pool = BlockPool(5)
+    running: list[Sequence] = []
+    # 7 prompt tokens: the prefill step holds 2 pages (positions 0-7) and reserves nothing
+    waiting = deque([make_seq(0, prompt_len=7), make_seq(1, prompt_len=3)])
+    prefill = plan_batch(running, waiting, pool, limits, 0)
+    assert prefill.is_prefill_only
+    assert [len(s.blocks) for s in running] == [2, 1]
+    run_rows(prefill.rows)
+    # decode: seq 0 computes position 7 (page 1) and its next token starts page 2; seq 1
+    # computes position 3 (page 0), next token position 4 starts page 1
+    decode = plan_batch(running, waiting, pool, limits, 1, prefill_turn=False)
+    assert [r.num_new for r in decode.rows] == [1, 1]
+    assert [len(s.blocks) for s in running] == [3, 2]
+    assert pool.num_free == 0
+    run_rows(decode.rows)
+    # no free page is left: the next decode step plans without lookahead and never preempts
+    second = plan_batch(running, waiting, pool, limits, 2, prefill_turn=False)
+    assert [r.num_new for r in second.rows] == [1, 1]
+    assert not second.preempted
+    assert [len(s.blocks) for s in running] == [3, 2]
+
+
+def test_without_lookahead_decode_rows_hold_only_the_pages_they_write() -> None:
+    pool = BlockPool(8)
+    running: list[Sequence] = []
+    waiting = deque([make_seq(0, prompt_len=7)])
+    run_rows(plan_batch(running, waiting, pool, LIMITS, 0).rows)
+    plan_batch(running, waiting, pool, LIMITS, 1, prefill_turn=False)
+    assert len(running[0].blocks) == 2

@@ -1,0 +1,70 @@
+"""Lookahead decode: the next decode step is launched before this step's tokens reach the host.
+
+While the scheduler turns step N's tokens into step N+1's plan, the GPU already runs the step
+N+1 would be if every row went on: the same rows one position further, fed N's sampled tokens
+from the device. When N+1's real plan arrives it is compared with that guess: equal, and its
+tokens are already on their way; different, and the guess is dropped.
+
+A dropped guess leaves only K/V written one position past each row's context, in a page the row
+already holds (the scheduler reserves one page ahead; rows without one are never guessed). A
+row that goes on rewrites that position from the same input; a page of a row that stopped is
+rewritten by its next owner before anything reads it, since steps run in launch order. Sampler
+state must not move: rows with penalty history or their own seed are never guessed.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+from lorasrv.ids import StepId
+from lorasrv.messages import StepPlan
+from lorasrv.model.sampler import PendingSample
+
+
+class Guess(NamedTuple):
+    plan: StepPlan  # what ran: input_ids are placeholders, the real ones are parent's tokens
+    parent: PendingSample  # the step whose sampled tokens were its inputs
+    pending: PendingSample  # its own sampled tokens
+
+
+def next_decode_plan(plan: StepPlan, page_size: int, context_length: int) -> StepPlan | None:
+    """The step after `plan` if every row decodes one more token; None when `plan` is not a
+    pure decode step or some row has no page (or no context left) for that token."""
+    num_rows = len(plan.seq_ids)
+    if num_rows == 0 or plan.new_seqs or any(q != 1 for q in plan.query_lens):
+        return None
+    if not all(plan.sample_rows):
+        return None
+    next_lens = tuple(ctx + 1 for ctx in plan.context_lens)
+    for table, ctx in zip(plan.block_tables, next_lens, strict=True):
+        if ctx // page_size >= len(table) or ctx + 1 >= context_length:
+            return None
+    return StepPlan(
+        step_id=StepId(plan.step_id + 1),
+        seq_ids=plan.seq_ids,
+        input_ids=(0,) * num_rows,
+        query_lens=plan.query_lens,
+        context_lens=next_lens,
+        block_tables=plan.block_tables,
+        lora_slots=plan.lora_slots,
+        sample_rows=plan.sample_rows,
+    )
+
+
+def guess_holds(guess: Guess, plan: StepPlan, page_size: int) -> bool:
+    """Whether `plan` is exactly the step `guess` ran (rows, positions, pages, slots, inputs)."""
+    ran = guess.plan
+    if (
+        plan.new_seqs
+        or plan.seq_ids != ran.seq_ids
+        or plan.query_lens != ran.query_lens
+        or plan.context_lens != ran.context_lens
+        or plan.lora_slots != ran.lora_slots
+        or plan.sample_rows != ran.sample_rows
+    ):
+        return False
+    for new, old, ctx in zip(plan.block_tables, ran.block_tables, ran.context_lens, strict=True):
+        used = ctx // page_size + 1  # the pages the step read and wrote
+        if tuple(new[:used]) != tuple(old[:used]):
+            return False
+    return tuple(plan.input_ids) == tuple(guess.parent.result().token_ids)
