@@ -194,6 +194,8 @@ def test_cuda_graphs_match_eager(small_dir: Path, tmp_path: Path) -> None:
     graphed = slots_runner(small_dir, adapters, enable_cuda_graph=True)
     eager = slots_runner(small_dir, adapters, enable_cuda_graph=False)
     generic = slots_runner(small_dir, adapters, enable_cuda_graph=False)
+    # the same graphs, each step waited for before the next is launched (no lookahead)
+    stepwise = slots_runner(small_dir, adapters, enable_cuda_graph=True, enable_lookahead=False)
     assert graphed.decode is not None
     assert graphed.decode.use_graphs
     assert eager.decode is not None
@@ -210,7 +212,8 @@ def test_cuda_graphs_match_eager(small_dir: Path, tmp_path: Path) -> None:
     sorted_rows = sorted(zip(slots, prompts, strict=True), key=lambda r: r[0])
     rows_slots, rows_prompts = [s for s, _ in sorted_rows], [p for _, p in sorted_rows]
     outputs = {}
-    for name, runner in (("graphed", graphed), ("eager", eager), ("generic", generic)):
+    runners = {"graphed": graphed, "eager": eager, "generic": generic, "stepwise": stepwise}
+    for name, runner in runners.items():
         driver = PlanDriver(runner, token_budget=64)
         lora_out = driver.generate(rows_prompts, rows_slots, NEW_TOKENS)
         base_out = driver.generate(prompts[:3], None, NEW_TOKENS)
@@ -220,6 +223,10 @@ def test_cuda_graphs_match_eager(small_dir: Path, tmp_path: Path) -> None:
     assert sum(not with_lora for _, with_lora in hits) >= NEW_TOKENS // 2
     assert (8, True) in hits  # 7 rows padded to bucket 8
     assert outputs["graphed"] == outputs["eager"]
+    # steps launched ahead of their plan (lookahead.py) were used, and changed nothing
+    assert graphed.num_guesses_used >= NEW_TOKENS // 2
+    assert stepwise.num_guesses_used == 0
+    assert outputs["graphed"] == outputs["stepwise"]
     rate = match_rate(outputs["generic"], outputs["graphed"])
     print(f"bucketed decode vs generic eager path: token match rate {rate:.2%}")
     assert rate > 0.8
