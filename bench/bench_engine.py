@@ -134,7 +134,10 @@ def section_decode(args: argparse.Namespace, res: Results, model_dir: Path,
     """Decode step time through ModelRunner.step vs the HBM floor; graphs on and eager."""
     from lorasrv.ids import AdapterId, SlotId
 
-    runner = bm.build_runner(model_dir, args.shape.std, **runner_kwargs(args))
+    # NOTE: the same plan is stepped again and again, so a step launched ahead (lookahead.py)
+    # would never be used and would double the time; one step is the same GPU work either way.
+    kwargs = runner_kwargs(args, enable_lookahead=False)
+    runner = bm.build_runner(model_dir, args.shape.std, **kwargs)
     load = runner.make_adapter_loader()
     for slot, path in enumerate(adapters.values()):
         runner.load_slot(SlotId(slot), AdapterId(slot), load(str(path)))

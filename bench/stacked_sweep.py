@@ -1,7 +1,8 @@
-"""Stacked-LoRA decode sweep: per Llama-3-8B module, inside a CUDA graph, the base GEMM alone, the
+"""Stacked-LoRA sweep: per Llama-3-8B module, inside a CUDA graph, the base GEMM alone, the
 two-op LoRA path (GEMM + shrink + expand) and the stacked path (one GEMM over `[W; A]` + one
-expand) over expand tile shapes. Prints one row per configuration; `--json` keeps them.
-GPU only (the point is launch gaps and HBM bytes).
+expand) over expand tile shapes; for gate/up also with the activation, separate or fused with
+the LoRA delta. Decode sizes and prefill chunks (512, 2048 tokens: where the stacked path stops).
+Prints one row per configuration; `--json` keeps them. GPU only (launch gaps and HBM bytes).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from lora_sweep import MODULES, batch_info, time_in_graph
-from lorasrv_kernels import LoraBatchInfo, triton_lora_forward
+from lorasrv_kernels import LoraBatchInfo, silu_mul, silu_mul_lora, triton_lora_forward
 from lorasrv_kernels.lora_expand import _launch_expand
 
 RANK, SLOTS = 16, 8
@@ -46,7 +47,24 @@ def module_ops(module: str, num_tokens: int, info: LoraBatchInfo) -> dict[str, C
         triton_lora_forward(x, y, a, b, info, tuple(offsets))
 
     ops = {"base": base, "two_op": two_op}
-    for tile in TILES:
+    if module == "gate_up":  # the activation's cost comes along: the fused kernel replaces it
+
+        def base_act() -> None:
+            silu_mul(F.linear(x, weight))
+
+        def stacked_act() -> None:
+            wide = F.linear(x, stacked)
+            y, v_all = wide[:, :out_total], wide[:, out_total:]
+            _launch_expand(v_all[None], b, y, info, tuple(offsets), slot_cols=num_slices * RANK)
+            silu_mul(y)
+
+        def fused_act() -> None:
+            wide = F.linear(x, stacked)
+            silu_mul_lora(wide[:, :out_total], wide[:, out_total:], b, info)
+
+        ops |= {"base+act": base_act, "stacked+act": stacked_act, "fused_act": fused_act}
+    tiles = TILES if num_tokens <= 64 else [None]
+    for tile in tiles:
 
         def op(tile: tuple[int, int, int] | None = tile) -> None:
             wide = F.linear(x, stacked)
@@ -71,9 +89,12 @@ def main() -> int:
         return 0
     rows = []
     # decode graph buckets: the segment bound is the bucket (the kernels mask shorter segments)
-    for num_tokens, num_adapters in [(64, 8), (16, 8), (1, 1)]:
+    for num_tokens, num_adapters in [(64, 8), (16, 8), (1, 1), (512, 8), (2048, 8)]:
         info = batch_info(num_tokens, num_adapters, SLOTS + 1, "cuda")
-        info = info._replace(max_seg_len=num_tokens)
+        if num_tokens <= 64:  # a decode graph bucket bounds its segments by the bucket
+            info = info._replace(max_seg_len=num_tokens)
+        else:
+            info = info._replace(max_seg_len=num_tokens // num_adapters)
         for module in MODULES:
             for name, op in module_ops(module, num_tokens, info).items():
                 try:

@@ -7,7 +7,7 @@ Imports torch and triton only, never lorasrv.
 from __future__ import annotations
 
 from . import attention_reference, reference
-from .activation import silu_mul
+from .activation import silu_mul, silu_mul_lora
 from .batch_info import LoraBatchInfo, prepare_lora_batch_info
 from .kv_store import store_kv
 from .lora_expand import expand_partials, sgmv_expand, sgmv_expand_stacked
@@ -36,6 +36,7 @@ __all__ = [
     "sgmv_shrink",
     "shrink_partials",
     "silu_mul",
+    "silu_mul_lora",
     "store_kv",
     "triton_lora_forward",
 ]

@@ -132,15 +132,23 @@ class LoraLinear:
                 [self.bias, self.bias.new_zeros(stacked.shape[0] - out_total)]
             )
 
+    def stacked_forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """One GEMM over `[W; A]`: (y, v_all), each token's base output `[num_tokens, out_total]`
+        and its shrink against every slot; strided views. None without stacked weights."""
+        if self.stacked is None:
+            return None
+        wide = F.linear(x, self.stacked, self.stacked_bias)
+        out_total = self.weight.shape[0]
+        return wide[:, :out_total], wide[:, out_total:]
+
     def forward(self, x: torch.Tensor, lora: LoraStep | None) -> torch.Tensor:
         if lora is None or self.a_stack is None or self.b_stack is None:
             return F.linear(x, self.weight, self.bias)  # [num_tokens, out_total]
-        if lora.expand_stacked is not None and self.stacked is not None:
-            # One GEMM: each token's base output, then its shrink against every slot.
-            wide = F.linear(x, self.stacked, self.stacked_bias)
-            out_total = self.weight.shape[0]
-            y = wide[:, :out_total]  # [num_tokens, out_total], a strided view
-            lora.expand_stacked(wide[:, out_total:], self.b_stack, y, lora.info, self.slice_offsets)
+        expand = lora.expand_stacked
+        parts = self.stacked_forward(x) if expand is not None else None
+        if expand is not None and parts is not None:
+            y, v_all = parts
+            expand(v_all, self.b_stack, y, lora.info, self.slice_offsets)
             return y
         y = F.linear(x, self.weight, self.bias)
         lora.op(x, y, self.a_stack, self.b_stack, lora.info, self.slice_offsets)
@@ -202,6 +210,12 @@ def gated_mlp(
     x: torch.Tensor, gate_up: LoraLinear, down: LoraLinear, lora: LoraStep | None
 ) -> torch.Tensor:
     """`down(silu(gate(x)) * up(x))` with gate and up fused into one matmul."""
+    if x.is_cuda and lora is not None and lora.expand_stacked is not None:
+        parts = gate_up.stacked_forward(x)
+        if parts is not None and gate_up.b_stack is not None:
+            # The gate/up LoRA delta is added inside the activation kernel: no expand launch.
+            act = lorasrv_kernels.silu_mul_lora(*parts, gate_up.b_stack, lora.info)
+            return down.forward(act, lora)
     gate_up_out = gate_up.forward(x, lora)  # [num_tokens, 2 * intermediate]
     if gate_up_out.is_cuda and gate_up_out.stride(1) == 1:
         return down.forward(lorasrv_kernels.silu_mul(gate_up_out), lora)  # one launch

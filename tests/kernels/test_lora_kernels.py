@@ -18,6 +18,7 @@ from lorasrv_kernels import (
     sgmv_expand,
     sgmv_expand_stacked,
     sgmv_shrink,
+    silu_mul_lora,
     triton_lora_forward,
 )
 
@@ -331,3 +332,19 @@ def test_gpu_llama3_8b_shapes(dtype: torch.dtype, module: str, num_tokens: int) 
     sgmv_expand_stacked(v_all, case.b_stack, y_stacked, case.info, case.slice_offsets)
     assert_close(y_stacked, y_stacked_ref)
     assert_close(y_stacked, y_ref)
+
+
+@needs_triton
+@pytest.mark.parametrize("pad_value", [0.0, math.nan])
+@pytest.mark.parametrize("name", ["qkv_mixed", "gate_up_skewed_long", "no_lora_rows"])
+def test_triton_silu_mul_lora(name: str, pad_value: float) -> None:
+    # the fused gate/up epilogue == the stacked expand into y, then silu(gate) * up
+    case = cpu_case(name, device=TRITON_DEVICE, pad_value=pad_value, slice_sizes=(40, 40))
+    y_ref, v_ref = stacked_gemm(case)
+    reference.sgmv_expand_stacked(v_ref, case.b_stack, y_ref, case.info, case.slice_offsets)
+    gate, up = y_ref.chunk(2, dim=-1)
+    expected = torch.nn.functional.silu(gate) * up
+    y, v_all = stacked_gemm(case)
+    out = silu_mul_lora(y, v_all, case.b_stack, case.info)
+    assert bool(torch.isfinite(expected).all())
+    assert_close(out, expected)
