@@ -115,20 +115,21 @@ def _silu_mul_lora_kernel(
     if (slot >= 0) & (rank > 0):
         offs_r = tl.arange(0, BLOCK_R)
         v_row = v_ptr + offs_m.to(tl.int64)[:, None] * stride_vt + slot * 2 * max_rank
-        b_cols = b_ptr + slot.to(tl.int64) * stride_bs + offs_n.to(tl.int64)[None, :] * stride_bn
+        # B tiles load as [BLOCK_N, BLOCK_R], rank fastest as stored (coalesced), then transpose.
+        b_cols = b_ptr + slot.to(tl.int64) * stride_bs + offs_n.to(tl.int64)[:, None] * stride_bn
         acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for r0 in range(0, rank, BLOCK_R):  # columns past `rank` are zero padding
             mask_r = (r0 + offs_r) < rank
             mask_v = mask_m[:, None] & mask_r[None, :]
-            mask_b = mask_r[:, None] & mask_n[None, :]
+            mask_b = mask_n[:, None] & mask_r[None, :]
             v_g = tl.load(v_row + (r0 + offs_r)[None, :], mask=mask_v, other=0.0)
             v_u = tl.load(v_row + (max_rank + r0 + offs_r)[None, :], mask=mask_v, other=0.0)
-            b_g = tl.load(b_cols + (r0 + offs_r)[:, None], mask=mask_b, other=0.0)
-            b_u = tl.load(b_cols + num_cols * stride_bn + (r0 + offs_r)[:, None], mask=mask_b,
+            b_g = tl.load(b_cols + (r0 + offs_r)[None, :], mask=mask_b, other=0.0)
+            b_u = tl.load(b_cols + num_cols * stride_bn + (r0 + offs_r)[None, :], mask=mask_b,
                           other=0.0)  # fmt: skip
-            acc_g += tl.dot(v_g, b_g)
-            acc_u += tl.dot(v_u, b_u)
+            acc_g += tl.dot(v_g, tl.trans(b_g))
+            acc_u += tl.dot(v_u, tl.trans(b_u))
         scaling = tl.load(slot_scaling_ptr + slot)
         # The expand's one rounding of `y + delta` into the dtype, then the activation's.
         gate = (gate + acc_g * scaling).to(dtype).to(tl.float32)

@@ -90,12 +90,14 @@ def _sgmv_expand_kernel(
     v_ptrs = (
         v_ptr + offs_m.to(tl.int64)[:, None] * stride_vt + v_cols[None, :] * stride_vr
     )  # [BLOCK_M, BLOCK_R]
+    # NOTE: loaded as [BLOCK_N, BLOCK_R], rank fastest as B stores it (one contiguous run of
+    # BLOCK_N * max_rank values), then transposed in registers for the dot.
     b_ptrs = (
         b_ptr
         + slot.to(tl.int64) * stride_bs
-        + offs_n.to(tl.int64)[None, :] * stride_bn
-        + offs_r[:, None] * stride_br
-    )  # [BLOCK_R, BLOCK_N]: B^T tile
+        + offs_n.to(tl.int64)[:, None] * stride_bn
+        + offs_r[None, :] * stride_br
+    )  # [BLOCK_N, BLOCK_R]: a B tile
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     # Columns past `rank` are zero padding: stop at rank instead of max_rank.
     for r0 in range(0, rank, BLOCK_R):
@@ -106,8 +108,8 @@ def _sgmv_expand_kernel(
             v_tile += tl.load(v_ptrs + part * stride_vp + r0 * stride_vr, mask=mask_v, other=0.0)
         # The shrink output is rounded to the adapter dtype once, as in the reference.
         v_tile = v_tile.to(b_ptr.dtype.element_ty)
-        b_tile = tl.load(b_ptrs + r0 * stride_br, mask=mask_r[:, None] & mask_n[None, :], other=0.0)
-        acc += tl.dot(v_tile, b_tile)
+        b_tile = tl.load(b_ptrs + r0 * stride_br, mask=mask_n[:, None] & mask_r[None, :], other=0.0)
+        acc += tl.dot(v_tile, tl.trans(b_tile))
 
     scaling = tl.load(slot_scaling_ptr + slot)
     y_ptrs = y_ptr + offs_m.to(tl.int64)[:, None] * stride_yt + offs_n[None, :] * stride_yn

@@ -46,8 +46,12 @@ class StackedExpandOp(Protocol):
 # Steps of at most this many tokens take the shrink from the base GEMM (`x @ [W; A].T`): at
 # decode sizes the extra rows cost a few percent of the weight's bytes and save one launch per
 # layer and module. Past it the extra columns are real FLOPs for every token, against a shrink
-# over each token's own adapter only.
-STACKED_MAX_TOKENS = 512
+# over each token's own adapter only. Measured inside CUDA graphs on an H200, 8 adapters, r=16
+# (bench/stacked_sweep.py): still ahead at 2048 tokens (a layer's LoRA 152 against 223 us).
+STACKED_MAX_TOKENS = 2048
+# Up to this many tokens the gate/up delta is added inside the activation kernel; at 2048 the
+# separate expand and activation measured faster (835 against 857 us for gate/up).
+FUSED_ACT_MAX_TOKENS = 512
 _STACKED_EXPAND: dict[object, StackedExpandOp] = {
     reference.lora_forward: reference.sgmv_expand_stacked,
     triton_lora_forward: sgmv_expand_stacked,
@@ -210,7 +214,8 @@ def gated_mlp(
     x: torch.Tensor, gate_up: LoraLinear, down: LoraLinear, lora: LoraStep | None
 ) -> torch.Tensor:
     """`down(silu(gate(x)) * up(x))` with gate and up fused into one matmul."""
-    if x.is_cuda and lora is not None and lora.expand_stacked is not None:
+    fuse = x.shape[0] <= FUSED_ACT_MAX_TOKENS
+    if x.is_cuda and fuse and lora is not None and lora.expand_stacked is not None:
         parts = gate_up.stacked_forward(x)
         if parts is not None and gate_up.b_stack is not None:
             # The gate/up LoRA delta is added inside the activation kernel: no expand launch.
