@@ -15,11 +15,13 @@ from lorasrv.model.attention import AttentionBackend, AttentionMetadata, KvCache
 from lorasrv.model.layers import (
     LoraLinear,
     LoraStep,
+    Pending,
     Rotary,
     add_rms_norm,
     apply_rotary,
     gated_mlp,
     rms_norm,
+    settle,
 )
 from lorasrv.model.lora_layout import pool_module_shapes
 
@@ -60,22 +62,22 @@ class DecoderLayer:
     def forward(
         self,
         hidden: torch.Tensor,
-        pending: torch.Tensor | None,
+        pending: Pending | None,
         cos_sin: tuple[torch.Tensor, torch.Tensor],
         kv: tuple[torch.Tensor, torch.Tensor],
         metadata: AttentionMetadata,
         attention: AttentionBackend,
         lora: LoraStep | None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, Pending]:
         """The residual stream is `hidden + pending`; the adds are deferred so that each one
         runs fused with the RMSNorm after it. Returns this layer's (hidden, pending)."""
         eps = self.arch.rms_norm_eps
         if pending is None:  # the first layer: hidden is the embedding
             attn_in = rms_norm(hidden, self.input_norm, eps)
         else:
-            hidden, attn_in = add_rms_norm(hidden, pending, self.input_norm, eps)
+            hidden, attn_in = add_rms_norm(hidden, pending, self.input_norm, eps, lora)
         attn_out = self._attention(attn_in, cos_sin, kv, metadata, attention, lora)
-        hidden, mlp_in = add_rms_norm(hidden, attn_out, self.post_attention_norm, eps)
+        hidden, mlp_in = add_rms_norm(hidden, attn_out, self.post_attention_norm, eps, lora)
         return hidden, gated_mlp(mlp_in, self.gate_up_proj, self.down_proj, lora)
 
     def _attention(
@@ -86,7 +88,7 @@ class DecoderLayer:
         metadata: AttentionMetadata,
         attention: AttentionBackend,
         lora: LoraStep | None,
-    ) -> torch.Tensor:
+    ) -> Pending:
         arch = self.arch
         num_tokens = x.shape[0]
         qkv = self.qkv_proj.forward(x, lora)  # [num_tokens, q_size + 2 * kv_size]
@@ -102,7 +104,7 @@ class DecoderLayer:
         k_cache, v_cache = kv
         store_kv(k, v, k_cache, v_cache, metadata.slot_mapping)
         out = attention.forward(q, k_cache, v_cache, metadata)  # [num_tokens, heads, head_dim]
-        return self.o_proj.forward(out.reshape(num_tokens, arch.q_size), lora)
+        return self.o_proj.forward_pending(out.reshape(num_tokens, arch.q_size), lora)
 
 
 class LlamaModel:
@@ -150,7 +152,7 @@ class LlamaModel:
         """
         hidden = self.embed(input_ids)  # [num_tokens, hidden]
         cos_sin = self.rotary.cos_sin(metadata.positions, hidden.dtype)
-        pending: torch.Tensor | None = None  # the last block's output, not yet added
+        pending: Pending | None = None  # the last block's output, not yet added
         for i, layer in enumerate(self.layers):
             hidden, pending = layer.forward(
                 hidden, pending, cos_sin, kv_cache.layer(i), metadata, self.attention, lora
@@ -158,7 +160,7 @@ class LlamaModel:
         # The add and RMSNorm are per token: only the sampled rows need them.
         last = hidden[sample_index]
         if pending is not None:
-            last = last + pending[sample_index]
+            last = last + settle(pending, lora)[sample_index]
         last = rms_norm(last, self.norm, self.arch.rms_norm_eps)
         return self.head(last)  # [num_sampled, vocab]
 
