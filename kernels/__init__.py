@@ -13,16 +13,14 @@ from .kv_store import store_kv
 from .lora_expand import expand_partials, sgmv_expand, sgmv_expand_stacked
 from .lora_ops import triton_lora_forward
 from .lora_shrink import sgmv_shrink, shrink_partials
-from .norm_rope import apply_rotary, rms_norm
+from .norm_rope import add_rms_norm, apply_rotary, rms_norm
 from .paged_decode import paged_decode_attention, pick_num_splits
 from .paged_prefill import paged_prefill_attention
 from .reference import lora_forward
-from .residual_norm import add_rms_norm, add_rms_norm_lora
 
 __all__ = [
     "LoraBatchInfo",
     "add_rms_norm",
-    "add_rms_norm_lora",
     "apply_rotary",
     "attention_reference",
     "expand_partials",

@@ -1,5 +1,5 @@
-"""RMSNorm and rotary embedding as single Triton launches (the torch versions take ~6 each); the
-residual add fused with RMSNorm lives in residual_norm.py.
+"""RMSNorm (alone or after the residual add) and rotary embedding as single Triton launches
+(the torch versions take ~6 each).
 
 Owns the kernels and typed launchers; rounding follows HF's torch code step by step, so rotary is
 bitwise equal to it and RMSNorm differs only in the float32 summation order of the mean.
@@ -69,6 +69,76 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         BLOCK=block, num_warps=max(1, min(16, block // 256)),
     )  # fmt: skip
     return out.view(x.shape)
+
+
+@triton.jit
+def _add_rms_norm_kernel(
+    # pointers
+    x_ptr,  # [num_rows, num_cols]
+    d_ptr,  # [num_rows, num_cols], added to x
+    w_ptr,  # [num_cols]
+    sum_ptr,  # [num_rows, num_cols], x + d
+    out_ptr,  # [num_rows, num_cols], rms_norm(x + d)
+    # sizes
+    num_cols,
+    eps,
+    # strides
+    stride_x,
+    stride_d,
+    stride_s,
+    stride_o,
+    # meta
+    BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK)
+    mask = offs < num_cols
+    dtype = out_ptr.dtype.element_ty
+    x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0).to(tl.float32)
+    d = tl.load(d_ptr + row * stride_d + offs, mask=mask, other=0.0).to(tl.float32)
+    # torch's `x + d` in x.dtype: the float32 sum rounded once; the norm reads the rounded sum.
+    total = (x + d).to(dtype)
+    tl.store(sum_ptr + row * stride_s + offs, total, mask=mask)
+    t = total.to(tl.float32)
+    variance = tl.sum(t * t, 0) / num_cols
+    normed = (t * tl.rsqrt(variance + eps)).to(dtype).to(tl.float32)
+    w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + row * stride_o + offs, (w * normed).to(dtype), mask=mask)
+
+
+def add_rms_norm(
+    x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Residual add then RMSNorm in one launch: `(s, rms_norm(s))` with `s = x + delta`.
+
+    Semantics: `s` is torch's `x + delta` in x.dtype (bitwise); the norm is `rms_norm(s)`.
+
+    Args:
+        x, delta: [num_rows, num_cols], same float dtype; rows may be strided, columns
+            contiguous (a column window of a wider GEMM output is fine).
+        weight: [num_cols], x.dtype.
+
+    Returns:
+        (s, normed), both [num_rows, num_cols] in x.dtype, contiguous.
+    """
+    num_rows, num_cols = x.shape
+    assert delta.shape == x.shape, "delta must match x"
+    assert weight.shape == (num_cols,), "weight must be [num_cols]"
+    assert delta.dtype == x.dtype, "delta and x must share a dtype"
+    assert weight.dtype == x.dtype, "weight and x must share a dtype"
+    x = x if x.stride(1) == 1 else x.contiguous()
+    delta = delta if delta.stride(1) == 1 else delta.contiguous()
+    total = torch.empty(num_rows, num_cols, dtype=x.dtype, device=x.device)
+    out = torch.empty_like(total)
+    if num_rows == 0:
+        return total, out
+    block = int(triton.next_power_of_2(num_cols))
+    _add_rms_norm_kernel[(num_rows,)](
+        x, delta, weight, total, out, num_cols, eps,
+        x.stride(0), delta.stride(0), total.stride(0), out.stride(0),
+        BLOCK=block, num_warps=max(1, min(16, block // 256)),
+    )  # fmt: skip
+    return total, out
 
 
 @triton.jit

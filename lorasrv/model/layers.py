@@ -52,9 +52,6 @@ STACKED_MAX_TOKENS = 2048
 # Up to this many tokens the gate/up delta is added inside the activation kernel; at 2048 the
 # separate expand and activation measured faster (835 against 857 us for gate/up).
 FUSED_ACT_MAX_TOKENS = 512
-# Up to this many tokens (the decode graph buckets) the o/down delta is added inside the next
-# residual add + RMSNorm: one program per row, each reading its slot's B from L2.
-FUSED_NORM_MAX_TOKENS = 256
 _STACKED_EXPAND: dict[object, StackedExpandOp] = {
     reference.lora_forward: reference.sgmv_expand_stacked,
     triton_lora_forward: sgmv_expand_stacked,
@@ -68,12 +65,6 @@ class LoraStep(NamedTuple):
     op: LoraOp
     # Set: the stacked path (the shrink comes out of the base GEMM); None: shrink + expand.
     expand_stacked: StackedExpandOp | None = None
-
-
-def fuses_epilogues(lora: LoraStep | None) -> bool:
-    """Whether the step's stacked deltas may be added inside the activation and norm kernels
-    (Triton ones: the Triton backend on a stacked step, on CUDA or in the interpreter)."""
-    return lora is not None and lora.expand_stacked is sgmv_expand_stacked
 
 
 def make_lora_step(info: LoraBatchInfo, op: LoraOp, num_tokens: int) -> LoraStep:
@@ -95,44 +86,17 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * x32.to(x.dtype)
 
 
-class Pending(NamedTuple):
-    """A block's output on its way into the residual stream. With `v_all` and `b_stack` set, its
-    stacked LoRA delta is still to be added: the next `add_rms_norm` adds it in the same launch."""
-
-    y: torch.Tensor  # [num_tokens, hidden]
-    v_all: torch.Tensor | None = None  # [num_tokens, num_slots * max_rank]
-    b_stack: torch.Tensor | None = None  # [num_slots, hidden, max_rank]
-
-
 def add_rms_norm(
-    x: torch.Tensor, delta: Pending, weight: torch.Tensor, eps: float, lora: LoraStep | None
+    x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The residual add and the next RMSNorm: `(s, rms_norm(s))`, `s = x + delta` in x.dtype,
-    the delta's pending LoRA part included.
+    """The residual add and the next RMSNorm: `(s, rms_norm(s))`, `s = x + delta` in x.dtype.
 
     CUDA: one Triton launch (torch: the add plus the norm's launches).
     """
-    if delta.v_all is not None and delta.b_stack is not None:
-        assert lora is not None, "a pending LoRA delta needs the step's segments"
-        return lorasrv_kernels.add_rms_norm_lora(
-            x, delta.y, delta.v_all, delta.b_stack, lora.info, weight, eps
-        )
-    y = delta.y
-    if x.is_cuda and weight.dtype == x.dtype == y.dtype and x.dim() == 2:
-        return lorasrv_kernels.add_rms_norm(x, y, weight, eps)
-    total = x + y
+    if x.is_cuda and weight.dtype == x.dtype == delta.dtype and x.dim() == 2:
+        return lorasrv_kernels.add_rms_norm(x, delta, weight, eps)
+    total = x + delta
     return total, rms_norm(total, weight, eps)
-
-
-def settle(delta: Pending, lora: LoraStep | None) -> torch.Tensor:
-    """The delta as a tensor, its pending LoRA part added (after the last layer)."""
-    if delta.v_all is None or delta.b_stack is None:
-        return delta.y
-    assert lora is not None, "a pending LoRA delta needs the step's segments"
-    assert lora.expand_stacked is not None, "pending deltas come from the stacked path"
-    out = delta.y.shape[1]
-    lora.expand_stacked(delta.v_all, delta.b_stack, delta.y, lora.info, (0, out))
-    return delta.y
 
 
 class LoraLinear:
@@ -180,15 +144,6 @@ class LoraLinear:
         wide = F.linear(x, self.stacked, self.stacked_bias)
         out_total = self.weight.shape[0]
         return wide[:, :out_total], wide[:, out_total:]
-
-    def forward_pending(self, x: torch.Tensor, lora: LoraStep | None) -> Pending:
-        """`forward`, except that on CUDA a one-slice module (o/down) of a small stacked step
-        leaves its LoRA delta to the next `add_rms_norm`: no expand launch."""
-        if x.shape[0] <= FUSED_NORM_MAX_TOKENS and fuses_epilogues(lora):
-            parts = self.stacked_forward(x) if len(self.slice_offsets) == 2 else None
-            if parts is not None and self.b_stack is not None:
-                return Pending(parts[0], parts[1], self.b_stack)
-        return Pending(self.forward(x, lora))
 
     def forward(self, x: torch.Tensor, lora: LoraStep | None) -> torch.Tensor:
         if lora is None or self.a_stack is None or self.b_stack is None:
@@ -257,16 +212,17 @@ def rope_inv_freq(arch: ModelArch) -> torch.Tensor:
 
 def gated_mlp(
     x: torch.Tensor, gate_up: LoraLinear, down: LoraLinear, lora: LoraStep | None
-) -> Pending:
+) -> torch.Tensor:
     """`down(silu(gate(x)) * up(x))` with gate and up fused into one matmul."""
-    if x.shape[0] <= FUSED_ACT_MAX_TOKENS and fuses_epilogues(lora):
+    fuse = x.shape[0] <= FUSED_ACT_MAX_TOKENS
+    if x.is_cuda and fuse and lora is not None and lora.expand_stacked is not None:
         parts = gate_up.stacked_forward(x)
-        if lora is not None and parts is not None and gate_up.b_stack is not None:
+        if parts is not None and gate_up.b_stack is not None:
             # The gate/up LoRA delta is added inside the activation kernel: no expand launch.
             act = lorasrv_kernels.silu_mul_lora(*parts, gate_up.b_stack, lora.info)
-            return down.forward_pending(act, lora)
+            return down.forward(act, lora)
     gate_up_out = gate_up.forward(x, lora)  # [num_tokens, 2 * intermediate]
     if gate_up_out.is_cuda and gate_up_out.stride(1) == 1:
-        return down.forward_pending(lorasrv_kernels.silu_mul(gate_up_out), lora)  # one launch
+        return down.forward(lorasrv_kernels.silu_mul(gate_up_out), lora)  # one launch
     gate, up = gate_up_out.chunk(2, dim=-1)
-    return down.forward_pending(F.silu(gate) * up, lora)
+    return down.forward(F.silu(gate) * up, lora)

@@ -15,13 +15,11 @@ from lorasrv.model.attention import AttentionBackend, AttentionMetadata, KvCache
 from lorasrv.model.layers import (
     LoraLinear,
     LoraStep,
-    Pending,
     Rotary,
     add_rms_norm,
     apply_rotary,
     gated_mlp,
     rms_norm,
-    settle,
 )
 from lorasrv.model.lora_layout import pool_module_shapes
 
@@ -62,22 +60,22 @@ class DecoderLayer:
     def forward(
         self,
         hidden: torch.Tensor,
-        pending: Pending | None,
+        pending: torch.Tensor | None,
         cos_sin: tuple[torch.Tensor, torch.Tensor],
         kv: tuple[torch.Tensor, torch.Tensor],
         metadata: AttentionMetadata,
         attention: AttentionBackend,
         lora: LoraStep | None,
-    ) -> tuple[torch.Tensor, Pending]:
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """The residual stream is `hidden + pending`; the adds are deferred so that each one
         runs fused with the RMSNorm after it. Returns this layer's (hidden, pending)."""
         eps = self.arch.rms_norm_eps
         if pending is None:  # the first layer: hidden is the embedding
             attn_in = rms_norm(hidden, self.input_norm, eps)
         else:
-            hidden, attn_in = add_rms_norm(hidden, pending, self.input_norm, eps, lora)
+            hidden, attn_in = add_rms_norm(hidden, pending, self.input_norm, eps)
         attn_out = self._attention(attn_in, cos_sin, kv, metadata, attention, lora)
-        hidden, mlp_in = add_rms_norm(hidden, attn_out, self.post_attention_norm, eps, lora)
+        hidden, mlp_in = add_rms_norm(hidden, attn_out, self.post_attention_norm, eps)
         return hidden, gated_mlp(mlp_in, self.gate_up_proj, self.down_proj, lora)
 
     def _attention(
@@ -88,7 +86,7 @@ class DecoderLayer:
         metadata: AttentionMetadata,
         attention: AttentionBackend,
         lora: LoraStep | None,
-    ) -> Pending:
+    ) -> torch.Tensor:
         arch = self.arch
         num_tokens = x.shape[0]
         qkv = self.qkv_proj.forward(x, lora)  # [num_tokens, q_size + 2 * kv_size]
@@ -104,7 +102,7 @@ class DecoderLayer:
         k_cache, v_cache = kv
         store_kv(k, v, k_cache, v_cache, metadata.slot_mapping)
         out = attention.forward(q, k_cache, v_cache, metadata)  # [num_tokens, heads, head_dim]
-        return self.o_proj.forward_pending(out.reshape(num_tokens, arch.q_size), lora)
+        return self.o_proj.forward(out.reshape(num_tokens, arch.q_size), lora)
 
 
 class LlamaModel:
@@ -152,7 +150,7 @@ class LlamaModel:
         """
         hidden = self.embed(input_ids)  # [num_tokens, hidden]
         cos_sin = self.rotary.cos_sin(metadata.positions, hidden.dtype)
-        pending: Pending | None = None  # the last block's output, not yet added
+        pending: torch.Tensor | None = None  # the last block's output, not yet added
         for i, layer in enumerate(self.layers):
             hidden, pending = layer.forward(
                 hidden, pending, cos_sin, kv_cache.layer(i), metadata, self.attention, lora
@@ -160,7 +158,7 @@ class LlamaModel:
         # The add and RMSNorm are per token: only the sampled rows need them.
         last = hidden[sample_index]
         if pending is not None:
-            last = last + settle(pending, lora)[sample_index]
+            last = last + pending[sample_index]
         last = rms_norm(last, self.norm, self.arch.rms_norm_eps)
         return self.head(last)  # [num_sampled, vocab]
 

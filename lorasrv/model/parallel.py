@@ -17,7 +17,7 @@ from lorasrv_kernels import reference, sgmv_expand, sgmv_shrink, triton_lora_for
 
 from lorasrv.model.arch import ModelArch
 from lorasrv.model.attention import AttentionBackend
-from lorasrv.model.layers import LoraLinear, LoraOp, LoraStep, Pending
+from lorasrv.model.layers import LoraLinear, LoraOp, LoraStep
 from lorasrv.model.llama import LlamaModel
 from lorasrv.model.sharding import Shard, shard_arch, vocab_range
 
@@ -86,9 +86,6 @@ class RowParallelLoraLinear(LoraLinear):
     def __init__(self, linear: LoraLinear, tp: TpGroup) -> None:
         super().__init__(linear.weight, linear.bias, (linear.weight.shape[0],))
         self.tp = tp
-
-    def forward_pending(self, x: torch.Tensor, lora: LoraStep | None) -> Pending:
-        return Pending(self.forward(x, lora))  # summed over ranks: nothing can stay pending
 
     def forward(self, x: torch.Tensor, lora: LoraStep | None) -> torch.Tensor:
         y = F.linear(x, self.weight, self.bias)  # [num_tokens, out], this rank's partial sum

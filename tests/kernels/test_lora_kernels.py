@@ -13,7 +13,6 @@ import pytest
 import torch
 from lorasrv_kernels import (
     LoraBatchInfo,
-    add_rms_norm_lora,
     prepare_lora_batch_info,
     reference,
     sgmv_expand,
@@ -349,28 +348,3 @@ def test_triton_silu_mul_lora(name: str, pad_value: float) -> None:
     out = silu_mul_lora(y, v_all, case.b_stack, case.info)
     assert bool(torch.isfinite(expected).all())
     assert_close(out, expected)
-
-
-@needs_triton
-@pytest.mark.parametrize("pad_value", [0.0, math.nan])
-@pytest.mark.parametrize("name", ["o_one_token_segments", "down_single_segment", "no_lora_rows"])
-def test_triton_add_rms_norm_lora(name: str, pad_value: float) -> None:
-    # the fused residual epilogue == the stacked expand into the block output, then the add and
-    # RMSNorm; one extra row outside every segment (a graph bucket's padding) gets no delta
-    case = cpu_case(name, device=TRITON_DEVICE, pad_value=pad_value, slice_sizes=(72,))
-    delta, v_all = stacked_gemm(case)
-    num_tokens = delta.shape[0]
-    gen = torch.Generator().manual_seed(7)
-    pad = torch.randn(1, delta.shape[1], generator=gen).to(TRITON_DEVICE)
-    delta = torch.cat([delta, pad])
-    v_all = torch.cat([v_all, torch.zeros(1, v_all.shape[1], device=TRITON_DEVICE)])
-    residual = torch.randn(num_tokens + 1, 72, generator=gen).to(TRITON_DEVICE)
-    weight = torch.randn(72, generator=gen).to(TRITON_DEVICE)
-    expected_delta = delta.clone()
-    reference.sgmv_expand_stacked(v_all, case.b_stack, expected_delta, case.info, (0, 72))
-    expected_sum = residual + expected_delta
-    total, normed = add_rms_norm_lora(residual, delta, v_all, case.b_stack, case.info, weight, 1e-5)
-    assert bool(torch.isfinite(expected_sum).all())
-    assert_close(total, expected_sum)
-    assert_close(normed, reference.rms_norm(expected_sum, weight, 1e-5))
-    assert torch.equal(total[-1], residual[-1] + pad[0])  # outside every segment: no delta
