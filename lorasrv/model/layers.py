@@ -214,8 +214,9 @@ def gated_mlp(
     x: torch.Tensor, gate_up: LoraLinear, down: LoraLinear, lora: LoraStep | None
 ) -> torch.Tensor:
     """`down(silu(gate(x)) * up(x))` with gate and up fused into one matmul."""
-    fuse = x.shape[0] <= FUSED_ACT_MAX_TOKENS
-    if x.is_cuda and fuse and lora is not None and lora.expand_stacked is not None:
+    # The Triton backend on a stacked step (on CUDA, or in the interpreter for the CPU tests).
+    triton_step = lora is not None and lora.expand_stacked is sgmv_expand_stacked
+    if triton_step and lora is not None and x.shape[0] <= FUSED_ACT_MAX_TOKENS:
         parts = gate_up.stacked_forward(x)
         if parts is not None and gate_up.b_stack is not None:
             # The gate/up LoRA delta is added inside the activation kernel: no expand launch.
