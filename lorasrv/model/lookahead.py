@@ -18,7 +18,7 @@ from typing import NamedTuple
 
 from lorasrv.ids import StepId
 from lorasrv.messages import StepPlan
-from lorasrv.model.sampler import PendingSample
+from lorasrv.model.pending_sample import PendingSample
 
 
 class Guess(NamedTuple):

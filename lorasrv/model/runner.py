@@ -30,7 +30,8 @@ from lorasrv.model.lookahead import Guess, guess_holds, next_decode_plan
 from lorasrv.model.lora_layout import AdapterWeights
 from lorasrv.model.lora_pool import LoraPool
 from lorasrv.model.parallel import TpGroup, TpLlamaModel
-from lorasrv.model.sampler import PendingSample, Sampler
+from lorasrv.model.pending_sample import PendingSample
+from lorasrv.model.sampler import Sampler
 from lorasrv.model.sharding import load_sharded_weights, shard_arch
 
 logger = logging.getLogger(__name__)

@@ -13,64 +13,13 @@ from typing import NamedTuple
 import torch
 
 from lorasrv.ids import SeqId
-from lorasrv.messages import NewSeq, TokenLogprob
+from lorasrv.messages import NewSeq
+from lorasrv.model.pending_sample import PendingSample, SampleResult
 
 # Below this a temperature is greedy: dividing float32 logits by it would overflow (vLLM's value).
 GREEDY_TEMPERATURE = 1e-5
 _MIN_PENALTY_SLOTS = 8
 _UINT64_MASK = 0xFFFF_FFFF_FFFF_FFFF
-
-
-class SampleResult(NamedTuple):
-    token_ids: list[int]
-    logprobs: list[float]  # empty unless some row asked (params.logprobs or top_logprobs > 0)
-    top_logprobs: list[tuple[TokenLogprob, ...]]  # empty unless some row asked; others get ()
-
-
-class PendingSample:
-    """A step's choices on their way to the host: `token_ids` stays on the device (the next step
-    may read it before the host does); `result()` waits for this step's copies only, not for
-    work queued after it."""
-
-    __slots__ = ("_done", "_host", "_num_rows", "_result", "_top_ks", "_top_rows", "token_ids")
-
-    def __init__(
-        self,
-        token_ids: torch.Tensor,
-        extras: list[torch.Tensor],
-        top_rows: list[int],
-        top_ks: list[int],
-        num_rows: int,
-    ) -> None:
-        self.token_ids = token_ids  # [n] int64, device
-        self._top_rows, self._top_ks = top_rows, top_ks
-        self._result: SampleResult | None = None
-        tensors = [token_ids, *extras]  # chosen logprobs, then top values and ids, if asked
-        self._done: torch.cuda.Event | None = None
-        if token_ids.is_cuda:
-            # NOTE: pinned targets make the copies asynchronous; the event marks their end.
-            self._host = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in tensors]
-            for host, t in zip(self._host, tensors, strict=True):
-                host.copy_(t, non_blocking=True)
-            self._done = torch.cuda.current_stream(token_ids.device).record_event()
-        else:
-            self._host = tensors
-        self._num_rows = num_rows
-
-    def result(self) -> SampleResult:
-        if self._result is None:
-            if self._done is not None:
-                self._done.synchronize()
-            lists = [t.tolist() for t in self._host]
-            token_ids, logprobs = lists[0], lists[1] if len(lists) > 1 else []
-            top_logprobs: list[tuple[TokenLogprob, ...]] = []
-            if len(lists) > 2:
-                top_logprobs = [() for _ in range(self._num_rows)]
-                rows = zip(self._top_rows, self._top_ks, lists[2], lists[3], strict=True)
-                for row, k, values, ids in rows:
-                    top_logprobs[row] = tuple(map(TokenLogprob, ids[:k], values[:k]))
-            self._result = SampleResult(token_ids, logprobs, top_logprobs)
-        return self._result
 
 
 @dataclass(slots=True)
