@@ -193,8 +193,13 @@ async def _engine_runs(args: argparse.Namespace, model_dir: Path,
     })  # fmt: skip
     parts = await prepare_parts(config)
     kwargs = runner_kwargs(args)
-    parts = parts._replace(runner_factory=lambda: bm.build_runner(model_dir, args.shape.std,
-                                                                 **kwargs))  # fmt: skip
+    built: list[Any] = []  # the runner, to read its lookahead counters
+
+    def build() -> Any:
+        built.append(bm.build_runner(model_dir, args.shape.std, **kwargs))
+        return built[-1]
+
+    parts = parts._replace(runner_factory=build)
     gen = torch.Generator().manual_seed(0)
     vocab = args.shape.vocab
     prompts = torch.randint(10, vocab - 10, (args.batch, args.prompt_len), generator=gen).tolist()
@@ -206,15 +211,25 @@ async def _engine_runs(args: argparse.Namespace, model_dir: Path,
         for new_tokens in (4, args.new_tokens):  # warm-up (Triton, adapters into slots), then run
             for mix, loras in mixes.items():
                 params = {"max_new_tokens": new_tokens, "temperature": 0, "ignore_eos": True}
+                used, dropped = _guesses(built)
                 started = time.perf_counter()
                 results = await engine.generate(input_ids=prompts, sampling_params=params,
                                                 lora_path=loras)  # fmt: skip
                 wall = time.perf_counter() - started
+                after = _guesses(built)
+                out[f"{mix}_lookahead_used"] = after[0] - used
+                out[f"{mix}_lookahead_dropped"] = after[1] - dropped
                 tokens = sum(r["meta_info"]["completion_tokens"] for r in results)
                 out[f"{mix}_tok_s"] = round(tokens / wall, 1)
                 out[f"{mix}_wall_s"] = round(wall, 3)
                 out[f"{mix}_tokens"] = tokens
     return out
+
+
+def _guesses(built: list[Any]) -> tuple[int, int]:
+    """(steps run ahead and used, dropped) so far; zeros before the runner exists."""
+    runner = built[-1] if built else None
+    return getattr(runner, "num_guesses_used", 0), getattr(runner, "num_guesses_dropped", 0)
 
 
 def section_engine(args: argparse.Namespace, res: Results, model_dir: Path,
