@@ -249,6 +249,9 @@ class StepPlan(Msg, frozen=True, kw_only=True):
     block_tables: tuple[tuple[BlockId, ...], ...] = ()  # KV pages per row, covering all tokens
     lora_slots: tuple[int, ...] = ()  # per row; -1 = base model
     sample_rows: tuple[bool, ...] = ()  # the row yields a token (decode or last prefill chunk)
+    # No prefill work was waiting when this was planned: the next step should decode these rows
+    # again, so the runner may launch it ahead (model/lookahead.py); False saves a wasted guess.
+    expect_next_decode: bool = True
 
 
 class LoadSlot(Msg, frozen=True, kw_only=True):

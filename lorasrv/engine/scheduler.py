@@ -83,6 +83,7 @@ class SchedulerActor(Actor[SchedulerInbox]):
         self._freed_in_runner: list[SeqId] = []
         self._last_step = (0.0, 0)  # seconds, sampled tokens
         self._prefill_turn = True  # cleared after a prefill-only step: decoding rows go next
+        self._prefill_blocked = False  # the last plan tried prefill work and could start none
         self._num_finished = 0
         self._num_aborted = 0
 
@@ -191,6 +192,9 @@ class SchedulerActor(Actor[SchedulerInbox]):
             self._running, self._waiting, self._pool, limits, self._step_id,
             prefill_turn=self._prefill_turn,
         )  # fmt: skip
+        # Prefill had its turn and nothing could start (no pages, slots or room): the waiting
+        # requests do not make the next step a prefill step by themselves.
+        self._prefill_blocked = self._prefill_turn and not decision.is_prefill_only
         for seq in decision.preempted:
             self._drop_runner_state(seq)
             logger.info("preempted %s (seq %d) for lack of KV pages", seq.request_id, seq.seq_id)
@@ -277,10 +281,19 @@ class SchedulerActor(Actor[SchedulerInbox]):
                 -1 if r.seq.adapter_id is None else slots[r.seq.adapter_id] for r in rows
             ),
             sample_rows=tuple(r.is_sampled for r in rows),
+            expect_next_decode=self._prefill_blocked or not self._has_prefill_work(rows),
         )
         for row in rows:
             row.seq.num_computed += row.num_new
         return plan
+
+    def _has_prefill_work(self, rows: list[Row]) -> bool:
+        """Requests waiting, or running ones with more than their next token to compute once
+        `rows` have run: the step after a decode step will then likely be a prefill step."""
+        stepping = {r.seq.seq_id: r.num_new for r in rows}
+        return bool(self._waiting) or any(
+            seq.num_uncomputed - stepping.get(seq.seq_id, 0) > 1 for seq in self._running
+        )
 
     def _flush_freed(self) -> None:
         """Drop runner-side state of finished sequences even when no step follows."""

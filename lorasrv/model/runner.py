@@ -226,7 +226,7 @@ class ModelRunner:
     def _launch_guess(self, plan: StepPlan, parent: PendingSample) -> None:
         """Queue the step after `plan`, fed `parent`'s tokens on the device, if it can be
         guessed (see lookahead.py); its results wait in `self._guess`."""
-        if not self.lookahead or self.decode is None:
+        if not self.lookahead or self.decode is None or not plan.expect_next_decode:
             return
         guess = next_decode_plan(plan, self.page_size, self.context_length)
         if guess is None or not self.decode.can_run(guess):

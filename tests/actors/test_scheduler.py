@@ -219,3 +219,26 @@ async def test_stop_token_ids_and_prompt_too_long() -> None:
         huge = h.finish("huge")
         assert isinstance(huge, RequestFailed)
         assert huge.code == "prompt_too_long"
+
+
+async def test_plans_say_whether_the_next_step_should_decode_the_same_rows() -> None:
+    # While a request waits or is mid-prefill the next step is likely a prefill step, so the
+    # runner must not launch a decode step ahead (it would be dropped); otherwise it may.
+    async with Harness(budget=8) as h:
+        h.enqueue("a", PROMPTS[0], max_new_tokens=6, temperature=0.0)
+        await h.finished({"a"})
+        h.enqueue("b", PROMPTS[0], max_new_tokens=6, temperature=0.0)
+        h.enqueue("c", PROMPTS[3], max_new_tokens=3, temperature=0.0)  # 30 tokens: 4 chunks
+        await h.finished({"b", "c"})
+    plans = [p for p in h.fake.plans if p.seq_ids]
+    decode_only = [p for p in plans if all(q == 1 for q in p.query_lens)]
+    assert any(p.expect_next_decode for p in decode_only)  # "a" alone, and b+c at the end
+    # "b" decodes while "c" is still in prefill: those decode plans expect a prefill next
+    assert any(not p.expect_next_decode for p in decode_only)
+    for p in decode_only:  # the flag matters after decode steps only: there the runner guesses
+        if not p.expect_next_decode:
+            later = plans[plans.index(p) + 1 :]
+            assert later, "a plan expecting prefill work was the last one"
+            assert any(q > 1 for q in later[0].query_lens) or len(later[0].seq_ids) != len(
+                p.seq_ids
+            )

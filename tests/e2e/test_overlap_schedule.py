@@ -83,5 +83,7 @@ async def test_overlap_schedule_gives_the_same_tokens(tmp_path: Path) -> None:
     assert [len(t) for t in outputs[0]] == [n for _, _, n in ROWS]
     assert evictions > 0
     assert step_by_step.num_guesses_used == 0
-    assert ahead.num_guesses_used >= 10
+    # 8 used and 8 dropped when written; without the scheduler's hint (expect_next_decode) it
+    # was 10 and 14: guesses launched while a request was about to start its prefill.
+    assert ahead.num_guesses_used >= 5
     assert ahead.num_guesses_dropped >= 2  # rows stopped under a guess

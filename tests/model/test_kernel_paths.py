@@ -194,3 +194,25 @@ def test_lookahead_decode_matches_step_by_step(
     if lookahead_pages:  # without them most steps have a row at a page boundary: no guess
         assert ahead.num_guesses_used >= 5
         assert ahead.num_guesses_dropped >= 3  # a row stopped: the guess had one row too many
+
+
+@pytest.mark.parametrize("expect_next_decode", [True, False])
+def test_lookahead_follows_the_schedulers_hint(
+    checkpoint_dir: Callable[[str], Path], expect_next_decode: bool
+) -> None:
+    runner = make_runner(checkpoint_dir("llama"), kernels=True, cuda_graph_max_batch_size=4)
+    tables = ((BlockId(0), BlockId(1)),)  # page 1 already holds position 4: guessable
+    prefill = StepPlan(
+        step_id=StepId(0),
+        new_seqs=(NewSeq(seq_id=SeqId(0), params=GREEDY, prompt_ids=(1, 2, 3)),),
+        seq_ids=(SeqId(0),), input_ids=(1, 2, 3), query_lens=(3,), context_lens=(0,),
+        block_tables=tables, lora_slots=(-1,), sample_rows=(True,),
+    )  # fmt: skip
+    token = runner.step(prefill).token_ids[0]
+    decode = StepPlan(
+        step_id=StepId(1), seq_ids=(SeqId(0),), input_ids=(token,), query_lens=(1,),
+        context_lens=(3,), block_tables=tables, lora_slots=(-1,), sample_rows=(True,),
+        expect_next_decode=expect_next_decode,
+    )  # fmt: skip
+    runner.step(decode)
+    assert (runner._guess is not None) == expect_next_decode
