@@ -16,8 +16,9 @@ from lorasrv.config import SchedulerConfig
 from lorasrv.engine.actor import Actor, Sender
 from lorasrv.engine.block_pool import BlockPool, pages_needed
 from lorasrv.engine.policy import PlanLimits, Row, plan_batch
-from lorasrv.engine.sequence import SeqStatus, Sequence
+from lorasrv.engine.sequence import SeqStatus, Sequence, stop_reason
 from lorasrv.engine.stats import SchedulerStats, StatsSink
+from lorasrv.engine.step_plan import build_step_plan, has_prefill_work
 from lorasrv.ids import AdapterId, RequestId, SeqId, StepId
 from lorasrv.messages import (
     Abort,
@@ -27,7 +28,6 @@ from lorasrv.messages import (
     AdapterInbox,
     EmitTokens,
     Enqueue,
-    NewSeq,
     PrepareStep,
     ReleaseAdapter,
     RequestFailed,
@@ -248,52 +248,13 @@ class SchedulerActor(Actor[SchedulerInbox]):
         freed, self._freed_in_runner = tuple(self._freed_in_runner), []
         self._phase = _Phase.RUNNING
         self._step_started_s = time.monotonic()
-        self._runner.send(RunStep(plan=self._build_plan(rows, slots, freed)))
-
-    def _build_plan(
-        self, rows: list[Row], slots: dict[AdapterId, int], freed: tuple[SeqId, ...]
-    ) -> StepPlan:
-        new_seqs: list[NewSeq] = []
-        input_ids: list[int] = []
-        for row in rows:
-            seq = row.seq
-            if not seq.in_runner:
-                seq.in_runner = True
-                new_seqs.append(
-                    NewSeq(
-                        seq_id=seq.seq_id,
-                        params=seq.params,
-                        prompt_ids=seq.prompt_ids,
-                        output_ids=tuple(seq.output_ids),
-                    )
-                )
-            input_ids.extend(seq.token_slice(seq.num_computed, seq.num_computed + row.num_new))
-        plan = StepPlan(
-            step_id=self._step_id,
-            new_seqs=tuple(new_seqs),
-            freed_seq_ids=freed,
-            seq_ids=tuple(r.seq.seq_id for r in rows),
-            input_ids=tuple(input_ids),
-            query_lens=tuple(r.num_new for r in rows),
-            context_lens=tuple(r.seq.num_computed for r in rows),
-            block_tables=tuple(tuple(r.seq.blocks) for r in rows),
-            lora_slots=tuple(
-                -1 if r.seq.adapter_id is None else slots[r.seq.adapter_id] for r in rows
-            ),
-            sample_rows=tuple(r.is_sampled for r in rows),
-            expect_next_decode=self._prefill_blocked or not self._has_prefill_work(rows),
+        expect_next_decode = self._prefill_blocked or not has_prefill_work(
+            rows, self._running, self._waiting
         )
-        for row in rows:
-            row.seq.num_computed += row.num_new
-        return plan
-
-    def _has_prefill_work(self, rows: list[Row]) -> bool:
-        """Requests waiting, or running ones with more than their next token to compute once
-        `rows` have run: the step after a decode step will then likely be a prefill step."""
-        stepping = {r.seq.seq_id: r.num_new for r in rows}
-        return bool(self._waiting) or any(
-            seq.num_uncomputed - stepping.get(seq.seq_id, 0) > 1 for seq in self._running
+        plan = build_step_plan(
+            self._step_id, rows, slots, freed, expect_next_decode=expect_next_decode
         )
+        self._runner.send(RunStep(plan=plan))
 
     def _flush_freed(self) -> None:
         """Drop runner-side state of finished sequences even when no step follows."""
@@ -313,7 +274,7 @@ class SchedulerActor(Actor[SchedulerInbox]):
             if seq is None or seq.status is not SeqStatus.RUNNING:
                 continue  # aborted while the step ran
             seq.output_ids.append(token_id)
-            reason, matched = self._stop_reason(seq, token_id)
+            reason, matched = stop_reason(seq, token_id, self._eos_ids, self._ready.context_length)
             self._tokenizer.send(
                 EmitTokens(
                     request_id=seq.request_id,
@@ -328,18 +289,6 @@ class SchedulerActor(Actor[SchedulerInbox]):
             if reason is not None:
                 self._finish(seq, reason=reason, notify=False)
         self._last_step = (time.monotonic() - self._step_started_s, len(msg.token_ids))
-
-    def _stop_reason(self, seq: Sequence, token_id: int) -> tuple[str | None, int | None]:
-        params = seq.params
-        if token_id in params.stop_token_ids:
-            return "stop", token_id
-        if not params.ignore_eos and token_id in self._eos_ids:
-            return "stop", token_id
-        if len(seq.output_ids) >= params.max_new_tokens:
-            return "length", None
-        if seq.num_tokens >= self._ready.context_length:
-            return "length", None
-        return None, None
 
     # ------------------------------------------------------------------ endings
 

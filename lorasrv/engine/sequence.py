@@ -51,3 +51,19 @@ class Sequence:
         if start >= num_prompt:
             return tuple(self.output_ids[start - num_prompt : stop - num_prompt])
         return self.prompt_ids[start:] + tuple(self.output_ids[: stop - num_prompt])
+
+
+def stop_reason(
+    seq: Sequence, token_id: int, eos_ids: frozenset[int], context_length: int
+) -> tuple[str | None, int | None]:
+    """(finish reason, matched stop token) once `token_id` is appended; (None, None) goes on."""
+    params = seq.params
+    if token_id in params.stop_token_ids:
+        return "stop", token_id
+    if not params.ignore_eos and token_id in eos_ids:
+        return "stop", token_id
+    if len(seq.output_ids) >= params.max_new_tokens:
+        return "length", None
+    if seq.num_tokens >= context_length:
+        return "length", None
+    return None, None
