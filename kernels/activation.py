@@ -1,8 +1,6 @@
-"""The gated MLP's activation, `silu(gate) * up`, as one Triton launch (torch takes two and a
-temporary the size of the gate); and the same with the gate/up LoRA delta added on the way,
-so that the stacked LoRA path needs no separate expand for gate/up.
-
-Owns the kernels and their typed launchers; rounding follows torch step by step.
+"""The gated MLP's `silu(gate) * up` as one Triton launch, alone or with the gate/up LoRA delta
+added on the way (the stacked path's gate/up expand). Owns the kernels and typed launchers;
+rounding follows torch step by step; never imports lorasrv.
 """
 
 from __future__ import annotations

@@ -1,15 +1,5 @@
-"""Lookahead decode: the next decode step is launched before this step's tokens reach the host.
-
-While the scheduler turns step N's tokens into step N+1's plan, the GPU already runs the step
-N+1 would be if every row went on: the same rows one position further, fed N's sampled tokens
-from the device. When N+1's real plan arrives it is compared with that guess: equal, and its
-tokens are already on their way; different, and the guess is dropped.
-
-A dropped guess leaves only K/V written one position past each row's context, in a page the row
-already holds (the scheduler reserves one page ahead; rows without one are never guessed). A
-row that goes on rewrites that position from the same input; a page of a row that stopped is
-rewritten by its next owner before anything reads it, since steps run in launch order. Sampler
-state must not move: rows with penalty history or their own seed are never guessed.
+"""Lookahead decode: the step after a decode step, planned here as if every row went on, and the
+check that the scheduler's real plan is that step. Pure plan logic; the runner launches guesses.
 """
 
 from __future__ import annotations
@@ -19,6 +9,16 @@ from typing import NamedTuple
 from lorasrv.ids import StepId
 from lorasrv.messages import StepPlan
 from lorasrv.model.pending_sample import PendingSample
+
+# While the scheduler turns step N's tokens into step N+1's plan, the GPU already runs the step
+# N+1 would be if every row went on, fed N's sampled tokens from the device. Equal plans: its
+# tokens are already on their way; different ones: the guess is dropped.
+# NOTE: a dropped guess must leave nothing behind. It wrote K/V one position past each row's
+# context, in a page the row already holds (the scheduler reserves one page ahead; rows without
+# one are never guessed): a row that goes on rewrites that position from the same input, and a
+# page of a row that stopped is rewritten by its next owner before anything reads it, since steps
+# run in launch order. Sampler state must not move: rows with penalty history or their own seed
+# are never guessed (runner.py, Sampler.is_replayable).
 
 
 class Guess(NamedTuple):

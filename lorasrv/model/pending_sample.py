@@ -1,7 +1,5 @@
-"""A step's sampled tokens on their way to the host: device tensors copied into pinned buffers
-behind an event, so the runner can queue the next step before it waits for this one.
-
-Plain data and copies only; choosing tokens is sampler.py's job.
+"""A step's sampled tokens on their way to the host: pinned copies behind an event, so the runner
+can queue the next step before waiting for this one. Copies only; sampler.py chooses tokens.
 """
 
 from __future__ import annotations
