@@ -16,6 +16,7 @@ from lorasrv.config import ServerConfig, build_config, lora_enabled
 from lorasrv.engine.adapters import AdapterManagerActor
 from lorasrv.engine.detokenizer import Detokenizer
 from lorasrv.engine.gpu_runner import GpuRunnerActor
+from lorasrv.engine.request_handle import RequestHandle
 from lorasrv.engine.requests import GenerateBatch, normalize_generate
 from lorasrv.engine.results import ResultBuilder
 from lorasrv.engine.scheduler import SchedulerActor
@@ -23,7 +24,7 @@ from lorasrv.engine.setup import EngineParts, prepare_parts
 from lorasrv.engine.stats import SchedulerStats
 from lorasrv.engine.tokenizer import TokenizerActor
 from lorasrv.engine.validation import check_sampling
-from lorasrv.errors import BadRequest, EngineDead, LorasrvError, Overloaded, error_for_code
+from lorasrv.errors import BadRequest, EngineDead, LorasrvError, Overloaded
 from lorasrv.ids import OpId, RequestId
 from lorasrv.messages import (
     Abort,
@@ -38,47 +39,9 @@ from lorasrv.messages import (
     Tokenize,
     UnloadAdapter,
 )
-from lorasrv.metrics import Metrics, RequestTracker
+from lorasrv.metrics import Metrics
 
 logger = logging.getLogger(__name__)
-
-
-class RequestHandle:
-    """Async iterator over one request's output deltas; raises the request's error, if any."""
-
-    def __init__(
-        self,
-        engine: Engine,
-        request_id: RequestId,
-        queue: asyncio.Queue[RequestOutput],
-        tracker: RequestTracker,
-    ):
-        self.request_id = request_id
-        self._engine = engine
-        self._queue = queue
-        self._tracker = tracker  # metrics: TTFT, inter-token latency, tokens, finish reason
-        self.finished = False
-
-    def __aiter__(self) -> Self:
-        return self
-
-    async def __anext__(self) -> RequestOutput:
-        if self.finished:
-            raise StopAsyncIteration
-        out = await self._queue.get()
-        self._tracker.observe(out)
-        if out.finished:
-            self.finished = True
-            self._engine._forget(self.request_id)
-            if out.error_code is not None:
-                raise error_for_code(out.error_code, out.error_detail or out.error_code)
-        return out
-
-    def abort(self) -> None:
-        if not self.finished:
-            self.finished = True
-            self._tracker.aborted()
-            self._engine.abort(self.request_id)
 
 
 class Engine:
@@ -260,7 +223,8 @@ class Engine:
         if self._outputs.pop(rid, None) is not None and self._tokenizer_actor is not None:
             self._tokenizer_actor.send(Abort(request_id=rid))
 
-    def _forget(self, request_id: RequestId) -> None:
+    def forget(self, request_id: RequestId) -> None:
+        """A handle saw its request finish: drop the output queue (nothing left to abort)."""
         self._outputs.pop(request_id, None)
 
     # OutputSink / OpSink / StatsSink, called by actors on the event loop.
