@@ -252,6 +252,9 @@ class StepPlan(Msg, frozen=True, kw_only=True):
     # No prefill work was waiting when this was planned: the next step should decode these rows
     # again, so the runner may launch it ahead (model/lookahead.py); False saves a wasted guess.
     expect_next_decode: bool = True
+    # Per row: it stops after this step by length (max_new_tokens, context), known in advance;
+    # a step launched ahead leaves it out. Empty: no row is known to stop.
+    last_rows: tuple[bool, ...] = ()
 
 
 class LoadSlot(Msg, frozen=True, kw_only=True):

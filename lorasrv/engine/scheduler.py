@@ -252,8 +252,9 @@ class SchedulerActor(Actor[SchedulerInbox]):
             rows, self._running, self._waiting
         )
         plan = build_step_plan(
-            self._step_id, rows, slots, freed, expect_next_decode=expect_next_decode
-        )
+            self._step_id, rows, slots, freed,
+            expect_next_decode=expect_next_decode, context_length=self._ready.context_length,
+        )  # fmt: skip
         self._runner.send(RunStep(plan=plan))
 
     def _flush_freed(self) -> None:

@@ -19,6 +19,7 @@ def build_step_plan(
     freed: tuple[SeqId, ...],
     *,
     expect_next_decode: bool,
+    context_length: int,
 ) -> StepPlan:
     """The plan of `rows` (sorted by slot), registering new sequences with the runner; each
     row's tokens count as computed from here on."""
@@ -49,6 +50,7 @@ def build_step_plan(
         lora_slots=tuple(-1 if r.seq.adapter_id is None else slots[r.seq.adapter_id] for r in rows),
         sample_rows=tuple(r.is_sampled for r in rows),
         expect_next_decode=expect_next_decode,
+        last_rows=tuple(r.is_sampled and _stops_by_length(r.seq, context_length) for r in rows),
     )
     for row in rows:
         row.seq.num_computed += row.num_new
@@ -63,4 +65,11 @@ def has_prefill_work(
     stepping = {r.seq.seq_id: r.num_new for r in rows}
     return bool(waiting) or any(
         seq.num_uncomputed - stepping.get(seq.seq_id, 0) > 1 for seq in running
+    )
+
+
+def _stops_by_length(seq: Sequence, context_length: int) -> bool:
+    """Its next token is its last by length (as `sequence.stop_reason` will find)."""
+    return (
+        len(seq.output_ids) + 1 >= seq.params.max_new_tokens or seq.num_tokens + 1 >= context_length
     )

@@ -11,8 +11,9 @@ from lorasrv.messages import StepPlan
 from lorasrv.model.pending_sample import PendingSample
 
 # While the scheduler turns step N's tokens into step N+1's plan, the GPU already runs the step
-# N+1 would be if every row went on, fed N's sampled tokens from the device. Equal plans: its
-# tokens are already on their way; different ones: the guess is dropped.
+# N+1 would be if every row went on (except rows the plan marks as stopping by length), fed N's
+# sampled tokens from the device. Equal plans: its tokens are already on their way; different
+# ones: the guess is dropped.
 # NOTE: a dropped guess must leave nothing behind. It wrote K/V one position past each row's
 # context, in a page the row already holds (the scheduler reserves one page ahead; rows without
 # one are never guessed): a row that goes on rewrites that position from the same input, and a
@@ -23,32 +24,39 @@ from lorasrv.model.pending_sample import PendingSample
 
 class Guess(NamedTuple):
     plan: StepPlan  # what ran: input_ids are placeholders, the real ones are parent's tokens
+    keep: tuple[int, ...]  # the parent's rows it continues (rows known to stop are left out)
     parent: PendingSample  # the step whose sampled tokens were its inputs
     pending: PendingSample  # its own sampled tokens
 
 
-def next_decode_plan(plan: StepPlan, page_size: int, context_length: int) -> StepPlan | None:
-    """The step after `plan` if every row decodes one more token; None when `plan` is not a
-    pure decode step or some row has no page (or no context left) for that token."""
-    num_rows = len(plan.seq_ids)
-    if num_rows == 0 or plan.new_seqs or any(q != 1 for q in plan.query_lens):
+def next_decode_plan(
+    plan: StepPlan, page_size: int, context_length: int
+) -> tuple[StepPlan, tuple[int, ...]] | None:
+    """The step after `plan` if every row not known to stop decodes one more token, with the
+    indices of those rows in `plan`; None when `plan` is not a pure decode step, no row goes on,
+    or a row has no page (or no context left) for its next token."""
+    if plan.new_seqs or any(q != 1 for q in plan.query_lens) or not all(plan.sample_rows):
         return None
-    if not all(plan.sample_rows):
+    last = plan.last_rows or (False,) * len(plan.seq_ids)
+    keep = tuple(i for i, stops in enumerate(last) if not stops)
+    if not keep:
         return None
-    next_lens = tuple(ctx + 1 for ctx in plan.context_lens)
-    for table, ctx in zip(plan.block_tables, next_lens, strict=True):
+    next_lens = tuple(plan.context_lens[i] + 1 for i in keep)
+    tables = tuple(plan.block_tables[i] for i in keep)
+    for table, ctx in zip(tables, next_lens, strict=True):
         if ctx // page_size >= len(table) or ctx + 1 >= context_length:
             return None
-    return StepPlan(
+    guess = StepPlan(
         step_id=StepId(plan.step_id + 1),
-        seq_ids=plan.seq_ids,
-        input_ids=(0,) * num_rows,
-        query_lens=plan.query_lens,
+        seq_ids=tuple(plan.seq_ids[i] for i in keep),
+        input_ids=(0,) * len(keep),
+        query_lens=(1,) * len(keep),
         context_lens=next_lens,
-        block_tables=plan.block_tables,
-        lora_slots=plan.lora_slots,
-        sample_rows=plan.sample_rows,
+        block_tables=tables,
+        lora_slots=tuple(plan.lora_slots[i] for i in keep),
+        sample_rows=(True,) * len(keep),
     )
+    return guess, keep
 
 
 def guess_holds(guess: Guess, plan: StepPlan, page_size: int) -> bool:
@@ -67,4 +75,5 @@ def guess_holds(guess: Guess, plan: StepPlan, page_size: int) -> bool:
         used = ctx // page_size + 1  # the pages the step read and wrote
         if tuple(new[:used]) != tuple(old[:used]):
             return False
-    return tuple(plan.input_ids) == tuple(guess.parent.result().token_ids)
+    tokens = guess.parent.result().token_ids
+    return tuple(plan.input_ids) == tuple(tokens[i] for i in guess.keep)

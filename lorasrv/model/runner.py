@@ -228,13 +228,23 @@ class ModelRunner:
         guessed (see lookahead.py); its results wait in `self._guess`."""
         if not self.lookahead or self.decode is None or not plan.expect_next_decode:
             return
-        guess = next_decode_plan(plan, self.page_size, self.context_length)
-        if guess is None or not self.decode.can_run(guess):
+        planned = next_decode_plan(plan, self.page_size, self.context_length)
+        if planned is None:
             return
-        if not self.sampler.is_replayable(guess.seq_ids):
+        guess, keep = planned
+        if not self.decode.can_run(guess) or not self.sampler.is_replayable(guess.seq_ids):
             return
-        logits = self.decode.run(guess, input_ids=parent.token_ids)
-        self._guess = Guess(guess, parent, self.sampler.sample_async(logits, guess.seq_ids))
+        input_ids = parent.token_ids
+        if len(keep) < len(plan.seq_ids):  # rows that stop by length are left out
+            rows = torch.tensor(keep, dtype=torch.int64)
+            if self.device.type == "cuda":
+                # NOTE: pinned and non-blocking: a pageable copy would wait for this step's
+                # kernels, and the guess would no longer be queued behind them in time.
+                rows = rows.pin_memory()
+            input_ids = input_ids.index_select(0, rows.to(self.device, non_blocking=True))
+        logits = self.decode.run(guess, input_ids=input_ids)
+        pending = self.sampler.sample_async(logits, guess.seq_ids)
+        self._guess = Guess(guess, keep, parent, pending)
 
     @torch.inference_mode()
     def _forward(self, plan: StepPlan) -> tuple[torch.Tensor, list[SeqId]]:

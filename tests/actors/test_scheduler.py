@@ -242,3 +242,21 @@ async def test_plans_say_whether_the_next_step_should_decode_the_same_rows() -> 
             assert any(q > 1 for q in later[0].query_lens) or len(later[0].seq_ids) != len(
                 p.seq_ids
             )
+
+
+async def test_plans_mark_rows_whose_next_token_is_their_last() -> None:
+    async with Harness() as h:
+        h.enqueue("a", PROMPTS[0], max_new_tokens=3, temperature=0.0)
+        h.enqueue("b", PROMPTS[1], max_new_tokens=5, temperature=0.0)
+        await h.finished({"a", "b"})
+    plans = [p for p in h.fake.plans if p.seq_ids]
+    marked = {}
+    for p in plans:
+        for seq_id, last in zip(p.seq_ids, p.last_rows, strict=True):
+            if last:
+                marked[seq_id] = marked.get(seq_id, 0) + 1
+    assert marked == {0: 1, 1: 1}  # once each: in the step that yields the last token
+    last_plan_of = {seq_id: max(i for i, p in enumerate(plans) if seq_id in p.seq_ids)
+                    for seq_id in (0, 1)}  # fmt: skip
+    for seq_id, i in last_plan_of.items():
+        assert plans[i].last_rows[plans[i].seq_ids.index(seq_id)]

@@ -1,7 +1,8 @@
 """The overlap schedule through the real Engine on CPU, with the CUDA code paths run by the Triton
 interpreter: the scheduler reserves next-token pages, the runner launches decode steps ahead, and
 the greedy tokens equal those of `--disable-overlap-schedule`, across rows that stop at different
-steps and adapters loaded and evicted between batches (a slot load drops a pending guess)."""
+steps (left out of the guesses) and adapters loaded and evicted between batches (a slot load
+drops a pending guess)."""
 
 from __future__ import annotations
 
@@ -83,7 +84,7 @@ async def test_overlap_schedule_gives_the_same_tokens(tmp_path: Path) -> None:
     assert [len(t) for t in outputs[0]] == [n for _, _, n in ROWS]
     assert evictions > 0
     assert step_by_step.num_guesses_used == 0
-    # 8 used and 8 dropped when written; without the scheduler's hint (expect_next_decode) it
-    # was 10 and 14: guesses launched while a request was about to start its prefill.
-    assert ahead.num_guesses_used >= 5
-    assert ahead.num_guesses_dropped >= 2  # rows stopped under a guess
+    # 14 used, 2 dropped when written (slot loads). Before the scheduler's hints it was 10 and
+    # 14: guesses launched while a prefill was due, and with rows about to stop by length.
+    assert ahead.num_guesses_used >= 10
+    assert ahead.num_guesses_dropped <= 4

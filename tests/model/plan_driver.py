@@ -40,8 +40,9 @@ class _Seq:
 class PlanDriver:
     """Runs prompts to completion through `runner.step`; pages are handed out shuffled.
 
-    As the engine's scheduler does (policy.py), decode steps also hand each row the page of its
-    next token (`lookahead_pages`), so the runner can launch that step ahead.
+    As the engine's scheduler does, decode steps also hand each row the page of its next token
+    (`lookahead_pages`, policy.py) and mark rows whose next token is their last
+    (`mark_last_rows`, step_plan.py), so the runner can launch the next step ahead.
     """
 
     def __init__(
@@ -52,10 +53,12 @@ class PlanDriver:
         seed: int = 0,
         record_logits: bool = False,
         lookahead_pages: bool = True,
+        mark_last_rows: bool = True,
     ) -> None:
         self.runner = runner
         self.token_budget = token_budget
         self.lookahead_pages = lookahead_pages
+        self.mark_last_rows = mark_last_rows
         self.page_size: int = runner.page_size
         self.free_pages = list(range(runner.num_kv_pages))
         random.Random(seed).shuffle(self.free_pages)  # non-contiguous block tables
@@ -129,6 +132,13 @@ class PlanDriver:
             block_tables=tuple(tuple(BlockId(p) for p in s.pages) for s, _ in chosen),
             lora_slots=tuple(s.slot for s, _ in chosen),
             sample_rows=tuple(s.num_cached + n == len(s.tokens) for s, n in chosen),
+            # as the scheduler marks them: the row's next token is its last
+            last_rows=tuple(
+                self.mark_last_rows
+                and s.num_cached + n == len(s.tokens)
+                and len(s.output) + 1 >= s.max_new_tokens
+                for s, n in chosen
+            ),
         )
         return plan, [s for s, _ in chosen]
 

@@ -167,12 +167,18 @@ def test_decode_path_without_lora_matches_reference(checkpoint_dir: Callable[[st
     assert outputs[1] == outputs[0]
 
 
-@pytest.mark.parametrize("lookahead_pages", [True, False])
+@pytest.mark.parametrize(
+    ("lookahead_pages", "mark_last_rows"), [(True, True), (True, False), (False, True)]
+)
 def test_lookahead_decode_matches_step_by_step(
-    checkpoint_dir: Callable[[str], Path], adapter_dir: Callable[[str], Path], lookahead_pages: bool
+    checkpoint_dir: Callable[[str], Path],
+    adapter_dir: Callable[[str], Path],
+    lookahead_pages: bool,
+    mark_last_rows: bool,
 ) -> None:
-    """Steps launched ahead (lookahead.py) give the same tokens as waiting for each step; rows
-    that stop at different steps make some guesses wrong, which must be dropped cleanly."""
+    """Steps launched ahead (lookahead.py) give the same tokens as waiting for each step, with
+    rows stopping at different steps: left out of the guess when the plan marks them, else the
+    guess has one row too many and must be dropped cleanly."""
     base = checkpoint_dir("llama")
     step_by_step = make_runner(base, kernels=True, enable_lookahead=False)
     ahead = make_runner(base, kernels=True)
@@ -184,7 +190,8 @@ def test_lookahead_decode_matches_step_by_step(
     limits = [3, 11, 6, 14, 8]
 
     def generate(runner: ModelRunner) -> list[list[int]]:
-        driver = PlanDriver(runner, token_budget=64, lookahead_pages=lookahead_pages)
+        driver = PlanDriver(runner, token_budget=64, lookahead_pages=lookahead_pages,
+                            mark_last_rows=mark_last_rows)  # fmt: skip
         return driver.generate(prompts, slots, limits)
 
     expected = generate(step_by_step)
@@ -193,7 +200,10 @@ def test_lookahead_decode_matches_step_by_step(
     assert step_by_step.num_guesses_used == 0
     if lookahead_pages:  # without them most steps have a row at a page boundary: no guess
         assert ahead.num_guesses_used >= 5
-        assert ahead.num_guesses_dropped >= 3  # a row stopped: the guess had one row too many
+    if mark_last_rows:  # every stop is by length here, so none costs a guess
+        assert ahead.num_guesses_dropped == 0
+    else:
+        assert ahead.num_guesses_dropped >= 3
 
 
 @pytest.mark.parametrize("expect_next_decode", [True, False])

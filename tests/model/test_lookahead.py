@@ -41,8 +41,10 @@ def decode_plan(**changes: Any) -> StepPlan:
 
 
 def test_next_decode_plan_moves_every_row_one_position() -> None:
-    guess = next_decode_plan(decode_plan(), PAGE, context_length=64)
-    assert guess is not None
+    planned = next_decode_plan(decode_plan(), PAGE, context_length=64)
+    assert planned is not None
+    guess, keep = planned
+    assert keep == (0, 1)
     assert guess.step_id == 6
     assert guess.context_lens == (7, 4)
     assert guess.seq_ids == (1, 2)
@@ -77,10 +79,11 @@ def test_no_guess_past_the_context_length() -> None:
     assert next_decode_plan(decode_plan(), PAGE, context_length=8) is None  # 7 + 1 tokens
 
 
-def make_guess() -> Guess:
-    plan = next_decode_plan(decode_plan(), PAGE, context_length=64)
-    assert plan is not None
-    return Guess(plan, Sampled([21, 22]), Sampled([31, 32]))  # type: ignore[arg-type]
+def make_guess(**changes: Any) -> Guess:
+    planned = next_decode_plan(decode_plan(**changes), PAGE, context_length=64)
+    assert planned is not None
+    plan, keep = planned
+    return Guess(plan, keep, Sampled([21, 22]), Sampled([31, 32]))  # type: ignore[arg-type]
 
 
 def real_plan(**changes: Any) -> StepPlan:
@@ -110,6 +113,32 @@ def test_the_guess_holds_for_the_plan_it_ran() -> None:
 )
 def test_the_guess_is_dropped_when_the_plan_differs(changes: dict[str, Any]) -> None:
     assert not guess_holds(make_guess(), real_plan(**changes), PAGE)
+
+
+def test_rows_known_to_stop_are_left_out() -> None:
+    planned = next_decode_plan(decode_plan(last_rows=(True, False)), PAGE, context_length=64)
+    assert planned is not None
+    guess, keep = planned
+    assert keep == (1,)
+    assert guess.seq_ids == (2,)
+    assert guess.context_lens == (4,)
+    assert guess.lora_slots == (0,)
+    assert guess.block_tables == ((BlockId(3), BlockId(4)),)
+    # the real plan without the stopped row, fed the parent's token of the row that goes on
+    without = decode_plan(
+        step_id=StepId(6), seq_ids=(SeqId(2),), input_ids=(22,), query_lens=(1,),
+        context_lens=(4,), block_tables=((BlockId(3), BlockId(4)),), lora_slots=(0,),
+        sample_rows=(True,),
+    )  # fmt: skip
+    assert guess_holds(make_guess(last_rows=(True, False)), without, PAGE)
+    wrong_token = msgspec.structs.replace(without, input_ids=(21,))
+    assert not guess_holds(make_guess(last_rows=(True, False)), wrong_token, PAGE)
+    # the stopped row went on after all (say, the scheduler's count was off): dropped
+    assert not guess_holds(make_guess(last_rows=(True, False)), real_plan(), PAGE)
+
+
+def test_no_guess_when_every_row_stops() -> None:
+    assert next_decode_plan(decode_plan(last_rows=(True, True)), PAGE, context_length=64) is None
 
 
 def test_a_row_that_stopped_drops_the_guess() -> None:
