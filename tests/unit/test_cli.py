@@ -30,6 +30,7 @@ def test_every_config_option_is_a_flag() -> None:
         "--chunked-prefill-size", "--page-size", "--mem-fraction-static", "--kv-cache-bytes",
         "--num-kv-pages", "--max-queued-requests", "--api-key", "--admin-api-key",
         "--log-level", "--seed", "--disable-cuda-graph", "--allow-pickle",
+        "--enable-mixed-chunk", "--disable-overlap-schedule",
     ],
 )  # fmt: skip
 def test_sglang_flag_names(flag: str) -> None:
@@ -43,13 +44,14 @@ def test_flags_parse_to_config() -> None:
             "--lora-paths", "/ad/plain", "b=/ad/b",
             '{"lora_name": "c", "lora_path": "/ad/c", "pinned": true}',
             "--max-loras-per-batch", "3", "--lora-target-modules", "q_proj", "v_proj",
-            "--mem-fraction-static", "0.5", "--disable-cuda-graph",
+            "--mem-fraction-static", "0.5", "--disable-cuda-graph", "--disable-overlap-schedule",
         ],
         {},
     )  # fmt: skip
     assert config.model.model_path == "/m"
     assert config.model.dtype == "bfloat16"
     assert config.model.disable_cuda_graph is True
+    assert config.scheduler.disable_overlap_schedule is True
     assert config.model.allow_pickle is False
     assert config.http.port == 8001
     assert config.cache.mem_fraction_static == 0.5
@@ -99,6 +101,7 @@ MODULES = ("q_proj", "o_proj")
     [
         ({"LORASRV_ENABLE_LORA": "yes"}, {"enable_lora": True}),
         ({"LORASRV_ALLOW_PICKLE": "0"}, {"allow_pickle": False}),
+        ({"LORASRV_DISABLE_OVERLAP_SCHEDULE": "on"}, {"disable_overlap_schedule": True}),
         ({"LORASRV_MAX_LORAS_PER_BATCH": "4"}, {"max_loras_per_batch": 4}),
         ({"LORASRV_MEM_FRACTION_STATIC": "0.7"}, {"mem_fraction_static": 0.7}),
         ({"LORASRV_LORA_TARGET_MODULES": "q_proj o_proj"}, {"lora_target_modules": MODULES}),
@@ -141,6 +144,11 @@ def test_main_exits_2_on_unknown_toml_key(
         (["--lora-target-modules", "lm_head"], {}, ["--lora-target-modules", "lm_head"]),
         ([], {"LORASRV_PORT": "eighty"}, ["LORASRV_PORT", "Expected `int`"]),
         ([], {"LORASRV_ENABLE_LORA": "maybe"}, ["LORASRV_ENABLE_LORA"]),
+        (
+            [],
+            {"LORASRV_DISABLE_OVERLAP_SCHEDULE": "sometimes"},
+            ["LORASRV_DISABLE_OVERLAP_SCHEDULE", "expected 1/0, true/false"],
+        ),
         (["--config", "/nonexistent/server.toml"], {}, ["/nonexistent/server.toml"]),
     ],
 )
@@ -167,6 +175,8 @@ def test_main_exits_2_naming_the_problem(
         (["--port", "abc"], "argument --port: invalid int value: 'abc'"),
         (["--dtype", "int4"], "argument --dtype: invalid choice: 'int4'"),
         (["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
+        # a switch takes no value
+        (["--disable-overlap-schedule", "yes"], "unrecognized arguments: yes"),
     ],
 )
 def test_malformed_flags_exit_2(
