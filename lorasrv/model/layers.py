@@ -215,8 +215,8 @@ def gated_mlp(
 ) -> torch.Tensor:
     """`down(silu(gate(x)) * up(x))` with gate and up fused into one matmul."""
     # The Triton backend on a stacked step (on CUDA, or in the interpreter for the CPU tests).
-    triton_step = lora is not None and lora.expand_stacked is sgmv_expand_stacked
-    if triton_step and lora is not None and x.shape[0] <= FUSED_ACT_MAX_TOKENS:
+    fused = lora is not None and lora.expand_stacked is sgmv_expand_stacked
+    if lora is not None and fused and x.shape[0] <= FUSED_ACT_MAX_TOKENS:
         parts = gate_up.stacked_forward(x)
         if parts is not None and gate_up.b_stack is not None:
             # The gate/up LoRA delta is added inside the activation kernel: no expand launch.

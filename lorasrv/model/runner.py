@@ -31,7 +31,7 @@ from lorasrv.model.lora_layout import AdapterWeights
 from lorasrv.model.lora_pool import LoraPool
 from lorasrv.model.parallel import TpGroup, TpLlamaModel
 from lorasrv.model.pending_sample import PendingSample
-from lorasrv.model.sampler import Sampler
+from lorasrv.model.sampler import Sampler, upload
 from lorasrv.model.sharding import load_sharded_weights, shard_arch
 
 logger = logging.getLogger(__name__)
@@ -236,12 +236,8 @@ class ModelRunner:
             return
         input_ids = parent.token_ids
         if len(keep) < len(plan.seq_ids):  # rows that stop by length are left out
-            rows = torch.tensor(keep, dtype=torch.int64)
-            if self.device.type == "cuda":
-                # NOTE: pinned and non-blocking: a pageable copy would wait for this step's
-                # kernels, and the guess would no longer be queued behind them in time.
-                rows = rows.pin_memory()
-            input_ids = input_ids.index_select(0, rows.to(self.device, non_blocking=True))
+            rows = upload(torch.tensor(keep, dtype=torch.int64), self.device)
+            input_ids = input_ids.index_select(0, rows)
         logits = self.decode.run(guess, input_ids=input_ids)
         pending = self.sampler.sample_async(logits, guess.seq_ids)
         self._guess = Guess(guess, keep, parent, pending)

@@ -328,19 +328,21 @@ class Sampler:
         self._counts.index_put_((self._ids_tensor(slots), token_ids), ones, accumulate=True)
 
     def _ids_tensor(self, ids: Sequence[int]) -> torch.Tensor:
-        return self._upload(torch.tensor(ids, dtype=torch.int64))
+        return upload(torch.tensor(ids, dtype=torch.int64), self.device)
 
     def _params_tensor(self, rows: Sequence[tuple[float, ...]]) -> torch.Tensor | None:
         if not rows:
             return None
-        return self._upload(torch.tensor(rows, dtype=torch.float32))
+        return upload(torch.tensor(rows, dtype=torch.float32), self.device)
 
-    def _upload(self, host: torch.Tensor) -> torch.Tensor:
-        if self.device.type != "cuda":
-            return host
-        # NOTE: pinned and non-blocking: a pageable copy waits for the queued forward pass, and
-        # the runner could no longer queue the next step behind it (lookahead.py).
-        return host.pin_memory().to(self.device, non_blocking=True)
+
+def upload(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A small host tensor on `device` without waiting for the work queued there."""
+    if device.type != "cuda":
+        return host
+    # NOTE: pinned and non-blocking: a pageable copy waits for the queued forward pass, and the
+    # runner could no longer queue the next step behind it (lookahead.py).
+    return host.pin_memory().to(device, non_blocking=True)
 
 
 def _make_generator(seed: int, device: torch.device) -> torch.Generator:
