@@ -20,7 +20,14 @@ from lorasrv.model.adapter_loader import load_adapter
 from lorasrv.model.arch import ModelArch
 from lorasrv.model.lora_layout import AdapterWeights
 
-__all__ = ["AdapterWeights", "TensorFiles", "load_adapter", "load_model_weights", "weight_plan"]
+__all__ = [
+    "AdapterWeights",
+    "TensorFiles",
+    "checked_weight_plan",
+    "load_adapter",
+    "load_model_weights",
+    "weight_plan",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -96,6 +103,17 @@ def checkpoint_files(model_dir: str, *, allow_pickle: bool) -> list[str]:
     raise FileNotFoundError(f"{model_dir}: no model.safetensors or shard index found")
 
 
+def checked_weight_plan(
+    files: TensorFiles, arch: ModelArch, model_dir: str
+) -> dict[str, tuple[tuple[str, ...], tuple[int, ...]]]:
+    """`weight_plan(arch)`, after checking that `files` hold every tensor it names."""
+    plan = weight_plan(arch)
+    missing = [n for sources, _ in plan.values() for n in sources if n not in files]
+    if missing:
+        raise ValueError(f"{model_dir}: checkpoint lacks {len(missing)} tensors: {missing[:5]}")
+    return plan
+
+
 def weight_plan(arch: ModelArch) -> dict[str, tuple[tuple[str, ...], tuple[int, ...]]]:
     """Our parameter name -> (HF names concatenated along dim 0, expected shape)."""
     hidden, inter, head_dim = arch.hidden_size, arch.intermediate_size, arch.head_dim
@@ -142,10 +160,7 @@ def load_model_weights(
         checkpoint_files(model_dir, allow_pickle=allow_pickle), allow_pickle=allow_pickle
     )
     try:
-        plan = weight_plan(arch)
-        missing = [n for sources, _ in plan.values() for n in sources if n not in files]
-        if missing:
-            raise ValueError(f"{model_dir}: checkpoint lacks {len(missing)} tensors: {missing[:5]}")
+        plan = checked_weight_plan(files, arch, model_dir)
         weights: dict[str, torch.Tensor] = {}
         # A progress bar on a terminal only (stderr), so logs and tests stay clean.
         progress = tqdm(

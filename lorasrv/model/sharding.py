@@ -12,7 +12,7 @@ from typing import NamedTuple
 import torch
 
 from lorasrv.model.arch import ModelArch
-from lorasrv.model.loader import TensorFiles, checkpoint_files, weight_plan
+from lorasrv.model.loader import TensorFiles, checked_weight_plan, checkpoint_files
 from lorasrv.model.lora_layout import AdapterWeights, LoraModuleWeights
 
 #: pool modules whose output is split over ranks (input replicated)
@@ -166,10 +166,7 @@ def load_sharded_weights(
         checkpoint_files(model_dir, allow_pickle=allow_pickle), allow_pickle=allow_pickle
     )
     try:
-        plan = weight_plan(arch)
-        missing = [n for sources, _ in plan.values() for n in sources if n not in files]
-        if missing:
-            raise ValueError(f"{model_dir}: checkpoint lacks {len(missing)} tensors: {missing[:5]}")
+        plan = checked_weight_plan(files, arch, model_dir)
         weights: dict[str, torch.Tensor] = {}
         for name, (sources, shape) in plan.items():
             parts = [files.get(n) for n in sources]
