@@ -11,7 +11,13 @@ from typing import NamedTuple, Protocol
 import lorasrv_kernels
 import torch
 import torch.nn.functional as F
-from lorasrv_kernels import LoraBatchInfo, reference, sgmv_expand_stacked, triton_lora_forward
+from lorasrv_kernels import (
+    LoraBatchInfo,
+    reference,
+    sgmv_expand_stacked,
+    silu_mul_lora,
+    triton_lora_forward,
+)
 
 from lorasrv.model.arch import ModelArch
 
@@ -43,6 +49,18 @@ class StackedExpandOp(Protocol):
     ) -> None: ...
 
 
+class StackedActOp(Protocol):
+    """`silu(gate) * up` of the stacked gate/up GEMM, its LoRA delta added on the way."""
+
+    def __call__(
+        self,
+        gate_up: torch.Tensor,
+        v_all: torch.Tensor,
+        b_stack: torch.Tensor,
+        info: LoraBatchInfo,
+    ) -> torch.Tensor: ...
+
+
 # Steps of at most this many tokens take the shrink from the base GEMM (`x @ [W; A].T`): at
 # decode sizes the extra rows cost a few percent of the weight's bytes and save one launch per
 # layer and module. Past it the extra columns are real FLOPs for every token, against a shrink
@@ -56,6 +74,7 @@ _STACKED_EXPAND: dict[object, StackedExpandOp] = {
     reference.lora_forward: reference.sgmv_expand_stacked,
     triton_lora_forward: sgmv_expand_stacked,
 }
+_STACKED_ACT: dict[object, StackedActOp] = {triton_lora_forward: silu_mul_lora}
 
 
 class LoraStep(NamedTuple):
@@ -65,12 +84,17 @@ class LoraStep(NamedTuple):
     op: LoraOp
     # Set: the stacked path (the shrink comes out of the base GEMM); None: shrink + expand.
     expand_stacked: StackedExpandOp | None = None
+    # Set: gate/up's stacked delta is added inside this activation kernel (no gate/up expand).
+    silu_mul_stacked: StackedActOp | None = None
 
 
 def make_lora_step(info: LoraBatchInfo, op: LoraOp, num_tokens: int) -> LoraStep:
-    """The step's LoRA: stacked when it is small and the op has a stacked expand."""
+    """The step's LoRA: stacked when it is small and the op has a stacked expand; the gate/up
+    delta inside the activation when smaller still and the backend has that kernel (Triton:
+    on CUDA, or in the interpreter for the CPU tests)."""
     stacked = _STACKED_EXPAND.get(op) if num_tokens <= STACKED_MAX_TOKENS else None
-    return LoraStep(info=info, op=op, expand_stacked=stacked)
+    act = _STACKED_ACT.get(op) if num_tokens <= FUSED_ACT_MAX_TOKENS else None
+    return LoraStep(info=info, op=op, expand_stacked=stacked, silu_mul_stacked=act)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -214,13 +238,11 @@ def gated_mlp(
     x: torch.Tensor, gate_up: LoraLinear, down: LoraLinear, lora: LoraStep | None
 ) -> torch.Tensor:
     """`down(silu(gate(x)) * up(x))` with gate and up fused into one matmul."""
-    # The Triton backend on a stacked step (on CUDA, or in the interpreter for the CPU tests).
-    fused = lora is not None and lora.expand_stacked is sgmv_expand_stacked
-    if lora is not None and fused and x.shape[0] <= FUSED_ACT_MAX_TOKENS:
+    if lora is not None and lora.silu_mul_stacked is not None:
         parts = gate_up.stacked_forward(x)
         if parts is not None and gate_up.b_stack is not None:
             # The gate/up LoRA delta is added inside the activation kernel: no expand launch.
-            act = lorasrv_kernels.silu_mul_lora(*parts, gate_up.b_stack, lora.info)
+            act = lora.silu_mul_stacked(*parts, gate_up.b_stack, lora.info)
             return down.forward(act, lora)
     gate_up_out = gate_up.forward(x, lora)  # [num_tokens, 2 * intermediate]
     if gate_up_out.is_cuda and gate_up_out.stride(1) == 1:
