@@ -160,6 +160,7 @@ class ModelRunner:
             self.sampler.add_seq(seq)
         guess = self._take_guess()
         if not plan.seq_ids:
+            self.num_guesses_dropped += guess is not None
             return StepResult([], [], [])
         if guess is not None and guess_holds(guess, plan, self.page_size):
             self.num_guesses_used += 1
