@@ -183,7 +183,7 @@ async def _engine_runs(args: argparse.Namespace, model_dir: Path,
                        adapters: dict[str, Path]) -> dict[str, Any]:  # fmt: skip
     from lorasrv.config import build_config
     from lorasrv.engine.engine import Engine
-    from lorasrv.engine.setup import prepare_parts
+    from lorasrv.engine.parts import prepare_parts
 
     config = build_config({
         "model_path": str(model_dir), "device": str(args.device),

@@ -12,7 +12,7 @@ OUT="${OUT:-/tmp/gpu-check}"
 mkdir -p "$OUT"
 PYTHON="${PYTHON:-$(command -v python3 || command -v python)}"
 SHIM="$(mktemp -d /tmp/lorasrv-shim.XXXXXX)"
-ln -s "$ROOT/kernels" "$SHIM/lorasrv_kernels"
+ln -s "$ROOT/kernels/lorasrv_kernels" "$SHIM/lorasrv_kernels"
 export PYTHONPATH="${PYDEPS:+$PYDEPS:}$ROOT:$SHIM${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
 export LORASRV_CACHE_DIR="${LORASRV_CACHE_DIR:-/tmp/lorasrv-cache}"

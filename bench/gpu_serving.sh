@@ -37,7 +37,7 @@ nvidia-smi 2>&1 | tee "$OUT/nvidia-smi.txt" || echo "nvidia-smi not available"
 # A bare checkout: the repo on the path, and kernels/ importable as lorasrv_kernels.
 # PYDEPS may name a folder of carried packages (e.g. msgspec) to put first.
 SHIM="$(mktemp -d /tmp/lorasrv-pypath.XXXXXX)"
-ln -s "$ROOT/kernels" "$SHIM/lorasrv_kernels"
+ln -s "$ROOT/kernels/lorasrv_kernels" "$SHIM/lorasrv_kernels"
 export PYTHONPATH="${PYDEPS:+$PYDEPS:}$ROOT:${PYTHONPATH:+$PYTHONPATH:}$SHIM"
 export PYTHONUNBUFFERED=1
 export LORASRV_CACHE_DIR="${LORASRV_CACHE_DIR:-/tmp/lorasrv-bench/cache}"  # the demo tokenizer

@@ -13,14 +13,14 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any, Self
 
 from lorasrv.config import ServerConfig, build_config, lora_enabled
-from lorasrv.engine.adapters import AdapterManagerActor
-from lorasrv.engine.detokenizer import Detokenizer
+from lorasrv.engine.adapter_manager import AdapterManagerActor
 from lorasrv.engine.gpu_runner import GpuRunnerActor
+from lorasrv.engine.hf_tokenizer import Detokenizer
+from lorasrv.engine.parts import EngineParts, prepare_parts
 from lorasrv.engine.request_handle import RequestHandle
 from lorasrv.engine.requests import GenerateBatch, normalize_generate
 from lorasrv.engine.results import ResultBuilder
 from lorasrv.engine.scheduler import SchedulerActor
-from lorasrv.engine.setup import EngineParts, prepare_parts
 from lorasrv.engine.stats import SchedulerStats
 from lorasrv.engine.tokenizer import TokenizerActor
 from lorasrv.engine.validation import check_sampling

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import assert_never
 
 from lorasrv.engine.actor import Actor, Sender
-from lorasrv.engine.detokenizer import Detokenizer, DetokenizerStream, find_stop, holdback
+from lorasrv.engine.hf_tokenizer import Detokenizer, DetokenizerStream, find_stop, holdback
 from lorasrv.engine.outputs import OutputSink
 from lorasrv.ids import RequestId
 from lorasrv.messages import (

@@ -17,7 +17,7 @@ from lorasrv_kernels import triton_lora_forward
 from lorasrv.hub import resolve_path
 from lorasrv.ids import AdapterId, SeqId, SlotId
 from lorasrv.messages import RunnerReady, StepPlan, TokenLogprob
-from lorasrv.model import setup
+from lorasrv.model import startup
 from lorasrv.model.adapter_loader import load_adapter
 from lorasrv.model.arch import ModelArch, read_arch
 from lorasrv.model.attention import KvCache, make_attention, needs_dense_metadata
@@ -76,24 +76,24 @@ class ModelRunner:
     ) -> None:
         started = time.monotonic()
         torch.manual_seed(seed)
-        self.device = setup.resolve_device(device)
+        self.device = startup.resolve_device(device)
         patterns = [*_MODEL_FILES, "*.bin"] if allow_pickle else _MODEL_FILES
         self.model_path = resolve_path(model_path, revision=revision, allow_patterns=patterns)
         self.arch: ModelArch = read_arch(self.model_path)
         # Tensor parallel (one process per rank): this rank's heads, KV heads and MLP width.
         self.tp = tp
         self.shard_arch = shard_arch(self.arch, tp.shard) if tp is not None else self.arch
-        self.dtype = setup.resolve_dtype(dtype, self.arch, self.device)
+        self.dtype = startup.resolve_dtype(dtype, self.arch, self.device)
         self.allow_pickle = allow_pickle
         self.page_size = page_size
-        self.context_length = setup.context_length(self.arch, context_length)
+        self.context_length = startup.context_length(self.arch, context_length)
         self.attention_backend = attention_backend
         self.model = self._load_model()
-        self.lora_target_modules = setup.lora_target_modules(lora_target_modules)
+        self.lora_target_modules = startup.lora_target_modules(lora_target_modules)
         self.lora_max_rank = lora_max_rank
-        self.lora_op = setup.lora_op(lora_backend, self.device)
+        self.lora_op = startup.lora_op(lora_backend, self.device)
         self.pool = self._make_pool(lora_num_slots) if lora_num_slots > 0 else None
-        self.num_kv_pages = num_kv_pages or setup.count_kv_pages(
+        self.num_kv_pages = num_kv_pages or startup.count_kv_pages(
             self.shard_arch,
             page_size=page_size,
             dtype=self.dtype,

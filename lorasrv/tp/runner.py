@@ -25,9 +25,9 @@ from lorasrv.messages import RunnerReady, StepPlan
 from lorasrv.model.adapter_loader import load_adapter
 from lorasrv.model.arch import read_arch
 from lorasrv.model.runner import StepResult
-from lorasrv.model.setup import DTYPES
 from lorasrv.model.sharding import check_split
-from lorasrv.tp.adapters import TpAdapterWeights, pack_shards
+from lorasrv.model.startup import DTYPES
+from lorasrv.tp.adapter_shards import TpAdapterWeights, pack_shards
 from lorasrv.tp.channel import ControlChannel
 from lorasrv.tp.monitor import TpWorkerError, WorkerMonitor
 from lorasrv.tp.protocol import TpClearSlot, TpLoadSlot, TpShutdown, TpStep, TpStepResult

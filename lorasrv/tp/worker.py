@@ -25,7 +25,7 @@ from torch._C._distributed_c10d import PrefixStore, TCPStore  # typed there; sam
 from lorasrv.ids import AdapterId, SlotId
 from lorasrv.model.parallel import TpGroup
 from lorasrv.model.runner import ModelRunner
-from lorasrv.tp.adapters import unpack_shard
+from lorasrv.tp.adapter_shards import unpack_shard
 from lorasrv.tp.channel import ControlChannel
 from lorasrv.tp.protocol import (
     TpClearSlot,

@@ -11,7 +11,7 @@ import pytest
 
 from lorasrv.config import AdapterConfig, LoraRef, SchedulerConfig, ServerConfig
 from lorasrv.engine.engine import Engine
-from lorasrv.engine.setup import EngineParts
+from lorasrv.engine.parts import EngineParts
 from lorasrv.errors import AdapterNotFound, BadRequest, EngineDead, PromptTooLong
 from tests.fakes import FakeRunner, FakeTokenizer, fake_generate
 

@@ -15,7 +15,7 @@ import pytest
 
 from lorasrv.config import build_config
 from lorasrv.engine.engine import Engine
-from lorasrv.engine.setup import prepare_parts
+from lorasrv.engine.parts import prepare_parts
 from lorasrv.model.runner import ModelRunner
 from tests.e2e.conftest import PROMPTS, make_adapters, make_checkpoint
 

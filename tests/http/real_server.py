@@ -19,7 +19,7 @@ from lorasrv.config import (
     ServerConfig,
 )
 from lorasrv.engine.engine import Engine
-from lorasrv.engine.setup import EngineParts
+from lorasrv.engine.parts import EngineParts
 from lorasrv.http.app import build_app, make_runner
 from tests.actors.test_engine import SALTS, read_config
 from tests.fakes import FakeRunner, FakeTokenizer, fake_generate

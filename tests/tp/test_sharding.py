@@ -24,7 +24,7 @@ from lorasrv.model.sharding import (
     shard_weight,
     vocab_range,
 )
-from lorasrv.tp.adapters import pack_shards, unpack_shard
+from lorasrv.tp.adapter_shards import pack_shards, unpack_shard
 from lorasrv.tp.channel import CAPACITY_BYTES, ControlChannel
 
 

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 import lorasrv.demo
 from lorasrv.demo import DEMO_VERSION, DemoModel, build_demo, ensure_demo_model
-from lorasrv.engine.detokenizer import HfTokenizer
+from lorasrv.engine.hf_tokenizer import HfTokenizer
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")

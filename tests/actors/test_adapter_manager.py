@@ -12,7 +12,7 @@ from typing import Any, NamedTuple
 import pytest
 
 from lorasrv.config import AdapterConfig
-from lorasrv.engine.adapters import AdapterManagerActor
+from lorasrv.engine.adapter_manager import AdapterManagerActor
 from lorasrv.errors import status_for_code
 from lorasrv.ids import AdapterId, OpId, RequestId, SlotId, StepId
 from lorasrv.messages import (

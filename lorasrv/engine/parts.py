@@ -13,8 +13,8 @@ from typing import Any, NamedTuple
 import msgspec
 
 from lorasrv.config import LoraRef, ServerConfig
-from lorasrv.engine.detokenizer import Detokenizer
 from lorasrv.engine.gpu_runner import adapter_loader_for, model_runner_factory
+from lorasrv.engine.hf_tokenizer import Detokenizer
 from lorasrv.engine.lora_spec import infer_pool_spec
 from lorasrv.engine.step_runner import StepRunner
 from lorasrv.errors import ConfigError
@@ -34,7 +34,7 @@ class EngineParts(NamedTuple):
 
 
 async def prepare_parts(config: ServerConfig) -> EngineParts:
-    from lorasrv.engine.detokenizer import HfTokenizer
+    from lorasrv.engine.hf_tokenizer import HfTokenizer
     from lorasrv.hub import resolve_path
     from lorasrv.peft_config import read_peft_config
 

@@ -26,7 +26,7 @@ from tokenizers import (
 
 from lorasrv.demo import ensure_demo_model
 from lorasrv.demo_corpus import CORPUS
-from lorasrv.engine.detokenizer import (
+from lorasrv.engine.hf_tokenizer import (
     Detokenizer,
     HfTokenizer,
     IncrementalDetokenizer,
