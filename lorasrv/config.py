@@ -65,7 +65,9 @@ class LoraRef(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=T
 class AdapterConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
     enable_lora: bool = False
     lora_paths: tuple[LoraRef, ...] = ()
-    max_loras_per_batch: PositiveInt = 8
+    # Distinct adapters in a batch: None = as many as adapter memory holds (SGLang's default
+    # is 8; here memory bounds it); given = a cap.
+    max_loras_per_batch: PositiveInt | None = None
     max_loaded_loras: PositiveInt | None = None
     lora_backend: Literal["auto", "triton", "torch"] = "auto"
     max_lora_rank: PositiveInt | None = None
@@ -182,20 +184,22 @@ def load_config(raw: dict[str, Any]) -> ServerConfig:
 
 
 def _check_adapters(cfg: AdapterConfig) -> None:
-    if cfg.max_loaded_loras is not None and cfg.max_loaded_loras < cfg.max_loras_per_batch:
+    per_batch = cfg.max_loras_per_batch
+    loaded = cfg.max_loaded_loras
+    if per_batch is not None and loaded is not None and loaded < per_batch:
         raise ConfigError(
-            f"--max-loaded-loras ({cfg.max_loaded_loras}) must be >= "
-            f"--max-loras-per-batch ({cfg.max_loras_per_batch})"
+            f"--max-loaded-loras ({loaded}) must be >= --max-loras-per-batch ({per_batch})"
         )
     names = [ref.lora_name for ref in cfg.lora_paths]
     duplicates = sorted({name for name in names if names.count(name) > 1})
     if duplicates:
         raise ConfigError(f"--lora-paths: adapter name given twice: {', '.join(duplicates)}")
     num_pinned = sum(ref.pinned for ref in cfg.lora_paths)
-    if num_pinned > cfg.max_loras_per_batch - 1:
+    # Without a cap, the pinning rule is checked at load against what memory holds.
+    if per_batch is not None and num_pinned > per_batch - 1:
         raise ConfigError(
             f"--lora-paths pins {num_pinned} adapters; at most --max-loras-per-batch - 1 = "
-            f"{cfg.max_loras_per_batch - 1} may be pinned so unpinned requests never starve"
+            f"{per_batch - 1} may be pinned so unpinned requests never starve"
         )
     modules = cfg.lora_target_modules
     if modules is not None:

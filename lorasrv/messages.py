@@ -5,11 +5,9 @@ process with msgspec.msgpack. Only `HostCopyReady.weights` carries (CPU) tensors
 engine; the sender drops its reference after sending.
 """
 
-from typing import Any
-
 import msgspec
 
-from lorasrv.ids import AdapterId, BlockId, OpId, RequestId, SeqId, SlotId, StepId
+from lorasrv.ids import AdapterId, BlockId, OpId, RequestId, SeqId, StepId
 
 
 class Msg(msgspec.Struct, frozen=True, tag=True):
@@ -53,7 +51,6 @@ class Tokenize(Msg, frozen=True, kw_only=True):
     messages: tuple[ChatMessage, ...] | None = None  # chat: rendered with the chat template
     lora_name: str | None = None
     params: SamplingParams
-    arrival_s: float  # time.monotonic() at submit
 
 
 class Enqueue(Msg, frozen=True, kw_only=True):
@@ -63,7 +60,6 @@ class Enqueue(Msg, frozen=True, kw_only=True):
     prompt_ids: tuple[int, ...]
     lora_name: str | None
     params: SamplingParams
-    arrival_s: float
 
 
 class Abort(Msg, frozen=True, kw_only=True):
@@ -136,7 +132,6 @@ class AdapterAcquired(Msg, frozen=True, kw_only=True):
     adapter_id: AdapterId
     rank: int = 0  # LoRA rows the adapter needs on the GPU (its max rank over modules)
     pinned: bool = False  # fixed for the adapter id's lifetime
-    num_pinned: int = 0  # DEPRECATED (slots): goes away with PrepareStep
 
 
 class AdapterAcquireFailed(Msg, frozen=True, kw_only=True):
@@ -150,31 +145,6 @@ class ReleaseAdapter(Msg, frozen=True, kw_only=True):
 
     request_id: RequestId
     adapter_id: AdapterId
-
-
-class PrepareStep(Msg, frozen=True, kw_only=True):
-    """SchedulerActor -> AdapterManagerActor: make these adapters GPU-resident for one step."""
-
-    step_id: StepId
-    adapter_ids: tuple[AdapterId, ...]
-
-
-class SlotAssignment(msgspec.Struct, frozen=True, array_like=True):
-    adapter_id: AdapterId
-    slot_id: SlotId
-
-
-class StepAdaptersReady(Msg, frozen=True, kw_only=True):
-    """AdapterManagerActor -> SchedulerActor: all of them are (or are queued to be) in slots.
-
-    NOTE: uploads are sent to the GPU runner before this reply, and the runner's inbox is FIFO,
-    so they land before the step that needs them.
-    """
-
-    step_id: StepId
-    slots: tuple[SlotAssignment, ...]
-    deferred: tuple[AdapterId, ...] = ()  # could not be placed this step: their rows wait
-    num_pinned: int = 0
 
 
 class LoadAdapter(Msg, frozen=True, kw_only=True):
@@ -196,16 +166,21 @@ class DescribeAdapters(Msg, frozen=True, kw_only=True):
 
 
 class AdapterStatus(msgspec.Struct, frozen=True, kw_only=True):
+    """One adapter version as its three owners see it: the catalog (`phase`), the host cache
+    (`host`) and the scheduler's GPU residency (`gpu_rows`, filled in by the Engine)."""
+
     name: str
     path: str
     adapter_id: AdapterId
-    state: str
-    slot: SlotId | None
+    phase: str  # "loading" (first load) | "ready" | "unloading" (draining its requests)
+    host: str  # "absent" | "loading" | "loaded": its host copy
     rank: int
     pinned: bool
     num_refs: int
-    num_loads: int = 0
-    num_evictions: int = 0
+    gpu_rows: int = 0  # LoRA rows it holds on the GPU; 0 = not resident
+    num_loads: int = 0  # host loads (first load and reloads)
+    num_host_drops: int = 0  # host copies dropped by --max-loaded-loras
+    num_gpu_evictions: int = 0  # times its GPU rows were taken for others
     last_load_s: float = 0.0
 
 
@@ -226,11 +201,20 @@ class AdapterRetired(Msg, frozen=True, kw_only=True):
     adapter_id: AdapterId
 
 
+class HostCopy(msgspec.Struct, frozen=True, kw_only=True):
+    """An adapter read into host memory, as the loader thread hands it back."""
+
+    weights: object  # model-side host copy (packed rows); opaque to the engine
+    rank: int
+    scaling: float
+    load_s: float
+
+
 class HostLoadDone(Msg, frozen=True, kw_only=True):
     """AdapterManagerActor -> itself: an adapter folder finished (or failed) loading to host."""
 
     adapter_id: AdapterId
-    weights: Any = None  # model.loader.AdapterWeights; CPU tensors
+    copy: HostCopy | None = None
     error: str | None = None
 
 
@@ -272,7 +256,6 @@ class StepPlan(Msg, frozen=True, kw_only=True):
     query_lens: tuple[int, ...] = ()  # new tokens per row
     context_lens: tuple[int, ...] = ()  # tokens already in the KV cache per row
     block_tables: tuple[tuple[BlockId, ...], ...] = ()  # KV pages per row, covering all tokens
-    lora_slots: tuple[int, ...] = ()  # DEPRECATED (slots): per row; -1 = base model
     # Per row: index into `adapters`, -1 = base model.
     lora_adapters: tuple[int, ...] = ()
     adapters: tuple[AdapterRows, ...] = ()  # every adapter this step's rows use, with its rows
@@ -288,17 +271,10 @@ class StepPlan(Msg, frozen=True, kw_only=True):
     # a step launched ahead leaves it out. Empty: no row is known to stop.
     last_rows: tuple[bool, ...] = ()
 
-
-class LoadSlot(Msg, frozen=True, kw_only=True):
-    """AdapterManagerActor -> GpuRunnerActor: copy an adapter's host weights into a slot."""
-
-    slot_id: SlotId
-    adapter_id: AdapterId
-    weights: Any  # model.loader.AdapterWeights (CPU, pinned); the sender drops its reference
-
-
-class ClearSlot(Msg, frozen=True, kw_only=True):
-    slot_id: SlotId
+    @property
+    def is_decode(self) -> bool:
+        """Every row feeds one token and samples one (the steps CUDA graphs serve)."""
+        return bool(self.seq_ids) and all(n == 1 for n in self.query_lens) and all(self.sample_rows)
 
 
 class HostCopyReady(Msg, frozen=True, kw_only=True):
@@ -334,14 +310,11 @@ class StepResult(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class StepDone(Msg, frozen=True, kw_only=True):
-    """GpuRunnerActor -> SchedulerActor: one token per sampled row, in row order."""
+    """GpuRunnerActor -> SchedulerActor: the step's result; `seq_ids` are its sampled rows."""
 
     step_id: StepId
     seq_ids: tuple[SeqId, ...]
-    token_ids: tuple[int, ...]
-    logprobs: tuple[float, ...] = ()  # empty unless some row asked
-    top_logprobs: tuple[tuple[TokenLogprob, ...], ...] = ()
-    duration_s: float = 0.0
+    result: StepResult
 
 
 class RunnerReady(msgspec.Struct, frozen=True, kw_only=True):
@@ -355,10 +328,9 @@ class RunnerReady(msgspec.Struct, frozen=True, kw_only=True):
 
     num_kv_pages: int  # arena units
     page_size: int  # tokens per KV page
-    kv_page_bytes: int = 0
-    lora_row_bytes: int = 0  # 0 when LoRA is off
-    lora_max_rows: int = 0  # 0 when LoRA is off
-    num_lora_slots: int = 0  # DEPRECATED (slots): goes away with the arena
+    kv_page_bytes: int
+    lora_row_bytes: int  # 0 when LoRA is off
+    lora_max_rows: int  # 0 when LoRA is off
     max_lora_rank: int
     lora_target_modules: tuple[str, ...]
     vocab_size: int
@@ -370,19 +342,9 @@ class RunnerReady(msgspec.Struct, frozen=True, kw_only=True):
 
 TokenizerInbox = Tokenize | EmitTokens | RequestFailed | Abort
 SchedulerInbox = (
-    Enqueue | Abort | AdapterAcquired | AdapterAcquireFailed | StepAdaptersReady | StepDone
+    Enqueue | Abort | AdapterAcquired | AdapterAcquireFailed | AdapterRetired | StepDone
 )
 AdapterInbox = (
-    AcquireAdapter
-    | ReleaseAdapter
-    | PrepareStep
-    | LoadAdapter
-    | UnloadAdapter
-    | DescribeAdapters
-    | HostLoadDone
+    AcquireAdapter | ReleaseAdapter | LoadAdapter | UnloadAdapter | DescribeAdapters | HostLoadDone
 )
-RunnerInbox = RunStep | LoadSlot | ClearSlot
-# The arena's inboxes (replace the two above when the engine's planner lands):
-# SchedulerInbox = Enqueue | Abort | AdapterAcquired | AdapterAcquireFailed | AdapterRetired
-#     | StepDone
-# RunnerInbox = RunStep | HostCopyReady | HostCopyDropped
+RunnerInbox = RunStep | HostCopyReady | HostCopyDropped

@@ -23,10 +23,9 @@ log = logging.getLogger(__name__)
 CONTENT_TYPE: Final = "text/plain; version=0.0.4; charset=utf-8"
 BASE_LABEL: Final = ""  # the `adapter` label of base-model requests
 UNKNOWN_LABEL: Final = "<unknown>"  # requests that named no registered adapter
-ADAPTER_STATES: Final = (
-    "loading", "cpu_loaded", "gpu_resident", "pinned", "evicting", "unloaded",
-)  # fmt: skip
-DRAINING_STATE: Final = "unloading"  # describe_adapters' state for an unload in progress
+#: An adapter's state label, from its owners' views (see `adapter_state`).
+ADAPTER_STATES: Final = ("loading", "cpu_loaded", "gpu_resident", "unloaded")
+DRAINING_PHASE: Final = "unloading"  # an unloaded version still draining its requests
 TTFT_BUCKETS_S: Final = (
     0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 30.0,
 )  # fmt: skip
@@ -43,6 +42,9 @@ class EngineSnapshot(NamedTuple):
     num_waiting: int = 0
     num_kv_pages: int = 0
     num_kv_pages_used: int = 0
+    num_lora_rows: int = 0
+    num_lora_rows_used: int = 0
+    lora_capacity: int = 0
     is_healthy: bool = True
     adapters: tuple[AdapterStatus, ...] = ()
 
@@ -181,11 +183,29 @@ class _SnapshotCollector(Collector):
         yield _gauge("lorasrv_kv_pages_used", "KV cache pages in use.", snap.num_kv_pages_used)
         usage = snap.num_kv_pages_used / snap.num_kv_pages if snap.num_kv_pages else 0.0
         yield _gauge("lorasrv_kv_page_usage_ratio", "Used / total KV pages (0..1).", usage)
+        yield _gauge(
+            "lorasrv_lora_rows", "LoRA rows adapters may hold (one per rank).", snap.num_lora_rows
+        )
+        yield _gauge("lorasrv_lora_rows_used", "LoRA rows adapters hold.", snap.num_lora_rows_used)
+        yield _gauge(
+            "lorasrv_max_loras_per_batch",
+            "Distinct adapters a batch may hold: --max-loras-per-batch, or what memory allows.",
+            snap.lora_capacity,
+        )
         yield from _adapter_families(snap.adapters)
 
 
 def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:
     return GaugeMetricFamily(name, documentation, value=value)
+
+
+def adapter_state(status: AdapterStatus) -> str:
+    """One label from the three owners' views: on the GPU, else its host copy's state."""
+    if status.phase == "loading" or status.host == "loading":
+        return "loading"
+    if status.gpu_rows:
+        return "gpu_resident"
+    return "cpu_loaded" if status.host == "loaded" else "unloaded"
 
 
 def _adapter_families(adapters: Sequence[AdapterStatus]) -> Iterator[Metric]:
@@ -194,33 +214,36 @@ def _adapter_families(adapters: Sequence[AdapterStatus]) -> Iterator[Metric]:
         "lorasrv_adapter_state", "1 for the adapter's current state.", labels=["adapter", "state"]
     )
     resident = GaugeMetricFamily(
-        "lorasrv_adapter_gpu_resident", "1 while the adapter holds a GPU slot.", labels=label
+        "lorasrv_adapter_gpu_resident", "1 while the adapter holds GPU rows.", labels=label
     )
-    slot = GaugeMetricFamily("lorasrv_adapter_slot", "GPU slot index, -1 if none.", labels=label)
+    rows = GaugeMetricFamily(
+        "lorasrv_adapter_gpu_rows", "LoRA rows the adapter holds on the GPU.", labels=label
+    )
     pinned = GaugeMetricFamily("lorasrv_adapter_pinned", "1 if pinned.", labels=label)
     refs = GaugeMetricFamily("lorasrv_adapter_refs", "Requests holding the adapter.", labels=label)
     loads = CounterMetricFamily(
         "lorasrv_adapter_loads", "Loads from disk into host memory.", labels=label
     )
     evictions = CounterMetricFamily(
-        "lorasrv_adapter_evictions", "Evictions from a GPU slot or host memory.", labels=label
+        "lorasrv_adapter_evictions", "Evictions from GPU rows or host memory.", labels=label
     )
     load_s = GaugeMetricFamily(
         "lorasrv_adapter_last_load_seconds", "Seconds the latest host load took.", labels=label
     )
     # NOTE: an unloaded version still draining its requests keeps its name until it is gone; a
     # reload under the same name would then give two series with one label, so skip it.
-    adapters = [a for a in adapters if a.state != DRAINING_STATE]
+    adapters = [a for a in adapters if a.phase != DRAINING_PHASE]
     for status in adapters:
         name = [status.name]
+        current = adapter_state(status)
         for value in ADAPTER_STATES:
-            state.add_metric([status.name, value], float(status.state == value))
-        resident.add_metric(name, float(status.slot is not None))
-        slot.add_metric(name, float(-1 if status.slot is None else status.slot))
+            state.add_metric([status.name, value], float(current == value))
+        resident.add_metric(name, float(status.gpu_rows > 0))
+        rows.add_metric(name, float(status.gpu_rows))
         pinned.add_metric(name, float(status.pinned))
         refs.add_metric(name, float(status.num_refs))
         loads.add_metric(name, float(status.num_loads))
-        evictions.add_metric(name, float(status.num_evictions))
+        evictions.add_metric(name, float(status.num_gpu_evictions + status.num_host_drops))
         load_s.add_metric(name, status.last_load_s)
     yield _gauge("lorasrv_adapters_registered", "Registered adapters.", len(adapters))
-    yield from (state, resident, slot, pinned, refs, loads, evictions, load_s)
+    yield from (state, resident, rows, pinned, refs, loads, evictions, load_s)

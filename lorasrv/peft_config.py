@@ -60,6 +60,11 @@ class PeftConfig(NamedTuple):
     alpha_pattern: dict[str, float]
     max_rank: int  # max of r and rank_pattern values
 
+    @property
+    def scaling(self) -> float:
+        """The scaling of modules without a pattern (`alpha / r`, rsLoRA `alpha / sqrt(r)`)."""
+        return lora_scaling(self.lora_alpha, self.r, self.use_rslora)
+
     def rank_for(self, module_key: str) -> int:
         """Rank of one module, e.g. `model.layers.3.self_attn.q_proj`, by PEFT's pattern rules."""
         key = pattern_key(self.rank_pattern, module_key)

@@ -7,3 +7,8 @@ import torch
 # Intra-op threads only add overhead for tiny tensors, and on a shared 2-core machine their
 # spin-waiting made the model tests about 8x slower.
 torch.set_num_threads(1)
+
+from lorasrv.engine import invariants  # noqa: E402
+
+# Every actor rechecks its tables after every message in the tests (off in a server: O(tables)).
+invariants.enabled = True

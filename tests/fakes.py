@@ -1,16 +1,25 @@
-"""Fakes for actor and engine tests: a runner that really keeps tokens in KV pages, and a
-character tokenizer. The fake model's next token depends on every cached token and on the adapter
-in the row's slot, so wrong page bookkeeping or a wrong slot shows up as a wrong token.
+"""Fakes for actor and engine tests: a runner that really keeps tokens in KV pages and adapters
+in LoRA rows of one arena, and a character tokenizer. The fake model's next token depends on every
+cached token and on the adapter in the row's rows, so wrong page or row bookkeeping shows up as a
+failed check or a wrong token.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 
-from lorasrv.engine.step_runner import StepOutput
-from lorasrv.ids import AdapterId, SlotId
-from lorasrv.messages import ChatMessage, RunnerReady, StepPlan, TokenLogprob
+from lorasrv.engine.arena import ArenaGeometry
+from lorasrv.ids import AdapterId
+from lorasrv.messages import (
+    AdapterRows,
+    ChatMessage,
+    HostCopyReady,
+    RunnerReady,
+    StepPlan,
+    StepResult,
+    TokenLogprob,
+)
 
 FAKE_VOCAB = 128
 FAKE_EOS = 127
@@ -34,50 +43,68 @@ def fake_generate(prompt: Sequence[int], salt: int, num_new: int) -> list[int]:
     return out
 
 
+PAGE_BYTES = 100
+ROW_BYTES = 150  # a row straddles page boundaries, as real rows do
+
+
 class FakeRunner:
-    """StepRunner without a model. `weights` of a slot is the adapter's int salt."""
+    """StepRunner without a model, over a fake arena with the real geometry: KV pages hold
+    tokens, LoRA rows hold (adapter id, salt, rank index), and they overlay each other. Writing
+    KV into a page destroys the rows over it; uploading a row destroys the KV under it. So wrong
+    page or row bookkeeping shows up as a failed check or a wrong token. A host copy (`weights`)
+    is the adapter's int salt."""
 
     def __init__(
-        self, *, num_kv_pages: int = 64, page_size: int = 4, num_slots: int = 4,
-        context_length: int = 256,
+        self, *, num_kv_pages: int = 128, page_size: int = 4, context_length: int = 256,
+        max_lora_rank: int = 8, lora_rows: int | None = None,
+        salts: Mapping[str, int] | None = None,
     ) -> None:  # fmt: skip
+        """`lora_rows`: rows in the arena's top (default: as many as fit), to bound residency."""
+        max_rows = num_kv_pages * PAGE_BYTES // ROW_BYTES if lora_rows is None else lora_rows
+        self.geometry = ArenaGeometry(num_kv_pages, PAGE_BYTES, ROW_BYTES, max_rows)
         self.ready_info = RunnerReady(
             num_kv_pages=num_kv_pages,
             page_size=page_size,
-            num_lora_slots=num_slots,
-            max_lora_rank=16,
-            lora_target_modules=("q_proj", "v_proj"),
+            kv_page_bytes=PAGE_BYTES,
+            lora_row_bytes=ROW_BYTES,
+            lora_max_rows=self.geometry.max_rows,
+            max_lora_rank=max_lora_rank,
+            lora_target_modules=("q_proj", "k_proj", "v_proj", "o_proj"),
             vocab_size=FAKE_VOCAB,
             context_length=context_length,
             eos_token_ids=(FAKE_EOS,),
             device="cpu",
             dtype="float32",
         )
+        self.salts = dict(salts or {})
         self.pages: dict[int, list[int | None]] = {}
-        self.slot_salt: dict[int, int] = {}
-        self.slot_adapter: dict[int, AdapterId] = {}
+        self.host: dict[AdapterId, tuple[int, int]] = {}  # host copies: salt, rank
+        self.rows: dict[int, tuple[AdapterId, int, int]] = {}  # adapter id, salt, rank index
         self.live_seqs: set[int] = set()
         self.plans: list[StepPlan] = []
-        self.num_loads = 0
+        self.num_uploads = 0
         self.step_delay_s = 0.0  # simulated GPU time per step (runs on the runner thread)
 
     def ready(self) -> RunnerReady:
         return self.ready_info
 
-    def load_slot(self, slot_id: SlotId, adapter_id: AdapterId, weights: object) -> None:
-        assert isinstance(weights, int), weights
-        self.slot_salt[slot_id] = weights
-        self.slot_adapter[slot_id] = adapter_id
-        self.num_loads += 1
+    def add_host_copy(self, copy: HostCopyReady) -> None:
+        assert isinstance(copy.weights, int), copy.weights
+        self.host[copy.adapter_id] = (copy.weights, copy.rank)
 
-    def clear_slot(self, slot_id: SlotId) -> None:
-        self.slot_salt.pop(slot_id, None)
-        self.slot_adapter.pop(slot_id, None)
+    def drop_host_copy(self, adapter_id: AdapterId) -> None:
+        del self.host[adapter_id]
+
+    def make_adapter_loader(self) -> Callable[[str], object]:
+        return self.salts.__getitem__
+
+    def on_failure(self, listener: Callable[[str], None]) -> None:
+        pass
 
     def shutdown(self) -> None:
         pass
 
-    def step(self, plan: StepPlan) -> StepOutput:
+    def step(self, plan: StepPlan) -> StepResult:
         if self.step_delay_s:
             time.sleep(self.step_delay_s)
         self.plans.append(plan)
@@ -87,9 +114,39 @@ class FakeRunner:
             assert new.seq_id not in self.live_seqs, f"seq {new.seq_id} added twice"
             self.live_seqs.add(new.seq_id)
         _check_plan(plan)
+        for upload in plan.uploads:
+            self._upload(upload)
+        salts = [self._adapter_salt(a) for a in plan.adapters]
+        return self._run_rows(plan, salts)
+
+    def _upload(self, upload: AdapterRows) -> None:
+        assert upload.adapter_id in self.host, (
+            f"upload of adapter id {upload.adapter_id}: no host copy"
+        )
+        salt, rank = self.host[upload.adapter_id]
+        assert len(upload.rows) == rank, f"adapter id {upload.adapter_id}: {len(upload.rows)} rows"
+        for i, row in enumerate(upload.rows):
+            for page in self.geometry.row_pages(row):
+                self.pages.pop(page, None)  # the row's bytes overwrite whatever KV was there
+            self.rows[row] = (upload.adapter_id, salt, i)
+        self.num_uploads += 1
+
+    def _adapter_salt(self, adapter: AdapterRows) -> int:
+        held = [self.rows.get(row) for row in adapter.rows]
+        salts = {h[1] for h in held if h is not None}
+        assert len(salts) == 1, f"adapter id {adapter.adapter_id}: rows hold {held}"
+        expected = [(adapter.adapter_id, next(iter(salts)), i) for i in range(len(adapter.rows))]
+        assert held == expected, f"adapter id {adapter.adapter_id}: rows hold {held}"
+        return expected[0][1]
+
+    def _write_kv(self, page: int, pos: int, token: int) -> None:
+        for row in self.geometry.page_rows(page):
+            self.rows.pop(row, None)  # KV bytes overwrite the rows over this page
+        self.pages.setdefault(page, [None] * self.ready_info.page_size)[pos] = token
+
+    def _run_rows(self, plan: StepPlan, salts: list[int]) -> StepResult:
         size = self.ready_info.page_size
         tokens: list[int] = []
-        logprobs: list[float] = []
         tops: list[tuple[TokenLogprob, ...]] = []
         offset = 0
         for i, seq_id in enumerate(plan.seq_ids):
@@ -98,31 +155,39 @@ class FakeRunner:
             start, num_new = plan.context_lens[i], plan.query_lens[i]
             for j in range(num_new):
                 pos = start + j
-                page = self.pages.setdefault(table[pos // size], [None] * size)
-                page[pos % size] = plan.input_ids[offset + j]
+                self._write_kv(table[pos // size], pos % size, plan.input_ids[offset + j])
             offset += num_new
             if plan.sample_rows[i]:
-                context = [self.pages[table[p // size]][p % size] for p in range(start + num_new)]
+                context = [self.pages.get(table[p // size], [None] * size)[p % size]
+                           for p in range(start + num_new)]  # fmt: skip
                 assert None not in context, f"seq {seq_id} reads a KV slot never written"
-                slot = plan.lora_slots[i]
-                salt = 0 if slot < 0 else self.slot_salt[slot]
+                index = plan.lora_adapters[i]
+                salt = 0 if index < 0 else salts[index]
                 token = fake_next_token([t for t in context if t is not None], salt)
                 tokens.append(token)
-                logprobs.append(-0.5)
                 tops.append((TokenLogprob(token, -0.5),))
-        return StepOutput(tokens, logprobs, tops)
+        return StepResult(
+            token_ids=tuple(tokens), logprobs=(-0.5,) * len(tokens), top_logprobs=tuple(tops)
+        )
 
 
 def _check_plan(plan: StepPlan) -> None:
     rows = len(plan.seq_ids)
-    for name in ("query_lens", "context_lens", "block_tables", "lora_slots", "sample_rows"):
+    for name in ("query_lens", "context_lens", "block_tables", "lora_adapters", "sample_rows"):
         assert len(getattr(plan, name)) == rows, name
     assert sum(plan.query_lens) == len(plan.input_ids)
-    assert list(plan.lora_slots) == sorted(plan.lora_slots), "rows must be sorted by slot"
+    assert list(plan.lora_adapters) == sorted(plan.lora_adapters), "rows must be sorted by adapter"
+    assert set(plan.lora_adapters) - {-1} == set(range(len(plan.adapters))), "unused adapters"
     seen: set[int] = set()
     for table in plan.block_tables:
         assert not seen & set(table), "two rows share a KV page"
         seen |= set(table)
+    taken: set[int] = set()
+    for adapter in (*plan.adapters, *plan.uploads):
+        assert len(set(adapter.rows)) == len(adapter.rows), "an adapter lists a row twice"
+    for upload in plan.uploads:
+        assert not taken & set(upload.rows), "two uploads share a row"
+        taken |= set(upload.rows)
 
 
 class FakeTextStream:

@@ -1,7 +1,9 @@
-"""AdapterManagerActor: owns the AdapterRegistry; turns its effects into messages and host loads.
+"""AdapterManagerActor: owns the AdapterRegistry (names, versions, host copies); turns its
+effects into messages and host loads.
 
 Thin by design: every rule lives in `adapter_registry`. Adapter files load off the event loop
-(`asyncio.to_thread`); this module never touches torch or the GPU.
+(`asyncio.to_thread`); this module never touches torch or the GPU, and GPU residency is the
+scheduler's.
 """
 
 from __future__ import annotations
@@ -10,12 +12,13 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
-from typing import NamedTuple, Protocol, assert_never
+from typing import assert_never
 
 from lorasrv.config import AdapterConfig
+from lorasrv.engine import invariants
 from lorasrv.engine.actor import Actor, Sender
-from lorasrv.engine.adapter_registry import AdapterRegistry
-from lorasrv.engine.adapter_state import Effect, StartHostLoad, check_compatible
+from lorasrv.engine.adapter_registry import AdapterRegistry, Effect, StartHostLoad
+from lorasrv.engine.lora_spec import PeftLike, check_compatible
 from lorasrv.engine.outputs import OpSink
 from lorasrv.ids import AdapterId
 from lorasrv.messages import (
@@ -24,41 +27,20 @@ from lorasrv.messages import (
     AdapterAcquireFailed,
     AdapterInbox,
     AdapterOpDone,
-    ClearSlot,
+    AdapterRetired,
     DescribeAdapters,
+    HostCopy,
+    HostCopyDropped,
+    HostCopyReady,
     HostLoadDone,
     LoadAdapter,
-    LoadSlot,
-    PrepareStep,
     ReleaseAdapter,
     RunnerInbox,
     SchedulerInbox,
-    StepAdaptersReady,
     UnloadAdapter,
 )
 
 logger = logging.getLogger(__name__)
-
-
-class PeftLike(Protocol):
-    """What `read_config` returns (lorasrv.peft_config.PeftConfig in production)."""
-
-    @property
-    def path(self) -> str: ...  # the resolved local folder
-
-    @property
-    def max_rank(self) -> int: ...
-
-    @property
-    def target_modules(self) -> tuple[str, ...]: ...
-
-
-class HostCopy(NamedTuple):
-    """What a host load hands back to the actor inside `HostLoadDone.weights`."""
-
-    weights: object  # what `load_weights` returned (model.loader.AdapterWeights)
-    rank: int
-    load_s: float
 
 
 class AdapterManagerActor(Actor[AdapterInbox]):
@@ -68,7 +50,7 @@ class AdapterManagerActor(Actor[AdapterInbox]):
         self,
         *,
         cfg: AdapterConfig,
-        num_slots: int,
+        capacity: int,
         max_rank: int,
         target_modules: tuple[str, ...],
         read_config: Callable[[str], PeftLike],
@@ -78,7 +60,7 @@ class AdapterManagerActor(Actor[AdapterInbox]):
         ops: OpSink,
     ) -> None:
         super().__init__()
-        self._registry = AdapterRegistry(cfg, num_slots)
+        self._registry = AdapterRegistry(cfg, capacity=capacity)
         self._max_rank = max_rank
         self._target_modules = target_modules
         self._read_config = read_config
@@ -107,8 +89,6 @@ class AdapterManagerActor(Actor[AdapterInbox]):
                 effects = registry.acquire(msg.request_id, msg.lora_name)
             case ReleaseAdapter():
                 effects = registry.release(msg.request_id, msg.adapter_id)
-            case PrepareStep():
-                effects = registry.prepare_step(msg.step_id, msg.adapter_ids)
             case LoadAdapter():
                 logger.info("loading adapter %r from %r", msg.lora_name, msg.lora_path)
                 effects = registry.begin_load(msg.op_id, msg.lora_name, msg.lora_path, msg.pinned)
@@ -122,7 +102,7 @@ class AdapterManagerActor(Actor[AdapterInbox]):
             case _:
                 assert_never(msg)
         self._apply(effects)
-        if __debug__:
+        if invariants.enabled:
             registry.check_invariants()
 
     def _describe(self, msg: DescribeAdapters) -> AdapterOpDone:
@@ -137,23 +117,23 @@ class AdapterManagerActor(Actor[AdapterInbox]):
         if msg.error is not None:
             logger.warning("adapter id %d failed to load: %s", msg.adapter_id, msg.error)
             return self._registry.fail_load(msg.adapter_id, msg.error)
-        copy = msg.weights
-        assert isinstance(copy, HostCopy), f"HostLoadDone.weights is {type(copy).__name__}"
+        copy = msg.copy
+        assert copy is not None, "HostLoadDone without a copy or an error"
         logger.info(
             "adapter id %d loaded to host in %.3f s (rank %d)",
             msg.adapter_id,
             copy.load_s,
             copy.rank,
         )
-        return self._registry.finish_load(msg.adapter_id, copy.weights, copy.rank, copy.load_s)
+        return self._registry.finish_load(msg.adapter_id, copy)
 
     def _apply(self, effects: list[Effect]) -> None:
         """Carry out the registry's effects in order (uploads before the step's reply)."""
         for effect in effects:
             match effect:
-                case LoadSlot() | ClearSlot():
+                case HostCopyReady() | HostCopyDropped():
                     self._runner.send(effect)
-                case AdapterAcquired() | AdapterAcquireFailed() | StepAdaptersReady():
+                case AdapterAcquired() | AdapterAcquireFailed() | AdapterRetired():
                     self._scheduler.send(effect)
                 case AdapterOpDone():
                     self._ops.op_done(effect)
@@ -177,7 +157,7 @@ class AdapterManagerActor(Actor[AdapterInbox]):
             logger.exception("adapter id %d: unexpected error loading %r", adapter_id, path)
             self.send(HostLoadDone(adapter_id=adapter_id, error=f"{type(exc).__name__}: {exc}"))
         else:
-            self.send(HostLoadDone(adapter_id=adapter_id, weights=copy))
+            self.send(HostLoadDone(adapter_id=adapter_id, copy=copy))
 
     def _load_to_host(self, path: str) -> HostCopy:
         """Runs in a worker thread: read and check the config, then the weights."""
@@ -190,4 +170,9 @@ class AdapterManagerActor(Actor[AdapterInbox]):
             target_modules=self._target_modules,
         )
         weights = self._load_weights(peft.path)
-        return HostCopy(weights, peft.max_rank, time.monotonic() - start_s)
+        return HostCopy(
+            weights=weights,
+            rank=peft.max_rank,
+            scaling=peft.scaling,
+            load_s=time.monotonic() - start_s,
+        )

@@ -1,167 +1,168 @@
-"""AdapterRegistry: every adapter rule (loads, references, slots, host cap, unload) as methods.
+"""AdapterRegistry: the adapter manager's rules (loads, references, the host cap, unload) over
+its two tables, the catalog (names, versions, holders) and the host cache (host copies).
 
 Pure: no I/O, no asyncio, no torch. Each method returns the effects (messages to send,
-StartHostLoad) for the actor to carry out, in order.
+StartHostLoad) for the actor to carry out, in order. GPU rows are not here: the scheduler's
+planner owns them, and learns of a version's end through AdapterRetired.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from typing import NamedTuple
 
 from lorasrv.config import AdapterConfig
-from lorasrv.engine.adapter_state import (
-    CAN_SERVE,
-    AdapterEntry,
-    AdapterState,
-    Effect,
-    StartHostLoad,
-    check_invariants,
-    host_victim,
-    not_found,
-    num_host_loaded,
-    num_pinned,
-    slot_victim,
-    status_of,
-)
-from lorasrv.ids import AdapterId, OpId, RequestId, SlotId, StepId
+from lorasrv.engine.adapter_catalog import AdapterCatalog, AdapterVersion, Phase
+from lorasrv.engine.host_cache import HostCache, HostState
+from lorasrv.ids import AdapterId, OpId, RequestId
 from lorasrv.messages import (
     AdapterAcquired,
     AdapterAcquireFailed,
     AdapterOpDone,
+    AdapterRetired,
     AdapterStatus,
-    ClearSlot,
-    LoadSlot,
-    SlotAssignment,
-    StepAdaptersReady,
+    HostCopy,
+    HostCopyDropped,
+    HostCopyReady,
 )
 
-S = AdapterState
 logger = logging.getLogger(__name__)
 
 
-class AdapterRegistry:
-    """Entries keyed by adapter id (so a draining old version never meets a new one by name)."""
+class StartHostLoad(NamedTuple):
+    """Effect: read `path` into host memory off the event loop, then report HostLoadDone."""
 
-    def __init__(self, cfg: AdapterConfig, num_slots: int) -> None:
-        self.num_slots = num_slots
-        self.max_pinned = max(0, min(cfg.max_loras_per_batch, num_slots) - 1)
-        self.max_loaded = cfg.max_loaded_loras
-        self.policy = cfg.lora_eviction_policy
-        self.entries: dict[AdapterId, AdapterEntry] = {}
-        self.by_name: dict[str, AdapterEntry] = {}  # not unloading; new acquires look here
-        self.slots: list[AdapterId | None] = [None] * num_slots
-        self.protected: frozenset[AdapterId] = frozenset()  # the latest prepared step's ids
-        self._holders: dict[RequestId, AdapterId] = {}  # holding or waiting requests
-        self._room_queue: list[AdapterId] = []  # UNLOADED entries with waiters, oldest first
-        self._next_id = 1
-        self._clock = 0
+    adapter_id: AdapterId
+    path: str
+
+
+#: What a registry call asks the actor to do, in order: messages for its peers, and host loads.
+Effect = (
+    HostCopyReady
+    | HostCopyDropped
+    | AdapterAcquired
+    | AdapterAcquireFailed
+    | AdapterRetired
+    | AdapterOpDone
+    | StartHostLoad
+)
+
+
+class AdapterRegistry:
+    def __init__(self, cfg: AdapterConfig, *, capacity: int) -> None:
+        """`capacity`: distinct adapters a batch may hold (planner.lora_capacity)."""
+        self.capacity = capacity
+        self.catalog = AdapterCatalog()
+        self.host = HostCache(cfg.max_loaded_loras)
+        # Pinned adapters keep their GPU rows and host copies: leave room for one more in a
+        # batch and in host memory, so unpinned requests never starve.
+        limits = [(capacity, "the adapters a batch holds at --max-lora-rank")]
+        if cfg.max_loras_per_batch is not None and cfg.max_loras_per_batch <= capacity:
+            limits = [(cfg.max_loras_per_batch, "--max-loras-per-batch")]
+        if cfg.max_loaded_loras is not None:
+            limits.append((cfg.max_loaded_loras, "--max-loaded-loras"))
+        limit, self._pin_limit = min(limits)
+        self.max_pinned = max(0, limit - 1)
         self._out: list[Effect] = []
 
     # ------------------------------------------------------------------ queries
 
     def loaded_adapters(self) -> dict[str, str]:
-        return {name: e.path for name, e in self.by_name.items() if e.num_loads > 0}
-
-    def num_pinned(self) -> int:
-        return num_pinned(self.entries.values())
+        return {name: v.path for name, v in self.catalog.by_name.items() if v.num_loads > 0}
 
     def describe(self) -> tuple[AdapterStatus, ...]:
-        return tuple(status_of(e) for e in self.entries.values())
+        return tuple(self._status(v) for v in self.catalog.versions.values())
 
     def check_invariants(self) -> None:
-        check_invariants(
-            self.entries,
-            self.slots,
-            self._holders,
-            max_pinned=self.max_pinned,
-            max_loaded=self.max_loaded,
-        )
+        self.catalog.check_invariants(max_pinned=self.max_pinned)
+        self.host.check_invariants(self._can_drop)
+        for v in self.catalog.versions.values():
+            host, where = self.host.state(v.adapter_id), f"adapter {v.name!r}"
+            # NOTE: the runner keeps a host copy while any request holds the adapter, so every
+            # upload a plan asks for has its source.
+            assert not v.refs or host is HostState.LOADED, f"{where}: held without a host copy"
+            assert not v.pinned or v.phase is not Phase.READY or host is HostState.LOADED, where
+            waits = host is HostState.LOADING or v.adapter_id in self.host.room_queue
+            assert not v.waiters or waits, f"{where}: waiters, but nothing loads"
+            unloaded = v.phase is Phase.UNLOADING and not v.refs
+            assert not unloaded or host is HostState.LOADING, f"{where}: drained, not removed"
 
     # ------------------------------------------------------------------ admin operations
 
     def begin_load(self, op_id: OpId, name: str, path: str, pinned: bool) -> list[Effect]:
-        if name in self.by_name:
+        if name in self.catalog.by_name:
             self._op_done(op_id, f"adapter {name!r} is already loaded; unload it first")
-        # Draining pinned adapters count too: they keep their slot until released.
-        elif pinned and sum(e.pinned for e in self.entries.values()) >= self.max_pinned:
+        elif pinned and self.catalog.num_pinned() >= self.max_pinned:
             self._op_done(
                 op_id,
-                f"cannot pin adapter {name!r}: at most --max-loras-per-batch - 1 = "
-                f"{self.max_pinned} adapters may be pinned (so unpinned requests never starve)",
+                f"cannot pin adapter {name!r}: at most {self._pin_limit} - 1 = {self.max_pinned} "
+                "adapters may be pinned (so unpinned requests never starve)",
             )
         else:
-            entry = AdapterEntry(
-                name=name, path=path, adapter_id=AdapterId(self._next_id), pinned=pinned
-            )
-            entry.op_id = op_id
-            self._next_id += 1  # NOTE: never reused, so nothing cached for an old version leaks
-            self.entries[entry.adapter_id] = self.by_name[name] = entry
-            entry.move_to(S.LOADING)
-            self._out.append(StartHostLoad(entry.adapter_id, path))
+            version = self.catalog.add(name, path, pinned=pinned, op_id=op_id)
+            self.host.start_load(version.adapter_id, is_reload=False)
+            self._out.append(StartHostLoad(version.adapter_id, path))
         return self._flush()
 
-    def finish_load(
-        self, adapter_id: AdapterId, weights: object, rank: int, load_s: float
-    ) -> list[Effect]:
-        entry = self.entries[adapter_id]
-        entry.rank, entry.last_load_s, entry.last_used = rank, load_s, self._tick()
-        # NOTE: a reload reserved its host room when it started; a first load makes room now,
-        # before num_loads counts it as a reload.
-        has_room = entry.num_loads > 0 or entry.unloading or self._make_host_room()
-        entry.num_loads += 1
-        op_id, entry.op_id, error = entry.op_id, None, None
-        if entry.unloading:  # unloaded while its reload was in flight
-            self._remove(entry)
+    def finish_load(self, adapter_id: AdapterId, copy: HostCopy) -> list[Effect]:
+        version = self.catalog.versions[adapter_id]
+        if version.num_loads and copy.rank != version.rank:
+            return self.fail_load(
+                adapter_id, f"its rank changed on disk ({version.rank} -> {copy.rank}); load it "
+                "again under a new version",
+            )  # fmt: skip
+        version.rank, version.scaling, version.last_load_s = copy.rank, copy.scaling, copy.load_s
+        is_first = version.num_loads == 0
+        version.num_loads += 1
+        has_room = not is_first or version.phase is Phase.UNLOADING or self._make_room()
+        if version.phase is Phase.UNLOADING:  # unloaded while its reload was in flight
+            self._remove(version)
         elif has_room:
-            entry.weights = weights
-            if not (entry.pinned and self._place(entry)):
-                entry.move_to(S.CPU_LOADED)
-            for request_id in entry.waiters:
-                self._grant(entry, request_id)
-            entry.waiters.clear()
-        elif entry.pinned:  # a pinned adapter must stay in memory: refuse it
-            error = (
-                f"no host memory left for pinned adapter {entry.name!r}; raise --max-loaded-loras"
-            )
-            self._fail_waiters(entry, "adapter_error", error)
-            self._remove(entry)
+            self.host.loaded(adapter_id)
+            self._out.append(HostCopyReady(adapter_id=adapter_id, weights=copy.weights,
+                                           rank=copy.rank, scaling=copy.scaling))  # fmt: skip
+            if is_first:
+                self._ready(version)
+            for request_id in version.waiters:
+                self.catalog.let_go(request_id)
+                self._grant(version, request_id)
+            version.waiters.clear()
+        elif version.pinned:  # a pinned adapter must stay in host memory: refuse it
+            self._fail_first_load(version, f"no host memory left for pinned adapter "
+                                  f"{version.name!r}; raise --max-loaded-loras")  # fmt: skip
         else:  # registered, but the host cap had no victim: it reloads on first use
-            logger.info(
-                "adapter %r (id %d) loaded, then dropped by the host cap", entry.name, adapter_id
-            )
-            entry.move_to(S.UNLOADED)
-            if entry.waiters:  # requests that came during the load wait for host room
-                self._room_queue.append(entry.adapter_id)
-        self._op_done(op_id, error)
+            logger.info("adapter %r (id %d) loaded, then dropped by the host cap",
+                        version.name, adapter_id)  # fmt: skip
+            self.host.drop(adapter_id)
+            self._ready(version)
+            if version.waiters:
+                self.host.room_queue.append(adapter_id)
         self._serve_room_queue()
         return self._flush()
 
     def fail_load(self, adapter_id: AdapterId, error: str) -> list[Effect]:
-        entry = self.entries[adapter_id]
-        detail = f"failed to load adapter {entry.name!r} from {entry.path!r}: {error}"
-        if entry.num_loads == 0 or entry.unloading:  # a failed first load leaves no trace
-            self._fail_waiters(entry, "adapter_error", detail)
-            self._remove(entry)
-            self._op_done(entry.op_id, detail)
-        else:  # a failed reload: the adapter stays registered; the next acquire retries
-            entry.move_to(S.UNLOADED)
-            self._fail_waiters(entry, "adapter_error", detail)
+        version = self.catalog.versions[adapter_id]
+        detail = f"failed to load adapter {version.name!r} from {version.path!r}: {error}"
+        if version.phase is Phase.LOADING:  # a failed first load leaves no trace
+            self._fail_first_load(version, detail)
+        else:  # a failed reload: still registered; the next acquire retries
+            self.host.drop(adapter_id)
+            self._fail_waiters(version, "adapter_error", detail)
+            self._unload_if_drained(version)
         self._serve_room_queue()
         return self._flush()
 
     def unload(self, op_id: OpId, name: str) -> list[Effect]:
-        entry = self.by_name.get(name)
-        if entry is None:
+        version = self.catalog.by_name.get(name)
+        if version is None:
             self._op_done(op_id, f"adapter {name!r} is not loaded")
-        elif entry.num_loads == 0:
+        elif version.phase is Phase.LOADING:
             self._op_done(op_id, f"adapter {name!r} is still loading; unload it once loaded")
         else:
-            # NOTE: stop new acquires at once; the entry, keyed by id, drains on its own.
-            del self.by_name[name]
-            entry.unloading = True
-            self._fail_waiters(entry, "adapter_not_found", f"adapter {name!r} was unloaded")
-            self._finish_unload_if_drained(entry)
+            # NOTE: stop new acquires at once; the version, keyed by id, drains on its own.
+            self.catalog.stop_new_requests(version)
+            self._fail_waiters(version, "adapter_not_found", f"adapter {name!r} was unloaded")
+            self._unload_if_drained(version)
             self._op_done(op_id)
             self._serve_room_queue()
         return self._flush()
@@ -169,179 +170,133 @@ class AdapterRegistry:
     # ------------------------------------------------------------------ requests
 
     def acquire(self, request_id: RequestId, name: str) -> list[Effect]:
-        assert request_id not in self._holders, f"request {request_id!r} acquired twice"
-        entry = self.by_name.get(name)
-        if entry is None:
-            self._out.append(not_found(request_id, name, "is not loaded"))
-        elif entry.state in CAN_SERVE:
-            self._grant(entry, request_id)
-        else:  # first load or reload in flight (LOADING), or dropped by the host cap (UNLOADED)
-            entry.waiters.append(request_id)
-            self._holders[request_id] = entry.adapter_id
-            if entry.state is S.UNLOADED and entry.adapter_id not in self._room_queue:
-                self._room_queue.append(entry.adapter_id)
+        assert request_id not in self.catalog.holders, f"request {request_id!r} acquired twice"
+        version = self.catalog.by_name.get(name)
+        if version is None:
+            self._out.append(_not_found(request_id, name))
+        elif self.host.state(version.adapter_id) is HostState.LOADED:
+            self._grant(version, request_id)
+        else:  # first load or reload in flight, or dropped by the host cap: wait for it
+            self.catalog.wait(version, request_id)
+            absent = self.host.state(version.adapter_id) is None
+            if absent and version.adapter_id not in self.host.room_queue:
+                self.host.room_queue.append(version.adapter_id)
                 self._serve_room_queue()
         return self._flush()
 
     def release(self, request_id: RequestId, adapter_id: AdapterId) -> list[Effect]:
-        entry = self.entries.get(adapter_id)
-        assert entry is not None, f"release of {request_id!r}: unknown adapter id {adapter_id}"
-        assert request_id in entry.refs, f"{request_id!r} released twice, or never acquired"
-        entry.refs.remove(request_id)
-        del self._holders[request_id]
-        entry.last_used = self._tick()
-        self._finish_unload_if_drained(entry)
+        version = self.catalog.versions.get(adapter_id)
+        assert version is not None, f"release of {request_id!r}: unknown adapter id {adapter_id}"
+        assert request_id in version.refs, f"{request_id!r} released twice, or never acquired"
+        version.refs.remove(request_id)
+        self.catalog.let_go(request_id)
+        self.host.touch(adapter_id)
+        self._unload_if_drained(version)
         self._serve_room_queue()
-        return self._flush()
-
-    def prepare_step(self, step_id: StepId, adapter_ids: Iterable[AdapterId]) -> list[Effect]:
-        """Put the step's adapters into slots: pending pinned first, then each id in order.
-
-        NOTE: the runner's inbox is FIFO. The LoadSlot effects are sent before the reply, and the
-        scheduler sends this step's RunStep only after the reply, so uploads land first. A slot
-        used by the step already in flight may be evicted: that RunStep was queued before this
-        PrepareStep was sent. So only the latest prepared set must be protected.
-        """
-        wanted = tuple(dict.fromkeys(adapter_ids))
-        self.protected = frozenset(wanted)
-        for pending in list(self.entries.values()):
-            if pending.pinned and pending.state is S.CPU_LOADED and not pending.unloading:
-                self._place(pending)
-        placed: list[SlotAssignment] = []
-        deferred: list[AdapterId] = []
-        for adapter_id in wanted:
-            entry = self.entries.get(adapter_id)
-            if entry is None or entry.state not in CAN_SERVE:
-                logger.warning(
-                    "step %d wants adapter id %d, which is not loaded", step_id, adapter_id
-                )
-                deferred.append(adapter_id)
-                continue
-            entry.last_used = self._tick()
-            if entry.slot is None and not self._place(entry):
-                deferred.append(adapter_id)
-                continue
-            assert entry.slot is not None
-            placed.append(SlotAssignment(adapter_id, entry.slot))
-        self._out.append(
-            StepAdaptersReady(
-                step_id=step_id,
-                slots=tuple(placed),
-                deferred=tuple(deferred),
-                num_pinned=self.num_pinned(),
-            )
-        )
         return self._flush()
 
     # ------------------------------------------------------------------ rules
 
-    def _grant(self, entry: AdapterEntry, request_id: RequestId) -> None:
-        entry.refs.add(request_id)
-        self._holders[request_id] = entry.adapter_id
-        entry.last_used = self._tick()
-        self._out.append(
-            AdapterAcquired(
-                request_id=request_id,
-                adapter_id=entry.adapter_id,
-                pinned=entry.pinned,
-                num_pinned=self.num_pinned(),
-            )
-        )
+    def _ready(self, version: AdapterVersion) -> None:
+        version.move_to(Phase.READY)
+        op_id, version.op_id = version.op_id, None
+        self._op_done(op_id)
 
-    def _fail_waiters(self, entry: AdapterEntry, code: str, detail: str) -> None:
-        for request_id in entry.waiters:
-            del self._holders[request_id]
+    def _grant(self, version: AdapterVersion, request_id: RequestId) -> None:
+        self.catalog.hold(version, request_id)
+        self.host.touch(version.adapter_id)
+        self._out.append(AdapterAcquired(request_id=request_id, adapter_id=version.adapter_id,
+                                         rank=version.rank, pinned=version.pinned))  # fmt: skip
+
+    def _fail_waiters(self, version: AdapterVersion, code: str, detail: str) -> None:
+        for request_id in version.waiters:
+            self.catalog.let_go(request_id)
             self._out.append(AdapterAcquireFailed(request_id=request_id, code=code, detail=detail))
-        entry.waiters.clear()
+        version.waiters.clear()
 
-    def _place(self, entry: AdapterEntry) -> bool:
-        """Upload `entry` into a free slot, else into the slot of a victim; False if none."""
-        slot = next((SlotId(i) for i, a in enumerate(self.slots) if a is None), None)
-        if slot is None:
-            victim = slot_victim(self.entries.values(), self.protected, self.policy)
-            if victim is None:
-                return False
-            slot = self._leave_slot(victim, S.CPU_LOADED)
-            victim.num_evictions += 1
-        entry.move_to(S.PINNED if entry.pinned else S.GPU_RESIDENT)
-        entry.slot, self.slots[slot] = slot, entry.adapter_id
-        entry.loaded_order = self._tick()
-        self._out.append(LoadSlot(slot_id=slot, adapter_id=entry.adapter_id, weights=entry.weights))
-        return True
+    def _fail_first_load(self, version: AdapterVersion, detail: str) -> None:
+        self._fail_waiters(version, "adapter_error", detail)
+        op_id = version.op_id
+        self._remove(version)
+        self._op_done(op_id, detail)
 
-    def _leave_slot(self, entry: AdapterEntry, to: AdapterState) -> SlotId:
-        """GPU_RESIDENT/PINNED -> EVICTING -> `to`; returns the freed slot."""
-        slot = entry.slot
-        assert slot is not None
-        entry.move_to(S.EVICTING)
-        entry.move_to(to)
-        entry.slot, self.slots[slot] = None, None
-        logger.debug("adapter %r (id %d) left slot %d", entry.name, entry.adapter_id, slot)
-        return slot
+    def _can_drop(self, adapter_id: AdapterId) -> bool:
+        """A host copy may go when nothing holds the version and it is not pinned."""
+        version = self.catalog.versions[adapter_id]
+        return not (version.pinned or version.refs)
 
-    def _make_host_room(self) -> bool:
-        """Make room for one more host copy under max_loaded_loras; False if no victim exists."""
-        if self.max_loaded is None or num_host_loaded(self.entries.values()) < self.max_loaded:
+    def _make_room(self) -> bool:
+        """Room for one more host copy under --max-loaded-loras; False if no copy may go."""
+        if self.host.has_room():
             return True
-        victim = host_victim(self.entries.values(), self.protected)
+        victim = self.host.victim(self._can_drop)
         if victim is None:
             return False
-        logger.info(
-            "host cap: dropping adapter %r (id %d) from host", victim.name, victim.adapter_id
-        )
-        if victim.slot is None:
-            victim.move_to(S.UNLOADED)
-        else:
-            self._out.append(ClearSlot(slot_id=self._leave_slot(victim, S.UNLOADED)))
-        victim.weights = None
-        victim.num_evictions += 1
+        version = self.catalog.versions[victim]
+        logger.info("host cap: dropping adapter %r (id %d) from host", version.name, victim)
+        self.host.drop(victim)
+        version.num_host_drops += 1
+        self._out.append(HostCopyDropped(adapter_id=victim))
         return True
 
     def _serve_room_queue(self) -> None:
         """Start reloads for waiting acquires, oldest first, while the host cap has room."""
-        while self._room_queue:
-            entry = self.entries.get(self._room_queue[0])
-            if entry is not None and entry.state is S.UNLOADED and entry.waiters:
-                if not self._make_host_room():
+        queue = self.host.room_queue
+        while queue:
+            version = self.catalog.versions.get(queue[0])
+            if version is not None and version.waiters and self.host.state(queue[0]) is None:
+                if not self._make_room():
                     return
-                entry.move_to(S.LOADING)
-                self._out.append(StartHostLoad(entry.adapter_id, entry.path))
-            self._room_queue.pop(0)
+                self.host.start_load(version.adapter_id, is_reload=True)
+                self._out.append(StartHostLoad(version.adapter_id, version.path))
+            queue.pop(0)
 
-    def _finish_unload_if_drained(self, entry: AdapterEntry) -> None:
-        # NOTE: with no refs no live request uses it, so the protected set need not hold it.
-        if entry.unloading and not entry.refs and entry.state is not S.LOADING:
-            self._remove(entry)
-            logger.info("adapter %r (id %d) unloaded", entry.name, entry.adapter_id)
+    def _unload_if_drained(self, version: AdapterVersion) -> None:
+        loading = self.host.state(version.adapter_id) is HostState.LOADING
+        if version.phase is Phase.UNLOADING and not version.refs and not loading:
+            self._remove(version)
+            logger.info("adapter %r (id %d) unloaded", version.name, version.adapter_id)
 
-    def _remove(self, entry: AdapterEntry) -> None:
-        """Out of the registry for good (slot cleared, weights dropped); the state ends UNLOADED."""
-        if entry.slot is not None:
-            self._out.append(ClearSlot(slot_id=self._leave_slot(entry, S.UNLOADED)))
-        elif entry.state is not S.UNLOADED:
-            entry.move_to(S.UNLOADED)
-        entry.weights = None
-        del self.entries[entry.adapter_id]
-        if entry.adapter_id in self._room_queue:
-            self._room_queue.remove(entry.adapter_id)
-        if self.by_name.get(entry.name) is entry:
-            del self.by_name[entry.name]
+    def _remove(self, version: AdapterVersion) -> None:
+        """Gone for good: host copy dropped, GPU rows retired (if it ever served)."""
+        adapter_id = version.adapter_id
+        if self.host.state(adapter_id) is HostState.LOADED:
+            self._out.append(HostCopyDropped(adapter_id=adapter_id))
+        if self.host.state(adapter_id) is not None:
+            self.host.drop(adapter_id)
+        if adapter_id in self.host.room_queue:
+            self.host.room_queue.remove(adapter_id)
+        self.catalog.remove(version)
+        if version.num_loads:  # the scheduler may have given it rows
+            self._out.append(AdapterRetired(adapter_id=adapter_id))
+
+    def _status(self, version: AdapterVersion) -> AdapterStatus:
+        host = self.host.state(version.adapter_id)
+        return AdapterStatus(
+            name=version.name,
+            path=version.path,
+            adapter_id=version.adapter_id,
+            phase=version.phase.value,
+            host="absent" if host is None else host.value,
+            rank=version.rank,
+            pinned=version.pinned,
+            num_refs=len(version.refs),
+            num_loads=version.num_loads,
+            num_host_drops=version.num_host_drops,
+            last_load_s=version.last_load_s,
+        )
 
     def _op_done(self, op_id: OpId | None, error: str | None = None) -> None:
         if op_id is not None:
-            self._out.append(
-                AdapterOpDone(
-                    op_id=op_id,
-                    success=error is None,
-                    error_message=error or "",
-                    loaded_adapters=self.loaded_adapters(),
-                )
-            )
-
-    def _tick(self) -> int:
-        self._clock += 1
-        return self._clock
+            self._out.append(AdapterOpDone(op_id=op_id, success=error is None,
+                                           error_message=error or "",
+                                           loaded_adapters=self.loaded_adapters()))  # fmt: skip
 
     def _flush(self) -> list[Effect]:
         out, self._out = self._out, []
         return out
+
+
+def _not_found(request_id: RequestId, name: str) -> AdapterAcquireFailed:
+    detail = f"adapter {name!r} is not loaded"
+    return AdapterAcquireFailed(request_id=request_id, code="adapter_not_found", detail=detail)

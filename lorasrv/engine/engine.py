@@ -10,13 +10,17 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
-from typing import Any, Self
+from typing import Any, Generic, Self, TypeVar
+
+import msgspec
 
 from lorasrv.config import ServerConfig, build_config, lora_enabled
+from lorasrv.engine.actor import Sender
 from lorasrv.engine.adapter_manager import AdapterManagerActor
 from lorasrv.engine.gpu_runner import GpuRunnerActor
 from lorasrv.engine.hf_tokenizer import Detokenizer
 from lorasrv.engine.parts import EngineParts, prepare_parts
+from lorasrv.engine.planner import effective_capacity
 from lorasrv.engine.request_handle import RequestHandle
 from lorasrv.engine.requests import GenerateBatch, normalize_generate
 from lorasrv.engine.results import ResultBuilder
@@ -24,7 +28,7 @@ from lorasrv.engine.scheduler import SchedulerActor
 from lorasrv.engine.stats import SchedulerStats
 from lorasrv.engine.tokenizer import TokenizerActor
 from lorasrv.engine.validation import check_sampling
-from lorasrv.errors import BadRequest, EngineDead, LorasrvError, Overloaded
+from lorasrv.errors import BadRequest, ConfigError, EngineDead, LorasrvError, Overloaded
 from lorasrv.ids import OpId, RequestId
 from lorasrv.messages import (
     Abort,
@@ -36,12 +40,14 @@ from lorasrv.messages import (
     RequestOutput,
     RunnerReady,
     SamplingParams,
+    SchedulerInbox,
     Tokenize,
     UnloadAdapter,
 )
 from lorasrv.metrics import Metrics
 
 logger = logging.getLogger(__name__)
+M = TypeVar("M")
 
 
 class Engine:
@@ -85,35 +91,46 @@ class Engine:
         self.config = parts.config  # the demo model fills in model_path and adapters
         self.model_path = parts.model_path
         self._tokenizer = parts.tokenizer
-        runner = GpuRunnerActor(factory=parts.runner_factory, scheduler=_Late(self, "scheduler"))
+        to_scheduler: _Forward[SchedulerInbox] = _Forward()  # the scheduler comes last
+        runner = GpuRunnerActor(factory=parts.runner_factory, scheduler=to_scheduler)
         self._runner_actor = runner
         self._ready = ready = await runner.start_runner()
-        loader = parts.adapter_loader or parts.make_adapter_loader(runner.runner)
+        adapter_cfg = self.config.adapters
+        capacity = effective_capacity(ready, adapter_cfg.max_loras_per_batch)
+        if lora_enabled(adapter_cfg) and capacity < 1:
+            await self.stop()
+            raise ConfigError(
+                f"the GPU memory left for KV and adapters holds no adapter of rank "
+                f"--max-lora-rank {ready.max_lora_rank}; lower it, or raise "
+                "--mem-fraction-static / --kv-cache-bytes"
+            )
         self._tokenizer_actor = TokenizerActor(
             tokenizer=parts.tokenizer,
-            scheduler=_Late(self, "scheduler"),
+            scheduler=to_scheduler,
             outputs=self,
             vocab_size=ready.vocab_size,
         )
         self._adapter_actor = AdapterManagerActor(
-            cfg=self.config.adapters,
-            num_slots=ready.num_lora_slots,
+            cfg=adapter_cfg,
+            capacity=capacity,
             max_rank=ready.max_lora_rank,
             target_modules=ready.lora_target_modules,
             read_config=parts.read_adapter_config,
-            load_weights=loader,
-            scheduler=_Late(self, "scheduler"),
+            load_weights=parts.make_adapter_loader(runner.runner),
+            scheduler=to_scheduler,
             runner=runner,
             ops=self,
         )
-        self._scheduler = SchedulerActor(
+        self._scheduler = to_scheduler.target = SchedulerActor(
             cfg=self.config.scheduler,
+            adapter_cfg=adapter_cfg,
             ready=ready,
             tokenizer=self._tokenizer_actor,
             adapters=self._adapter_actor,
             runner=runner,
             stats=self,
         )
+        self._scheduler.publish_stats()  # capacity and page counts, before any request
         actors = (self._tokenizer_actor, self._scheduler, self._adapter_actor, runner)
         self._supervisor = asyncio.create_task(self._supervise(actors), name="lorasrv-actors")
         self.started_s = time.time()
@@ -123,9 +140,10 @@ class Engine:
                 await self.stop()
                 raise LorasrvError(f"--lora-paths {ref.lora_name}: {result.error_message}")
         logger.info(
-            "engine ready: %s on %s (%s), %d KV pages of %d tokens, %d LoRA slots",
+            "engine ready: %s on %s (%s), %d KV pages of %d tokens, %d LoRA rows, "
+            "up to %d adapters per batch",
             self.model_path, ready.device, ready.dtype, ready.num_kv_pages, ready.page_size,
-            ready.num_lora_slots,
+            ready.lora_max_rows, capacity,
         )  # fmt: skip
 
     async def _supervise(self, actors: tuple[Any, ...]) -> None:
@@ -207,7 +225,6 @@ class Engine:
                 messages=tuple(messages) if messages is not None else None,
                 lora_name=lora_name,
                 params=params,
-                arrival_s=time.monotonic(),
             )
         )
         return RequestHandle(self, rid, queue, self.metrics.track(rid, lora_name))
@@ -313,9 +330,22 @@ class Engine:
         return await self._op(lambda op: UnloadAdapter(op_id=op, lora_name=lora_name))
 
     async def describe_adapters(self) -> tuple[AdapterStatus, ...]:
+        """Every adapter version: the adapter manager's view, with its GPU rows and evictions
+        from the scheduler's latest snapshot."""
         if self._adapter_actor is None:
             return ()
-        return (await self._op(lambda op: DescribeAdapters(op_id=op))).adapters
+        adapters = (await self._op(lambda op: DescribeAdapters(op_id=op))).adapters
+        gpu = {g.adapter_id: g for g in self.last_stats.gpu_adapters}
+        return tuple(
+            a
+            if a.adapter_id not in gpu
+            else msgspec.structs.replace(
+                a,
+                gpu_rows=gpu[a.adapter_id].num_rows,
+                num_gpu_evictions=gpu[a.adapter_id].num_evictions,
+            )
+            for a in adapters
+        )
 
     # ------------------------------------------------------------------ token strings
 
@@ -342,28 +372,30 @@ class Engine:
         }
 
     async def server_info(self) -> dict[str, Any]:
-        import msgspec
-
         adapters = await self.describe_adapters()
+        stats = self.last_stats
         return {
             "config": msgspec.to_builtins(self.config),
             "runner": msgspec.to_builtins(self.ready_info),
-            "scheduler": self.last_stats._asdict(),
+            "scheduler": {k: v for k, v in stats._asdict().items() if k != "gpu_adapters"},
+            # distinct adapters a batch may hold: --max-loras-per-batch, or what memory allows
+            "max_loras_per_batch_effective": stats.lora_capacity,
             "adapters": [msgspec.to_builtins(a) for a in adapters],
             "uptime_s": time.time() - self.started_s,
             "healthy": self.is_healthy(),
         }
 
 
-class _Late:
-    """A sender resolved at send time, for actors wired in a cycle (scheduler <-> the rest)."""
+class _Forward(Generic[M]):
+    """A sender whose target is set once it exists: the actors are wired in a cycle (scheduler
+    <-> the others), so the scheduler, built last, is reached through this."""
 
-    def __init__(self, engine: Engine, attribute: str) -> None:
-        self._engine = engine
-        self._attribute = attribute
+    def __init__(self) -> None:
+        self.target: Sender[M] | None = None
 
-    def send(self, msg: Any, /) -> None:
-        getattr(self._engine, f"_{self._attribute}").send(msg)
+    def send(self, msg: M, /) -> None:
+        assert self.target is not None, "message sent before the engine finished wiring"
+        self.target.send(msg)
 
 
 def _error_output(request_id: RequestId, error: LorasrvError) -> RequestOutput:

@@ -8,7 +8,6 @@ import asyncio
 import contextlib
 import functools
 import logging
-import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, assert_never
@@ -16,8 +15,8 @@ from typing import TYPE_CHECKING, assert_never
 from lorasrv.engine.actor import Actor, Sender
 from lorasrv.engine.step_runner import StepRunner
 from lorasrv.messages import (
-    ClearSlot,
-    LoadSlot,
+    HostCopyDropped,
+    HostCopyReady,
     RunnerInbox,
     RunnerReady,
     RunStep,
@@ -33,7 +32,8 @@ logger = logging.getLogger(__name__)
 
 
 class GpuRunnerActor(Actor[RunnerInbox]):
-    """Inbox order is execution order: slot uploads queued before a RunStep land before it."""
+    """Inbox order is execution order: a host copy sent before a RunStep is there for its
+    uploads."""
 
     name = "gpu_runner"
 
@@ -59,12 +59,8 @@ class GpuRunnerActor(Actor[RunnerInbox]):
 
     async def run(self) -> None:
         # A tensor-parallel runner also reports a failed worker while no step runs.
-        on_failure = getattr(self.runner, "on_failure", None)
-        if on_failure is None:
-            await self._serve()
-            return
         serve = asyncio.ensure_future(self._serve())
-        failed = asyncio.ensure_future(_reported_failure(on_failure))
+        failed = asyncio.ensure_future(_reported_failure(self.runner.on_failure))
         try:
             await asyncio.wait((serve, failed), return_when=asyncio.FIRST_COMPLETED)
             for task in (failed, serve):
@@ -89,30 +85,20 @@ class GpuRunnerActor(Actor[RunnerInbox]):
         results: list[StepDone] = []
         for msg in batch:
             match msg:
-                case LoadSlot(slot_id=slot_id, adapter_id=adapter_id, weights=weights):
-                    runner.load_slot(slot_id, adapter_id, weights)
-                case ClearSlot(slot_id=slot_id):
-                    runner.clear_slot(slot_id)
+                case HostCopyReady():
+                    runner.add_host_copy(msg)
+                case HostCopyDropped(adapter_id=adapter_id):
+                    runner.drop_host_copy(adapter_id)
                 case RunStep(plan=plan):
-                    started = time.perf_counter()
-                    out = runner.step(plan)
+                    result = runner.step(plan)
                     if not plan.seq_ids:
-                        continue  # only freed sequence state: nobody waits for an answer
+                        continue  # freed sequences and uploads only: nobody waits for an answer
                     sampled = tuple(
                         s
                         for s, is_sampled in zip(plan.seq_ids, plan.sample_rows, strict=True)
                         if is_sampled
                     )
-                    results.append(
-                        StepDone(
-                            step_id=plan.step_id,
-                            seq_ids=sampled,
-                            token_ids=tuple(out.token_ids),
-                            logprobs=tuple(out.logprobs),
-                            top_logprobs=tuple(out.top_logprobs),
-                            duration_s=time.perf_counter() - started,
-                        )
-                    )
+                    results.append(StepDone(step_id=plan.step_id, seq_ids=sampled, result=result))
                 case _:
                     assert_never(msg)
         return results
@@ -149,7 +135,6 @@ def model_runner_factory(
             kv_cache_bytes=cache.kv_cache_bytes,
             num_kv_pages=cache.num_kv_pages,
             mem_fraction_static=cache.mem_fraction_static,
-            lora_num_slots=pool.num_slots,
             lora_max_rank=pool.max_rank,
             lora_target_modules=pool.target_modules,
             lora_backend=pool.backend,
@@ -179,12 +164,3 @@ async def _reported_failure(on_failure: Callable[[Callable[[str], None]], None])
 def _resolve(future: asyncio.Future[str], value: str) -> None:
     if not future.done():
         future.set_result(value)
-
-
-def adapter_loader_for(runner: StepRunner) -> Callable[[str], object]:
-    """CPU-only, thread-safe: loads an adapter folder into host weights for this base model."""
-    make = getattr(runner, "make_adapter_loader", None)
-    if make is None:
-        raise TypeError(f"{type(runner).__name__} cannot load adapters")
-    loader: Callable[[str], object] = make()
-    return loader

@@ -1,5 +1,6 @@
 """Startup inference of the LoRA pool's shape (as SGLang does): rank and target modules default to
-the maximum and union over `--lora-paths`. Pure: adapter configs arrive already read.
+the maximum and union over `--lora-paths`; and the check every later load passes. Pure: adapter
+configs arrive already read.
 """
 
 from __future__ import annotations
@@ -13,8 +14,16 @@ from lorasrv.errors import ConfigError
 
 
 class PeftLike(Protocol):
+    """An adapter's config as the engine reads it (lorasrv.peft_config.PeftConfig)."""
+
     @property
-    def max_rank(self) -> int: ...
+    def path(self) -> str: ...  # the resolved local folder
+
+    @property
+    def max_rank(self) -> int: ...  # max over modules: the GPU rows it needs
+
+    @property
+    def scaling(self) -> float: ...  # its default modules' scaling (alpha / r, or rsLoRA's)
 
     @property
     def target_modules(self) -> tuple[str, ...]: ...
@@ -22,13 +31,12 @@ class PeftLike(Protocol):
 
 class LoraPoolSpec(NamedTuple):
     enabled: bool
-    num_slots: int
     max_rank: int
     target_modules: tuple[str, ...]
     backend: str  # "torch" | "triton"
 
 
-DISABLED = LoraPoolSpec(enabled=False, num_slots=0, max_rank=0, target_modules=(), backend="torch")
+DISABLED = LoraPoolSpec(enabled=False, max_rank=0, target_modules=(), backend="torch")
 
 
 def infer_pool_spec(
@@ -51,7 +59,6 @@ def infer_pool_spec(
         raise ConfigError("--enable-lora without --lora-paths needs --lora-target-modules")
     return LoraPoolSpec(
         enabled=True,
-        num_slots=cfg.max_loras_per_batch,
         max_rank=max_rank,
         target_modules=targets,
         backend=_backend(cfg.lora_backend, has_cuda=has_cuda, has_triton=has_triton),
@@ -75,3 +82,17 @@ def _backend(requested: str, *, has_cuda: bool, has_triton: bool) -> str:
                 "use --lora-backend torch on CPU"
             )
     return requested
+
+
+def check_compatible(
+    rank: int, modules: tuple[str, ...], *, max_rank: int, target_modules: tuple[str, ...]
+) -> None:
+    """Raise ValueError naming the flag to raise when an adapter does not fit the LoRA pool."""
+    if rank > max_rank:
+        raise ValueError(f"rank {rank} exceeds --max-lora-rank {max_rank}")
+    outside = [m for m in modules if m not in target_modules]
+    if outside:
+        raise ValueError(
+            f"module(s) {', '.join(outside)} are outside --lora-target-modules "
+            f"({', '.join(target_modules) or 'none'})"
+        )

@@ -8,29 +8,33 @@ import asyncio
 import importlib.util
 import logging
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import msgspec
 
 from lorasrv.config import LoraRef, ServerConfig
-from lorasrv.engine.gpu_runner import adapter_loader_for, model_runner_factory
+from lorasrv.engine.gpu_runner import model_runner_factory
 from lorasrv.engine.hf_tokenizer import Detokenizer
-from lorasrv.engine.lora_spec import infer_pool_spec
+from lorasrv.engine.lora_spec import PeftLike, infer_pool_spec
 from lorasrv.engine.step_runner import StepRunner
 from lorasrv.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
 
+def runner_adapter_loader(runner: StepRunner) -> Callable[[str], object]:
+    """The runner's own loader of adapter folders (CPU-only, thread-safe)."""
+    return runner.make_adapter_loader()
+
+
 class EngineParts(NamedTuple):
     model_path: str
     runner_factory: Callable[[], StepRunner]
     tokenizer: Detokenizer
-    read_adapter_config: Callable[[str], Any]
-    make_adapter_loader: Callable[[StepRunner], Callable[[str], object]]
+    read_adapter_config: Callable[[str], PeftLike]
     initial_adapters: tuple[LoraRef, ...]
     config: ServerConfig
-    adapter_loader: Callable[[str], object] | None = None
+    make_adapter_loader: Callable[[StepRunner], Callable[[str], object]] = runner_adapter_loader
 
 
 async def prepare_parts(config: ServerConfig) -> EngineParts:
@@ -68,7 +72,6 @@ async def prepare_parts(config: ServerConfig) -> EngineParts:
         runner_factory=model_runner_factory(config, model_path, pool),
         tokenizer=tokenizer,
         read_adapter_config=read_peft_config,
-        make_adapter_loader=adapter_loader_for,
         initial_adapters=initial,
         config=config,
     )

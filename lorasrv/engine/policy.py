@@ -1,10 +1,12 @@
 """Batch planning: which rows run in the next step, with how many tokens. Pure: no asyncio, torch.
 
 Rules: running rows first (oldest first), then waiting ones first-come-first-served, within the
-token budget, the free KV pages, `max_running_requests` and the adapter slots. Rows that do not
-fit wait; they are never dropped. When pages run out, the newest running rows are preempted
-(pages freed, recomputed later). As in SGLang, a step is prefill-only or decode-only unless
-mixed chunks are enabled: pure decode steps replay CUDA graphs, mixed ones cannot.
+token budget, the free KV pages, `max_running_requests` and adapter capacity (batch_adapters.py:
+when it binds, cheap adapters first, with a bounded wait). Rows that do not fit wait; they are
+never dropped. When pages run out, idle adapters' rows are reclaimed first, then the newest
+running rows are preempted (pages freed, recomputed later). As in SGLang, a step is prefill-only
+or decode-only unless mixed chunks are enabled: pure decode steps replay CUDA graphs, mixed ones
+cannot.
 """
 
 from __future__ import annotations
@@ -13,16 +15,14 @@ from collections import deque
 from collections.abc import Callable
 from typing import NamedTuple
 
-from lorasrv.engine.block_pool import BlockPool, pages_needed
+from lorasrv.engine.arena import pages_needed
+from lorasrv.engine.batch_adapters import BatchAdapters
 from lorasrv.engine.sequence import SeqStatus, Sequence
-from lorasrv.ids import AdapterId
 
 
 class PlanLimits(NamedTuple):
     token_budget: int  # tokens in one step (chunked prefill size)
     max_running: int  # sequences holding pages at once
-    num_slots: int  # GPU LoRA slots (max_loras_per_batch)
-    num_pinned: int  # slots held by pinned adapters
     page_size: int
     context_length: int
     starvation_steps: int = 16  # after this many skipped steps, an adapter's request jumps the line
@@ -44,74 +44,53 @@ class Row(NamedTuple):
 class BatchDecision(NamedTuple):
     rows: list[Row]
     preempted: list[Sequence]
-    exhausted: list[Sequence]  # alone in the cache and still cannot grow: must finish
+    exhausted: list[Sequence]  # can never get the pages it needs: must finish
     is_prefill_only: bool = False
-
-
-class _AdapterBudget:
-    """Distinct unpinned adapters in the step must fit the slots pinned ones leave free."""
-
-    __slots__ = ("adapters", "capacity")
-
-    def __init__(self, limits: PlanLimits) -> None:
-        self.capacity = max(0, limits.num_slots - limits.num_pinned)
-        self.adapters: set[AdapterId] = set()
-
-    def fits(self, seq: Sequence) -> bool:
-        if seq.adapter_id is None or seq.is_pinned_adapter or seq.adapter_id in self.adapters:
-            return True
-        return len(self.adapters) < self.capacity
-
-    def take(self, seq: Sequence) -> None:
-        if seq.adapter_id is not None and not seq.is_pinned_adapter:
-            self.adapters.add(seq.adapter_id)
-
-    def has(self, seq: Sequence) -> bool:
-        """Its adapter got a place (pinned and base rows always have one)."""
-        return seq.adapter_id is None or seq.is_pinned_adapter or seq.adapter_id in self.adapters
 
 
 def plan_batch(
     running: list[Sequence],
     waiting: deque[Sequence],
-    pool: BlockPool,
+    memory: BatchAdapters,
     limits: PlanLimits,
     step_no: int,
     *,
     prefill_turn: bool = True,
 ) -> BatchDecision:
-    """Choose rows and allocate their pages. Mutates `running`, `waiting`, the pool and seq.blocks.
+    """Choose rows and allocate their pages (and their adapters' rows, through `memory`).
+    Mutates `running`, `waiting`, the arena and seq.blocks.
 
     Preempted sequences go back to the front of `waiting` with their pages freed. Without mixed
     chunks, prefill work (new requests, unfinished chunks) gets a prefill-only step when
     `prefill_turn` (the scheduler clears it after a prefill-only step, so decoding rows advance
     at least every other step); otherwise the step decodes.
     """
-    decision = _plan_rows(running, waiting, pool, limits, step_no, prefill_turn)
-    if limits.lookahead and decision.rows and all(_is_decode(r.seq) for r in decision.rows):
-        _reserve_next_token_pages(decision.rows, pool, limits)
+    decision = _plan_rows(running, waiting, memory, limits, step_no, prefill_turn)
+    if limits.lookahead and decision.rows and all(r.seq.is_decode for r in decision.rows):
+        _reserve_next_token_pages(decision.rows, memory, limits)
     return decision
 
 
 def _plan_rows(
     running: list[Sequence],
     waiting: deque[Sequence],
-    pool: BlockPool,
+    memory: BatchAdapters,
     limits: PlanLimits,
     step_no: int,
     prefill_turn: bool,
 ) -> BatchDecision:
+    plan = _Planning(running, waiting, memory, limits, step_no)
     if limits.mixed_chunk:
-        return _plan(running, waiting, pool, limits, step_no, _any_row, admit=True)
-    has_decode = any(_is_decode(seq) for seq in running)
-    has_prefill = bool(waiting) or any(not _is_decode(seq) for seq in running)
+        return plan.run(_any_row, admit=True)
+    has_decode = any(seq.is_decode for seq in running)
+    has_prefill = bool(waiting) or any(not seq.is_decode for seq in running)
     if has_prefill and (prefill_turn or not has_decode):
-        first = _plan(running, waiting, pool, limits, step_no, _is_prefill, admit=True)
+        first = plan.run(_is_prefill, admit=True)
         if first.rows or first.exhausted or not has_decode:
             return first._replace(is_prefill_only=bool(first.rows))
-        second = _plan(running, waiting, pool, limits, step_no, _is_decode, admit=False)
+        second = plan.run(_is_decode, admit=False)
         return second._replace(preempted=first.preempted + second.preempted)
-    return _plan(running, waiting, pool, limits, step_no, _is_decode, admit=False)
+    return plan.run(_is_decode, admit=False)
 
 
 def _any_row(seq: Sequence) -> bool:
@@ -119,112 +98,128 @@ def _any_row(seq: Sequence) -> bool:
 
 
 def _is_decode(seq: Sequence) -> bool:
-    return seq.num_uncomputed == 1 and seq.num_computed > 0
+    return seq.is_decode
 
 
 def _is_prefill(seq: Sequence) -> bool:
-    return not _is_decode(seq)
+    return not seq.is_decode
 
 
-def _plan(
-    running: list[Sequence],
-    waiting: deque[Sequence],
-    pool: BlockPool,
-    limits: PlanLimits,
-    step_no: int,
-    wanted: Callable[[Sequence], bool],
-    *,
-    admit: bool,
-) -> BatchDecision:
-    budget = limits.token_budget
-    adapters = _AdapterBudget(limits)
-    for seq in running:
-        # NOTE: every running sequence keeps its adapter's slot, even when this step skips it;
-        # otherwise a prefill step could admit an adapter that evicts one still decoding.
-        if adapters.fits(seq):
-            adapters.take(seq)
-    rows: list[Row] = []
-    preempted: list[Sequence] = []
-    exhausted: list[Sequence] = []
-    scheduled: set[int] = set()
-    index = 0
-    while index < len(running) and budget > 0:
-        seq = running[index]
-        if not wanted(seq) or not adapters.has(seq):
-            index += 1
-            continue
-        num_new = min(seq.num_uncomputed, budget)
-        if not _reserve_pages(seq, num_new, pool, limits.page_size):
-            if not scheduled and len(running) == 1:
-                exhausted.append(seq)  # nobody else holds pages: it can never grow
+class _Planning:
+    """One call of plan_batch: the queues, the memory and the limits it plans against."""
+
+    def __init__(
+        self,
+        running: list[Sequence],
+        waiting: deque[Sequence],
+        memory: BatchAdapters,
+        limits: PlanLimits,
+        step_no: int,
+    ) -> None:
+        self.running, self.waiting, self.memory = running, waiting, memory
+        self.limits, self.step_no = limits, step_no
+
+    def run(self, wanted: Callable[[Sequence], bool], *, admit: bool) -> BatchDecision:
+        running = self.running
+        budget = self.limits.token_budget
+        rows: list[Row] = []
+        preempted: list[Sequence] = []
+        exhausted: list[Sequence] = []
+        scheduled: set[int] = set()
+        index = 0
+        while index < len(running) and budget > 0:
+            seq = running[index]
+            if not wanted(seq):
                 index += 1
                 continue
-            victim = _pick_victim(running, index, scheduled)
-            _preempt(victim, running, waiting, pool)
-            preempted.append(victim)
-            continue  # `index` now points at the next sequence, or retries this one
-        rows.append(Row(seq, num_new))
-        scheduled.add(seq.seq_id)
-        budget -= num_new
-        index += 1
-    if admit and not exhausted:
-        _admit_waiting(running, waiting, pool, limits, adapters, rows, budget, step_no)
-    return BatchDecision(rows, preempted, exhausted)
+            num_new = min(seq.num_uncomputed, budget)
+            if not self.reserve_pages(seq, num_new):
+                if not scheduled and len(running) == 1:
+                    exhausted.append(seq)  # nobody else holds pages: it can never grow
+                    index += 1
+                    continue
+                victim = _pick_victim(running, index, scheduled)
+                self.preempt(victim)
+                preempted.append(victim)
+                continue  # `index` now points at the next sequence, or retries this one
+            rows.append(Row(seq, num_new))
+            scheduled.add(seq.seq_id)
+            budget -= num_new
+            index += 1
+        if admit and not exhausted:
+            self.admit(rows, budget, exhausted)
+        return BatchDecision(rows, preempted, exhausted)
 
+    def admit(self, rows: list[Row], budget: int, exhausted: list[Sequence]) -> None:
+        """Waiting requests join, first come first served; when adapter capacity binds, those
+        whose adapters cost least go first (FCFS among equals), starving ones before all."""
+        memory, limits, running = self.memory, self.limits, self.running
+        order = list(self.waiting)
+        if memory.binds(order):  # starving requests first, first come first served
+            order.sort(key=lambda s: 0 if self.is_starving(s) else 1 + memory.cost(s))
+        admitted: set[int] = set()
+        # A starving request that does not fit stops every adapter request after it, those of
+        # adapters already running too, so that some adapter drains and makes room for it.
+        block_adapters = False
+        for seq in order:
+            if budget <= 0 or len(running) >= limits.max_running:
+                break
+            if not memory.fits(seq) or (block_adapters and seq.adapter_id is not None):
+                block_adapters = block_adapters or self.is_starving(seq)
+                continue
+            num_new = min(seq.num_uncomputed, budget)
+            memory.take(seq)  # rows first: the pages must fit beside them
+            if not self.reserve_pages(seq, num_new):
+                if not running:  # nothing holds pages it could wait for: it never fits
+                    exhausted.append(seq)
+                break  # first come, first served: nobody overtakes on pages
+            seq.status = SeqStatus.RUNNING
+            running.append(seq)
+            rows.append(Row(seq, num_new))
+            admitted.add(seq.seq_id)
+            budget -= num_new
+        if admitted:
+            kept = [s for s in self.waiting if s.seq_id not in admitted]
+            self.waiting.clear()
+            self.waiting.extend(kept)
 
-def _admit_waiting(
-    running: list[Sequence],
-    waiting: deque[Sequence],
-    pool: BlockPool,
-    limits: PlanLimits,
-    adapters: _AdapterBudget,
-    rows: list[Row],
-    budget: int,
-    step_no: int,
-) -> None:
-    held_back: list[Sequence] = []
-    block_adapters = False  # a starving request reserves the next free slot
-    while waiting and budget > 0 and len(running) < limits.max_running:
-        seq = waiting.popleft()
-        uses_slot = seq.adapter_id is not None and not seq.is_pinned_adapter
-        if not adapters.fits(seq) or (block_adapters and uses_slot):
-            held_back.append(seq)
-            if step_no - seq.waiting_since_step >= limits.starvation_steps:
-                block_adapters = True
-            continue
-        num_new = min(seq.num_uncomputed, budget)
-        if not _reserve_pages(seq, num_new, pool, limits.page_size):
-            waiting.appendleft(seq)  # first come, first served: nobody overtakes on pages
-            break
-        seq.status = SeqStatus.RUNNING
-        running.append(seq)
-        adapters.take(seq)
-        rows.append(Row(seq, num_new))
-        budget -= num_new
-    waiting.extendleft(reversed(held_back))
+    def is_starving(self, seq: Sequence) -> bool:
+        return self.step_no - seq.waiting_since_step >= self.limits.starvation_steps
 
-
-def _reserve_pages(seq: Sequence, num_new: int, pool: BlockPool, page_size: int) -> bool:
-    missing = pages_needed(seq.num_computed + num_new, page_size) - len(seq.blocks)
-    if missing <= 0:
+    def reserve_pages(self, seq: Sequence, num_new: int) -> bool:
+        missing = pages_needed(seq.num_computed + num_new, self.limits.page_size) - len(seq.blocks)
+        if missing <= 0:
+            return True
+        arena = self.memory.residency.arena
+        if not arena.can_allocate(missing):
+            # KV demand comes before idle adapters: reclaim their rows before preempting.
+            memory = self.memory
+            if not memory.residency.reclaim_pages(missing, memory.protected, memory.wanted):
+                return False
+        seq.blocks.extend(arena.allocate(missing))
         return True
-    if not pool.can_allocate(missing):
-        return False
-    seq.blocks.extend(pool.allocate(missing))
-    return True
+
+    def preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.memory.residency.arena.free(seq.blocks)
+        seq.blocks.clear()
+        seq.num_computed = 0
+        seq.status = SeqStatus.WAITING
+        self.waiting.appendleft(seq)
 
 
-def _reserve_next_token_pages(rows: list[Row], pool: BlockPool, limits: PlanLimits) -> None:
+def _reserve_next_token_pages(rows: list[Row], memory: BatchAdapters, limits: PlanLimits) -> None:
     """Opportunistic: a row whose next token starts a page gets it now if one is free (it needs
-    it next step anyway, unless it stops). Never preempts; rows left without one are simply
-    not run ahead."""
+    it next step anyway, unless it stops). Never preempts nor evicts; rows left without one are
+    simply not run ahead."""
+    arena = memory.residency.arena
     for row in rows:
         seq = row.seq
         next_len = seq.num_computed + row.num_new + 1  # tokens once the next step has run
         if next_len > limits.context_length:
             continue
-        if pages_needed(next_len, limits.page_size) > len(seq.blocks) and pool.can_allocate(1):
-            seq.blocks.extend(pool.allocate(1))
+        if pages_needed(next_len, limits.page_size) > len(seq.blocks) and arena.can_allocate(1):
+            seq.blocks.extend(arena.allocate(1))
 
 
 def _pick_victim(running: list[Sequence], index: int, scheduled: set[int]) -> Sequence:
@@ -233,15 +228,3 @@ def _pick_victim(running: list[Sequence], index: int, scheduled: set[int]) -> Se
         if seq.seq_id not in scheduled:
             return seq
     return running[index]
-
-
-def _preempt(
-    seq: Sequence, running: list[Sequence], waiting: deque[Sequence], pool: BlockPool
-) -> None:
-    running.remove(seq)
-    pool.free(seq.blocks)
-    seq.blocks.clear()
-    seq.num_computed = 0
-    seq.status = SeqStatus.WAITING
-    seq.num_preemptions += 1
-    waiting.appendleft(seq)

@@ -22,18 +22,15 @@ class Sequence:
     request_id: RequestId
     prompt_ids: tuple[int, ...]
     params: SamplingParams
-    lora_name: str | None
-    arrival_s: float
     adapter_id: AdapterId | None = None
+    adapter_rank: int = 0  # LoRA rows its adapter holds on the GPU
     is_pinned_adapter: bool = False
     status: SeqStatus = SeqStatus.ACQUIRING
     output_ids: list[int] = field(default_factory=list)
     num_computed: int = 0  # tokens whose KV is in the cache
     blocks: list[BlockId] = field(default_factory=list)
     in_runner: bool = False  # the runner holds sampler state for it
-    num_preemptions: int = 0
     waiting_since_step: int = 0
-    has_emitted: bool = False
 
     @property
     def num_tokens(self) -> int:
@@ -42,6 +39,11 @@ class Sequence:
     @property
     def num_uncomputed(self) -> int:
         return self.num_tokens - self.num_computed
+
+    @property
+    def is_decode(self) -> bool:
+        """Its next step feeds one token and samples one (the engine's one decode rule)."""
+        return self.num_uncomputed == 1 and self.num_computed > 0
 
     def token_slice(self, start: int, stop: int) -> tuple[int, ...]:
         """Tokens [start, stop) of prompt + output, without building the whole list."""

@@ -4,13 +4,27 @@ from __future__ import annotations
 
 from typing import NamedTuple, Protocol
 
+from lorasrv.ids import AdapterId
+
+
+class GpuAdapter(NamedTuple):
+    """One adapter version resident on the GPU, as the scheduler's planner has it."""
+
+    adapter_id: AdapterId
+    num_rows: int
+    num_evictions: int
+
 
 class SchedulerStats(NamedTuple):
     num_running: int = 0
     num_waiting: int = 0
     num_acquiring: int = 0
-    num_kv_pages: int = 0
+    num_kv_pages: int = 0  # pages KV may hold when no adapter row is in the way
     num_kv_pages_used: int = 0
+    num_lora_rows: int = 0  # rows adapters may hold when KV leaves them room
+    num_lora_rows_used: int = 0
+    lora_capacity: int = 0  # distinct adapters a batch may hold (effective max_loras_per_batch)
+    gpu_adapters: tuple[GpuAdapter, ...] = ()
     last_step_s: float = 0.0
     last_step_tokens: int = 0
     num_steps: int = 0

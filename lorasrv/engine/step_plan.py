@@ -8,21 +8,27 @@ from collections.abc import Collection, Iterable
 
 from lorasrv.engine.policy import Row
 from lorasrv.engine.sequence import Sequence
-from lorasrv.ids import AdapterId, SeqId, StepId
-from lorasrv.messages import NewSeq, StepPlan
+from lorasrv.ids import SeqId, StepId
+from lorasrv.messages import AdapterRows, NewSeq, StepPlan
 
 
 def build_step_plan(
     step_id: StepId,
     rows: list[Row],
-    slots: dict[AdapterId, int],
+    adapters: tuple[AdapterRows, ...],
+    uploads: tuple[AdapterRows, ...],
     freed: tuple[SeqId, ...],
     *,
     expect_next_decode: bool,
     context_length: int,
 ) -> StepPlan:
-    """The plan of `rows` (sorted by slot), registering new sequences with the runner; each
-    row's tokens count as computed from here on."""
+    """The plan of `rows`, sorted so each adapter is one run (base rows first, then in the order
+    of `adapters`), registering new sequences with the runner; each row's tokens count as
+    computed from here on."""
+    index = {a.adapter_id: i for i, a in enumerate(adapters)}
+    lora = [-1 if r.seq.adapter_id is None else index[r.seq.adapter_id] for r in rows]
+    order = sorted(range(len(rows)), key=lora.__getitem__)  # stable: row order within a run
+    rows = [rows[i] for i in order]
     new_seqs: list[NewSeq] = []
     input_ids: list[int] = []
     for row in rows:
@@ -47,7 +53,9 @@ def build_step_plan(
         query_lens=tuple(r.num_new for r in rows),
         context_lens=tuple(r.seq.num_computed for r in rows),
         block_tables=tuple(tuple(r.seq.blocks) for r in rows),
-        lora_slots=tuple(-1 if r.seq.adapter_id is None else slots[r.seq.adapter_id] for r in rows),
+        lora_adapters=tuple(lora[i] for i in order),
+        adapters=adapters,
+        uploads=uploads,
         sample_rows=tuple(r.is_sampled for r in rows),
         expect_next_decode=expect_next_decode,
         last_rows=tuple(r.is_sampled and _stops_by_length(r.seq, context_length) for r in rows),

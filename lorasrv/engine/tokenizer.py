@@ -88,7 +88,6 @@ class TokenizerActor(Actor[TokenizerInbox]):
                 prompt_ids=tuple(prompt_ids),
                 lora_name=msg.lora_name,
                 params=msg.params,
-                arrival_s=msg.arrival_s,
             )
         )
 

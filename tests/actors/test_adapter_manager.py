@@ -14,21 +14,19 @@ import pytest
 from lorasrv.config import AdapterConfig
 from lorasrv.engine.adapter_manager import AdapterManagerActor
 from lorasrv.errors import status_for_code
-from lorasrv.ids import AdapterId, OpId, RequestId, SlotId, StepId
+from lorasrv.ids import AdapterId, OpId, RequestId
 from lorasrv.messages import (
     AcquireAdapter,
     AdapterAcquired,
     AdapterAcquireFailed,
     AdapterOpDone,
+    AdapterRetired,
     AdapterStatus,
-    ClearSlot,
     DescribeAdapters,
+    HostCopyDropped,
+    HostCopyReady,
     LoadAdapter,
-    LoadSlot,
-    PrepareStep,
     ReleaseAdapter,
-    SlotAssignment,
-    StepAdaptersReady,
     UnloadAdapter,
 )
 
@@ -37,6 +35,7 @@ class FakePeft(NamedTuple):
     path: str
     max_rank: int
     target_modules: tuple[str, ...]
+    scaling: float = 2.0
 
 
 class FakeDisk:
@@ -69,12 +68,12 @@ class FakeDisk:
 
 
 class Harness:
-    def __init__(self, cfg: AdapterConfig, num_slots: int) -> None:
+    def __init__(self, cfg: AdapterConfig, capacity: int) -> None:
         self.disk = FakeDisk()
         self.log: list[tuple[str, Any]] = []  # (peer, message) in the order sent
         self.actor = AdapterManagerActor(
             cfg=cfg,
-            num_slots=num_slots,
+            capacity=capacity,
             max_rank=16,
             target_modules=("q_proj", "k_proj", "v_proj", "o_proj"),
             read_config=self.disk.read_config,
@@ -89,9 +88,9 @@ class Harness:
     def sent(self, peer: str) -> list[Any]:
         return [msg for who, msg in self.log if who == peer]
 
-    async def until(self, find: Callable[[], Any]) -> Any:
+    async def until(self, find: Callable[[], Any], timeout_s: float = 2) -> Any:
         """Wait for `find()` to return something; surfaces a crashed actor at once."""
-        async with asyncio.timeout(2):
+        async with asyncio.timeout(timeout_s):
             while (found := find()) is None:
                 if self.task is not None and self.task.done():
                     self.task.result()
@@ -141,19 +140,6 @@ class Harness:
             None,
         )
 
-    async def step(self, step: int, *ids: AdapterId) -> StepAdaptersReady:
-        self.actor.send(PrepareStep(step_id=StepId(step), adapter_ids=ids))
-        return await self.until(
-            lambda: next(
-                (
-                    m
-                    for m in self.sent("scheduler")
-                    if isinstance(m, StepAdaptersReady) and m.step_id == step
-                ),
-                None,
-            )
-        )
-
     def release(self, request: str, adapter_id: AdapterId) -> None:
         self.actor.send(ReleaseAdapter(request_id=RequestId(request), adapter_id=adapter_id))
 
@@ -171,10 +157,10 @@ class _Peer:
 
 @contextlib.asynccontextmanager
 async def running(
-    num_slots: int = 2, per_batch: int = 2, cap: int | None = None
+    capacity: int = 2, per_batch: int | None = 2, cap: int | None = None
 ) -> AsyncIterator[Harness]:
     cfg = AdapterConfig(max_loras_per_batch=per_batch, max_loaded_loras=cap)
-    harness = Harness(cfg, num_slots)
+    harness = Harness(cfg, capacity)
     harness.task = asyncio.create_task(harness.actor.run())
     try:
         yield harness
@@ -202,13 +188,18 @@ async def test_load_succeeds_and_describe_reports_it() -> None:
         assert done.success
         assert done.loaded_adapters == {"a": "/a"}
         (status,) = await h.describe()
-        assert (status.name, status.state, status.rank, status.num_loads) == (
+        assert (status.name, status.phase, status.host, status.rank, status.num_loads) == (
             "a",
-            "cpu_loaded",
+            "ready",
+            "loaded",
             8,
             1,
         )
         assert status.last_load_s >= 0.0
+        # the runner got the host copy, with the rank and scaling of the adapter's config
+        copy = HostCopyReady(adapter_id=status.adapter_id, weights="weights:/resolved/a",
+                             rank=8, scaling=2.0)  # fmt: skip
+        assert h.sent("runner") == [copy]
 
 
 async def test_second_load_of_a_name_fails() -> None:
@@ -253,35 +244,16 @@ async def test_acquire_unknown_is_404_and_acquire_known_is_granted() -> None:
         assert status_for_code(failed.code) == 404
         await h.load("a")
         reply = await acquired(h, "r2", "a")
-        assert (reply.pinned, reply.num_pinned) == (False, 0)
+        assert (reply.pinned, reply.rank) == (False, 8)
         assert (await h.describe())[0].num_refs == 1
         h.release("r2", reply.adapter_id)
         assert (await h.describe())[0].num_refs == 0
 
 
-async def test_step_with_more_adapters_than_slots_evicts_and_defers() -> None:
-    async with running(num_slots=2, per_batch=2) as h:
-        for name in "abc":
-            await h.load(name)
-        a, b, c = [(await acquired(h, f"r{n}", n)).adapter_id for n in "abc"]
-        first = await h.step(1, a, b)
-        slot_of = {s.adapter_id: s.slot_id for s in first.slots}
-        second = await h.step(2, a, c)  # b is not in this step: it is the victim
-        assert second.slots == (SlotAssignment(a, slot_of[a]), SlotAssignment(c, slot_of[b]))
-        upload = LoadSlot(slot_id=slot_of[b], adapter_id=c, weights="weights:/resolved/c")
-        assert h.log.index(("runner", upload)) < h.log.index(("scheduler", second))
-        third = await h.step(3, a, c, b)  # a and c are protected now: b waits
-        assert third.deferred == (b,)
-        statuses = {s.name: s for s in await h.describe()}
-        assert statuses["b"].state == "cpu_loaded"
-        assert statuses["b"].num_evictions == 1
-
-
-async def test_unload_while_referenced_clears_the_slot_after_the_release() -> None:
+async def test_unload_while_referenced_retires_the_adapter_after_the_release() -> None:
     async with running() as h:
         await h.load("a")
         a = (await acquired(h, "r1", "a")).adapter_id
-        (assignment,) = (await h.step(1, a)).slots
         done = await h.unload("a")  # answered at once, although r1 still holds it
         assert done.success
         assert done.loaded_adapters == {}
@@ -289,11 +261,13 @@ async def test_unload_while_referenced_clears_the_slot_after_the_release() -> No
         assert isinstance(failed, AdapterAcquireFailed)
         assert failed.code == "adapter_not_found"
         (status,) = await h.describe()
-        assert status.state == "unloading"
-        assert not any(isinstance(m, ClearSlot) for m in h.sent("runner"))
+        assert status.phase == "unloading"
+        assert not any(isinstance(m, HostCopyDropped) for m in h.sent("runner"))
+        assert not any(isinstance(m, AdapterRetired) for m in h.sent("scheduler"))
         h.release("r1", a)
         assert await h.describe() == ()
-        assert h.sent("runner")[-1] == ClearSlot(slot_id=assignment.slot_id)
+        assert h.sent("runner")[-1] == HostCopyDropped(adapter_id=a)
+        assert h.sent("scheduler")[-1] == AdapterRetired(adapter_id=a)  # its GPU rows go
         assert (await h.unload("a")).error_message == "adapter 'a' is not loaded"
 
 
@@ -305,9 +279,9 @@ async def test_reload_of_a_draining_name_gets_a_new_id() -> None:
         assert (await h.load("a", "/b")).loaded_adapters == {"a": "/b"}
         new = (await acquired(h, "r2", "a")).adapter_id
         assert new > old
-        assert [(s.adapter_id, s.state) for s in await h.describe()] == [
+        assert [(s.adapter_id, s.phase) for s in await h.describe()] == [
             (old, "unloading"),
-            (new, "cpu_loaded"),
+            (new, "ready"),
         ]
         h.release("r1", old)
         assert [s.adapter_id for s in await h.describe()] == [new]
@@ -316,21 +290,30 @@ async def test_reload_of_a_draining_name_gets_a_new_id() -> None:
 
 
 async def test_host_cap_drops_an_adapter_and_reloads_it_on_demand() -> None:
-    async with running(num_slots=1, per_batch=1, cap=1) as h:
+    async with running(capacity=2, per_batch=None, cap=1) as h:
         await h.load("a")
         assert (await h.load("b")).loaded_adapters == {"a": "/a", "b": "/b"}
-        states = {s.name: s.state for s in await h.describe()}
-        assert states == {"a": "unloaded", "b": "cpu_loaded"}
+        hosts = {s.name: s.host for s in await h.describe()}
+        assert hosts == {"a": "absent", "b": "loaded"}
         reply = await acquired(h, "r1", "a")  # reloads a, dropping b
         statuses = {s.name: s for s in await h.describe()}
-        assert (statuses["a"].state, statuses["a"].num_loads) == ("cpu_loaded", 2)
-        assert statuses["b"].state == "unloaded"
+        assert (statuses["a"].host, statuses["a"].num_loads) == ("loaded", 2)
+        assert statuses["b"].host == "absent"
         assert reply.adapter_id == statuses["a"].adapter_id
         assert h.disk.num_reads["/a"] == 2
+        a, b = reply.adapter_id, statuses["b"].adapter_id
+        runner = h.sent("runner")
+        assert [type(m).__name__ for m in runner] == [
+            "HostCopyReady", "HostCopyDropped", "HostCopyReady", "HostCopyDropped", "HostCopyReady"
+        ]  # fmt: skip
+        assert runner[3] == HostCopyDropped(adapter_id=b)
+        assert runner[4].adapter_id == a
+        # the copy reaches the runner before the grant that lets a plan upload it
+        assert h.log.index(("runner", runner[4])) < h.log.index(("scheduler", reply))
 
 
 async def test_failed_reload_fails_the_waiting_acquires() -> None:
-    async with running(num_slots=1, per_batch=1, cap=1) as h:
+    async with running(capacity=2, per_batch=None, cap=1) as h:
         await h.load("a")
         await h.load("b")  # drops a from host
         del h.disk.folders["/a"]
@@ -340,17 +323,19 @@ async def test_failed_reload_fails_the_waiting_acquires() -> None:
         assert "no adapter_config.json" in failed.detail
 
 
-async def test_pinned_adapters_take_a_slot_at_once_up_to_the_limit() -> None:
-    async with running(num_slots=2, per_batch=2) as h:
+async def test_pinned_adapters_up_to_the_effective_capacity_minus_one() -> None:
+    async with running(capacity=2, per_batch=2) as h:
         assert (await h.load("p1", pinned=True)).success
-        assert h.sent("runner") == [
-            LoadSlot(slot_id=SlotId(0), adapter_id=AdapterId(1), weights="weights:/resolved/p1")
-        ]
         done = await h.load("p2", pinned=True)
         assert not done.success
         assert "at most --max-loras-per-batch - 1 = 1" in done.error_message
         reply = await acquired(h, "r1", "p1")
-        assert (reply.pinned, reply.num_pinned) == (True, 1)
+        assert (reply.pinned, reply.rank) == (True, 8)
+    async with running(capacity=3, per_batch=None) as h:  # memory holds 3 at --max-lora-rank
+        assert (await h.load("p1", pinned=True)).success
+        assert (await h.load("p2", pinned=True)).success
+        done = await h.load("a", "/p1", pinned=True)
+        assert "at most the adapters a batch holds at --max-lora-rank - 1 = 2" in done.error_message
 
 
 async def test_a_slow_load_blocks_no_other_operation() -> None:
@@ -363,7 +348,7 @@ async def test_a_slow_load_blocks_no_other_operation() -> None:
         h.actor.send(AcquireAdapter(request_id=RequestId("r2"), lora_name="slow"))
         h.release("r1", a)
         assert (await h.unload("a")).success
-        assert [(s.name, s.state) for s in await h.describe()] == [("slow", "loading")]
+        assert [(s.name, s.phase) for s in await h.describe()] == [("slow", "loading")]
         assert h._reply_to("r2") is None
         gate.set()
         assert (await h.op_result(slow_op)).loaded_adapters == {"slow": "/slow"}
@@ -384,3 +369,32 @@ async def test_requests_waiting_on_a_failed_first_load_fail_with_its_reason() ->
         assert isinstance(failed, AdapterAcquireFailed)
         assert failed.code == "adapter_error"
         assert "corrupt adapter_model.safetensors" in failed.detail
+
+
+async def test_a_thousand_registered_under_a_host_cap_reload_without_blocking() -> None:
+    """1,000 adapters registered, 8 host copies at most: requests for the others read them back
+    from disk off the event loop, while the actor keeps answering."""
+    async with running(capacity=4, per_batch=None, cap=8) as h:
+        for i in range(1000):
+            h.disk.folders[f"/n{i}"] = FakePeft(f"/resolved/n{i}", 8 + i % 9, ("q_proj",))
+        ops = [
+            h.send_op(lambda op, i=i: LoadAdapter(op_id=op, lora_name=f"n{i}", lora_path=f"/n{i}"))
+            for i in range(1000)
+        ]
+        done = await h.until(lambda: len(h.sent("ops")) == 1000 or None, timeout_s=60)
+        assert done
+        assert all(m.success for m in h.sent("ops"))
+        assert {m.op_id for m in h.sent("ops")} == set(ops)
+        statuses = await h.describe()
+        assert len(statuses) == 1000
+        assert sum(s.host == "loaded" for s in statuses) == 8
+        gate = h.disk.gates["/resolved/n3"] = threading.Event()  # one slow disk read
+        h.actor.send(AcquireAdapter(request_id=RequestId("slow"), lora_name="n3"))
+        for k, i in enumerate((500, 999, 2, 998)):  # others are served meanwhile
+            reply = await acquired(h, f"r{k}", f"n{i}")
+            assert reply.rank == 8 + i % 9
+            h.release(f"r{k}", reply.adapter_id)
+        assert h._reply_to("slow") is None
+        gate.set()
+        assert isinstance(await h.until(lambda: h._reply_to("slow")), AdapterAcquired)
+        assert sum(s.host == "loaded" for s in await h.describe()) <= 8

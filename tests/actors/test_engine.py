@@ -22,6 +22,7 @@ class FakePeft(NamedTuple):
     path: str
     max_rank: int
     target_modules: tuple[str, ...]
+    scaling: float = 1.0
 
 
 def read_config(path: str) -> FakePeft:
@@ -31,11 +32,14 @@ def read_config(path: str) -> FakePeft:
 
 
 def make_engine(
-    *, slots: int = 2, pages: int = 128, **adapter_cfg: Any
+    *, slots: int = 2, pages: int = 128, context: int = 256, **adapter_cfg: Any
 ) -> tuple[Engine, FakeRunner]:
-    fake = FakeRunner(num_kv_pages=pages, page_size=4, num_slots=slots)
+    """`slots` rank-8 adapters fit in the arena's rows, and at most that many run at once."""
+    fake = FakeRunner(num_kv_pages=pages, page_size=4, context_length=context,
+                      lora_rows=8 * slots, salts=SALTS)  # fmt: skip
+    adapter_cfg = {"max_loras_per_batch": slots, **adapter_cfg}
     config = ServerConfig(
-        adapters=AdapterConfig(enable_lora=True, max_loras_per_batch=slots, **adapter_cfg),
+        adapters=AdapterConfig(enable_lora=True, **adapter_cfg),
         scheduler=SchedulerConfig(chunked_prefill_size=32, max_running_requests=16),
     )
     parts = EngineParts(
@@ -43,7 +47,6 @@ def make_engine(
         runner_factory=lambda: fake,
         tokenizer=FakeTokenizer(),
         read_adapter_config=read_config,
-        make_adapter_loader=lambda runner: SALTS.__getitem__,
         initial_adapters=(LoraRef(lora_name="a", lora_path="/ad/a"),),
         config=config,
     )
@@ -83,7 +86,7 @@ async def test_mixed_batch_gets_each_rows_own_adapter(engine: Engine) -> None:
     states = {a.name: a for a in await engine.describe_adapters()}
     assert set(states) == {"a", "b", "c"}
     assert all(a.num_refs == 0 for a in states.values())
-    assert sum(a.num_evictions for a in states.values()) >= 1
+    assert sum(a.num_gpu_evictions for a in states.values()) >= 1
 
 
 async def test_stream_is_cumulative_and_matches_generate(engine: Engine) -> None:
@@ -161,7 +164,7 @@ async def test_unload_then_reload_same_name_uses_new_weights(engine: Engine) -> 
 
 
 async def test_many_concurrent_requests_over_few_slots_all_finish() -> None:
-    eng, fake = make_engine(slots=2, pages=40)
+    eng, fake = make_engine(slots=2, pages=40, context=64)  # KV: 16 pages, rows: the rest
     async with eng:
         for name in ("b", "c", "d"):
             assert (await eng.load_adapter(name, f"/ad/{name}")).success
@@ -176,10 +179,10 @@ async def test_many_concurrent_requests_over_few_slots_all_finish() -> None:
         for t, n, r in zip(texts, names, results, strict=True):
             assert isinstance(r, dict)
             assert r["text"] == expect(t, 0 if n is None else SALTS[f"/ad/{n}"], 12)
-        # 4 adapters through 2 slots: slots were reused, so eviction happened mid-traffic.
-        assert fake.num_loads >= 4
+        # 4 adapters through rows for 2: rows were reused, so eviction happened mid-traffic.
+        assert fake.num_uploads >= 4
         states = await eng.describe_adapters()
-        assert sum(a.num_evictions for a in states) >= 2
+        assert sum(a.num_gpu_evictions for a in states) >= 2
         assert all(a.num_refs == 0 for a in states)
 
 
@@ -199,8 +202,8 @@ async def test_crashed_actor_marks_engine_dead() -> None:
 
 
 async def test_oldest_waiting_adapter_gets_a_slot_under_steady_load() -> None:
-    """Two slots kept busy by a steady stream for adapters a and b: a request for c still runs
-    within a bounded number of steps (it is never starved by later arrivals)."""
+    """Two adapters a batch, kept busy by a steady stream for adapters a and b: a request for c
+    still runs within a bounded number of steps (it is never starved by later arrivals)."""
     eng, fake = make_engine(slots=2, pages=256)
     async with eng:
         for name in ("b", "c"):
@@ -216,7 +219,7 @@ async def test_oldest_waiting_adapter_gets_a_slot_under_steady_load() -> None:
 
         lengths = (5, 7, 9, 11)
         workers = [asyncio.create_task(steady(n, k)) for n in ("a", "b") for k in lengths]
-        await asyncio.sleep(0.05)  # the two slots are now held by a and b
+        await asyncio.sleep(0.05)  # the batch's two adapters are now a and b
         start_step = len(fake.plans)
         async with asyncio.timeout(10):
             result = await eng.generate(text="starving", lora_path="c", sampling_params=params)
@@ -227,3 +230,14 @@ async def test_oldest_waiting_adapter_gets_a_slot_under_steady_load() -> None:
         assert result["text"] == expect("starving", SALTS["/ad/c"], 8)
         # starvation threshold (16 steps) + draining rows of a/b (<= 11) + its own 1 + 8 steps
         assert steps_waited <= 45, steps_waited
+
+
+async def test_server_info_shows_the_effective_adapters_per_batch() -> None:
+    capped, _ = make_engine(slots=2)
+    memory, _ = make_engine(slots=3, max_loras_per_batch=None)
+    for engine, expected in ((capped, 2), (memory, 3)):  # 3: the rows hold three at rank 8
+        async with engine:
+            info = await engine.server_info()
+            assert info["max_loras_per_batch_effective"] == expected
+            assert info["scheduler"]["lora_capacity"] == expected
+            assert info["scheduler"]["num_lora_rows"] == 8 * 3 if expected == 3 else 16

@@ -9,24 +9,22 @@ from typing import Any
 
 import pytest
 
-from lorasrv.config import SchedulerConfig
+from lorasrv.config import AdapterConfig, SchedulerConfig
 from lorasrv.engine.gpu_runner import GpuRunnerActor
 from lorasrv.engine.scheduler import SchedulerActor
-from lorasrv.ids import AdapterId, RequestId, SlotId
+from lorasrv.ids import AdapterId, RequestId
 from lorasrv.messages import (
     Abort,
     AcquireAdapter,
     AdapterAcquired,
     AdapterAcquireFailed,
+    AdapterRetired,
     EmitTokens,
     Enqueue,
-    LoadSlot,
-    PrepareStep,
+    HostCopyReady,
     ReleaseAdapter,
     RequestFailed,
     SamplingParams,
-    SlotAssignment,
-    StepAdaptersReady,
 )
 from tests.fakes import FakeRunner, fake_generate
 
@@ -39,15 +37,18 @@ class Recorder:
         self.msgs.append(msg)
 
 
-class FakeAdapters:
-    """Answers acquires for names a0..a9 (salt = 100 + n) and places adapters in slots LRU-ish."""
+RANKS = {1: 2, 2: 4, 3: 3, 4: 4, 5: 1, 6: 2, 7: 3, 8: 4, 9: 2}
 
-    def __init__(self, num_slots: int) -> None:
-        self.num_slots = num_slots
+
+class FakeAdapters:
+    """Answers acquires for names a1..a9 (salt = 100 + n, rank RANKS[n]) as the adapter manager
+    does: the host copy goes to the runner before the grant."""
+
+    def __init__(self) -> None:
         self.scheduler: SchedulerActor | None = None
         self.runner: GpuRunnerActor | None = None
-        self.slots: dict[AdapterId, SlotId] = {}
         self.msgs: list[Any] = []
+        self.sent_copies: set[int] = set()
 
     def send(self, msg: object, /) -> None:
         self.msgs.append(msg)
@@ -59,34 +60,32 @@ class FakeAdapters:
                     self.scheduler.send(
                         AdapterAcquireFailed(request_id=rid, code="adapter_not_found", detail=name)
                     )
-                else:
-                    self.scheduler.send(AdapterAcquired(request_id=rid, adapter_id=int(name[1:])))
-            case PrepareStep(step_id=step_id, adapter_ids=ids):
-                assert len(ids) <= self.num_slots, "scheduler exceeded the slots"
-                keep = {a: s for a, s in self.slots.items() if a in ids}
-                free = [SlotId(s) for s in range(self.num_slots) if s not in keep.values()]
-                for adapter_id in ids:
-                    if adapter_id not in keep:
-                        keep[adapter_id] = free.pop()
-                        self.runner.send(
-                            LoadSlot(slot_id=keep[adapter_id], adapter_id=adapter_id,
-                                     weights=100 + adapter_id)
-                        )  # fmt: skip
-                self.slots = keep
-                slots = tuple(SlotAssignment(a, s) for a, s in keep.items())
-                self.scheduler.send(StepAdaptersReady(step_id=step_id, slots=slots))
+                    return
+                n = int(name[1:])
+                if n not in self.sent_copies:
+                    self.sent_copies.add(n)
+                    self.runner.send(HostCopyReady(adapter_id=AdapterId(n), weights=100 + n,
+                                                   rank=RANKS[n], scaling=1.0))  # fmt: skip
+                self.scheduler.send(
+                    AdapterAcquired(request_id=rid, adapter_id=AdapterId(n), rank=RANKS[n])
+                )
 
 
 class Harness:
-    def __init__(self, *, pages: int = 64, budget: int = 64, slots: int = 2, max_running: int = 8):
-        self.fake = FakeRunner(num_kv_pages=pages, page_size=4, num_slots=slots)
+    def __init__(
+        self, *, pages: int = 128, budget: int = 64, cap: int | None = 2, max_running: int = 8,
+        lora_rows: int | None = None,
+    ) -> None:  # fmt: skip
+        self.fake = FakeRunner(num_kv_pages=pages, page_size=4, max_lora_rank=4,
+                               lora_rows=lora_rows)  # fmt: skip
         self.tokenizer = Recorder()
-        self.adapters = FakeAdapters(slots)
+        self.adapters = FakeAdapters()
         cfg = SchedulerConfig(chunked_prefill_size=budget, max_running_requests=max_running)
         self.runner = GpuRunnerActor(factory=lambda: self.fake, scheduler=Recorder())
         self.scheduler = SchedulerActor(
-            cfg=cfg, ready=self.fake.ready_info, tokenizer=self.tokenizer,
-            adapters=self.adapters, runner=self.runner,
+            cfg=cfg, adapter_cfg=AdapterConfig(max_loras_per_batch=cap),
+            ready=self.fake.ready_info, tokenizer=self.tokenizer, adapters=self.adapters,
+            runner=self.runner,
         )  # fmt: skip
         self.runner._scheduler = self.scheduler
         self.adapters.scheduler, self.adapters.runner = self.scheduler, self.runner
@@ -105,7 +104,7 @@ class Harness:
     def enqueue(self, rid: str, prompt: list[int], lora: str | None = None, **params: Any) -> None:
         self.scheduler.send(
             Enqueue(request_id=RequestId(rid), prompt_ids=tuple(prompt), lora_name=lora,
-                    params=SamplingParams(**params), arrival_s=0.0)
+                    params=SamplingParams(**params))
         )  # fmt: skip
 
     async def finished(self, rids: set[str]) -> dict[str, list[int]]:
@@ -133,6 +132,10 @@ class Harness:
             if m.request_id == rid and (isinstance(m, RequestFailed) or m.finish_reason)
         )  # fmt: skip
 
+    @property
+    def num_pages_used(self) -> int:
+        return self.scheduler.planner.arena.num_used_pages
+
 
 PROMPTS = [[5 + i for i in range(n)] for n in (3, 9, 17, 30)]
 
@@ -147,7 +150,7 @@ async def test_base_rows_match_the_fake_model() -> None:
             finish = h.finish(f"r{i}")
             assert isinstance(finish, EmitTokens)
             assert finish.finish_reason == "length"
-        assert h.scheduler._pool.num_used == 0
+        assert h.num_pages_used == 0
 
 
 @pytest.mark.parametrize(("pages", "budget"), [(64, 8), (9, 64), (7, 5)])
@@ -158,13 +161,15 @@ async def test_chunking_and_preemption_keep_outputs_exact(pages: int, budget: in
         out = await h.finished({"r0", "r1", "r2"})
         for i, prompt in enumerate(PROMPTS[:3]):
             assert out[f"r{i}"] == fake_generate(prompt, 0, 10)
-        assert h.scheduler._pool.num_used == 0
+        assert h.num_pages_used == 0
         await asyncio.sleep(0.02)
         assert h.fake.live_seqs == set()  # runner-side sampler state dropped too
 
 
-async def test_adapters_more_than_slots_all_finish_with_their_own_delta() -> None:
-    async with Harness(slots=2) as h:
+async def test_adapters_more_than_fit_all_finish_with_their_own_delta() -> None:
+    # 10 rows: a1 (rank 2), a2 (4), a3 (3) and a4 (4) cannot all be resident, so adapters are
+    # evicted and uploaded again between batches; and at most 2 run at once
+    async with Harness(cap=2, lora_rows=10) as h:
         names = ["a1", "a2", "a3", None, "a1", "a4"]
         for i, name in enumerate(names):
             h.enqueue(f"r{i}", PROMPTS[i % 4], lora=name, max_new_tokens=6)
@@ -175,11 +180,15 @@ async def test_adapters_more_than_slots_all_finish_with_their_own_delta() -> Non
         releases = Counter(m.request_id for m in h.adapters.msgs if isinstance(m, ReleaseAdapter))
         acquired = {f"r{i}" for i, n in enumerate(names) if n}
         assert releases == Counter(acquired)  # exactly once each
+        assert h.scheduler.planner.residency.num_evictions  # the rows were too few for all
+        for plan in h.fake.plans:
+            assert len(plan.adapters) <= 2
 
 
 async def test_abort_frees_pages_and_releases_once() -> None:
     async with Harness() as h:
-        h.enqueue("long", PROMPTS[3], lora="a1", max_new_tokens=200, ignore_eos=True)
+        h.fake.step_delay_s = 0.002
+        h.enqueue("long", PROMPTS[0], lora="a1", max_new_tokens=200, ignore_eos=True)
         async with asyncio.timeout(5):
             while len(h.outputs().get("long", [])) < 3:
                 await asyncio.sleep(0.002)
@@ -188,7 +197,7 @@ async def test_abort_frees_pages_and_releases_once() -> None:
         finish = h.finish("long")
         assert isinstance(finish, EmitTokens)
         assert finish.finish_reason == "abort"
-        assert h.scheduler._pool.num_used == 0
+        assert h.num_pages_used == 0
         releases = [m for m in h.adapters.msgs if isinstance(m, ReleaseAdapter)]
         assert [m.request_id for m in releases] == ["long"]
         h.scheduler.send(Abort(request_id=RequestId("long")))  # twice: ignored
@@ -260,3 +269,34 @@ async def test_plans_mark_rows_whose_next_token_is_their_last() -> None:
                     for seq_id in (0, 1)}  # fmt: skip
     for seq_id, i in last_plan_of.items():
         assert plans[i].last_rows[plans[i].seq_ids.index(seq_id)]
+
+
+async def test_an_adapter_is_uploaded_once_while_resident_and_retired_rows_are_freed() -> None:
+    async with Harness() as h:
+        for i in range(3):
+            h.enqueue(f"r{i}", PROMPTS[i], lora="a2", max_new_tokens=4)
+            await h.finished({f"r{i}"})
+        uploads = [u for p in h.fake.plans for u in p.uploads]
+        assert [u.adapter_id for u in uploads] == [2]  # once, then resident
+        assert h.scheduler.planner.arena.num_used_rows == RANKS[2]
+        h.scheduler.send(AdapterRetired(adapter_id=AdapterId(2)))  # unloaded for good
+        h.enqueue("base", PROMPTS[0], max_new_tokens=2)
+        await h.finished({"base"})
+        assert h.scheduler.planner.arena.num_used_rows == 0
+        assert h.num_pages_used == 0
+
+
+async def test_a_queued_requests_adapter_is_prefetched_while_others_decode() -> None:
+    async with Harness(cap=1) as h:
+        h.fake.step_delay_s = 0.002
+        h.enqueue("first", PROMPTS[0], lora="a1", max_new_tokens=12, ignore_eos=True)
+        h.enqueue("queued", PROMPTS[1], lora="a3", max_new_tokens=3)  # cap 1: waits for a1
+        out = await h.finished({"first", "queued"})
+        assert out["queued"] == fake_generate(PROMPTS[1], 103, 3)
+    plans = [p for p in h.fake.plans if p.seq_ids]
+    upload_of_a3 = next(i for i, p in enumerate(plans) if any(u.adapter_id == 3 for u in p.uploads))
+    first_run_of_a3 = next(
+        i for i, p in enumerate(plans) if any(a.adapter_id == 3 for a in p.adapters)
+    )
+    assert upload_of_a3 < first_run_of_a3  # it rode along a step of a1's, before it could run
+    assert not any(a.adapter_id == 3 for a in plans[upload_of_a3].adapters)

@@ -250,7 +250,7 @@ class FakeEngine:
         if lora_path.startswith("/missing"):
             return self._op(False, f"cannot read adapter folder {lora_path!r}")
         num_pinned = sum(is_pinned for _, is_pinned in self.adapters.values()) + pinned
-        if num_pinned > self.config.adapters.max_loras_per_batch - 1:
+        if num_pinned > (self.config.adapters.max_loras_per_batch or 8) - 1:
             return self._op(False, "too many pinned adapters (--max-loras-per-batch - 1)")
         self.adapters[lora_name] = (lora_path, pinned)
         return self._op(True, "")
@@ -278,8 +278,8 @@ class FakeEngine:
                 path=path,
                 adapter_id=AdapterId(index),
                 rank=8,
-                state="pinned" if pinned else "cpu_loaded",
-                slot=None,
+                phase="ready",
+                host="loaded",
                 pinned=pinned,
                 num_refs=0,
             )

@@ -49,7 +49,7 @@ def chat_prompt(messages: list[dict[str, str]]) -> str:
 
 @contextlib.asynccontextmanager
 async def real_server(*, api_key: str | None = KEY) -> AsyncIterator[Server]:
-    fake = FakeRunner(num_kv_pages=NUM_KV_PAGES, page_size=4, num_slots=2)
+    fake = FakeRunner(num_kv_pages=NUM_KV_PAGES, page_size=4, lora_rows=16, salts=SALTS)
     config = ServerConfig(
         model=ModelConfig(served_model_name=BASE),
         adapters=AdapterConfig(enable_lora=True, max_loras_per_batch=2),
@@ -61,7 +61,6 @@ async def real_server(*, api_key: str | None = KEY) -> AsyncIterator[Server]:
         runner_factory=lambda: fake,
         tokenizer=FakeTokenizer(),
         read_adapter_config=read_config,
-        make_adapter_loader=lambda runner: SALTS.__getitem__,
         initial_adapters=tuple(LoraRef(lora_name=n, lora_path=p) for n, p in ADAPTERS.items()),
         config=config,
     )

@@ -67,11 +67,8 @@ async def test_metrics_parse_with_scrape_time_gauges(client: Client) -> None:
             for (metric, labels), v in samples.items()
             if metric == "lorasrv_adapter_state" and dict(labels)["adapter"] == name
         }
-        assert states == {
-            "loading": 0, "cpu_loaded": 1, "gpu_resident": 0, "pinned": 0, "evicting": 0,
-            "unloaded": 0,
-        }  # fmt: skip
-        assert value(samples, "lorasrv_adapter_slot", adapter=name) == -1
+        assert states == {"loading": 0, "cpu_loaded": 1, "gpu_resident": 0, "unloaded": 0}
+        assert value(samples, "lorasrv_adapter_gpu_rows", adapter=name) == 0
         assert value(samples, "lorasrv_adapter_gpu_resident", adapter=name) == 0
         assert ("lorasrv_adapter_loads_total", frozenset({("adapter", name)})) in samples
 
@@ -122,7 +119,7 @@ async def test_counters_equal_what_the_engine_did() -> None:
         prompts: dict[str, int] = dict.fromkeys(tokens, 0)
         num_requests = dict.fromkeys(tokens, 0)
         async with aiohttp.ClientSession() as session:
-            load = {"lora_name": "c", "lora_path": "/ad/c"}  # 3 adapters, 2 slots: evictions
+            load = {"lora_name": "c", "lora_path": "/ad/c"}  # 3 adapters, rows for 2: evictions
             async with session.post(f"{server.url}/load_lora_adapter", json=load, headers=AUTH):
                 pass
             for i, model in enumerate(["a", f"{BASE}:b", "c", BASE, "a", "c", "b"]):
@@ -157,19 +154,23 @@ async def test_counters_equal_what_the_engine_did() -> None:
     assert not [key for key in samples if ("adapter", "gone") in key[1]]
     # adapter series, read from the adapter manager at scrape time
     assert value(samples, "lorasrv_adapters_registered") == 3
-    assert value(samples, "lorasrv_kv_pages") == NUM_KV_PAGES
+    kv_pages = value(samples, "lorasrv_kv_pages")  # the arena less the adapters' floor
+    assert 0 < kv_pages < NUM_KV_PAGES
+    assert kv_pages == server.engine.last_stats.num_kv_pages
+    assert value(samples, "lorasrv_max_loras_per_batch") == 2
+    assert value(samples, "lorasrv_lora_rows") == 16
     assert value(samples, "lorasrv_kv_pages_used") == 0
     for name in ("a", "b", "c"):
         states = [v for (metric, labels), v in samples.items()
                   if metric == "lorasrv_adapter_state" and ("adapter", name) in labels]  # fmt: skip
-        assert sorted(states) == [0, 0, 0, 0, 0, 1]
+        assert sorted(states) == [0, 0, 0, 1]
         assert value(samples, "lorasrv_adapter_loads_total", adapter=name) >= 1
     evictions = sum(
         value(samples, "lorasrv_adapter_evictions_total", adapter=name) for name in "abc"
     )
     assert evictions >= 1
     resident = sum(value(samples, "lorasrv_adapter_gpu_resident", adapter=n) for n in "abc")
-    assert resident <= 2  # two GPU slots
+    assert resident <= 2  # rows for two rank-8 adapters
 
 
 async def test_an_abandoned_stream_counts_as_abort() -> None:
@@ -218,15 +219,15 @@ def test_draining_adapter_version_gives_no_duplicate_series() -> None:
     from lorasrv.messages import AdapterStatus
     from lorasrv.metrics import _adapter_families
 
-    def status(adapter_id: int, state: str) -> AdapterStatus:
-        return AdapterStatus(name="x", path="/p", adapter_id=AdapterId(adapter_id), state=state,
-                             slot=None, rank=8, pinned=False, num_refs=0)  # fmt: skip
+    def status(adapter_id: int, phase: str) -> AdapterStatus:
+        return AdapterStatus(name="x", path="/p", adapter_id=AdapterId(adapter_id), phase=phase,
+                             host="loaded", rank=8, pinned=False, num_refs=0)  # fmt: skip
 
     from prometheus_client import CollectorRegistry, generate_latest
 
     class Collector:
         def collect(self):  # type: ignore[no-untyped-def]
-            return _adapter_families([status(1, "unloading"), status(2, "cpu_loaded")])
+            return _adapter_families([status(1, "unloading"), status(2, "ready")])
 
     registry = CollectorRegistry()
     registry.register(Collector())  # type: ignore[arg-type]

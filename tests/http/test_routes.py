@@ -181,7 +181,7 @@ async def test_model_and_server_info(client: Client) -> None:
     resp = await client.get("/get_server_info")
     assert resp.status == 200
     info = await resp.json()
-    assert info["config"]["adapters"]["max_loras_per_batch"] == 8
+    assert info["config"]["adapters"]["max_loras_per_batch"] is None  # memory bounds it
     assert [a["name"] for a in info["adapters"]] == list(DEMO_ADAPTERS)
 
 

@@ -80,7 +80,7 @@ def test_precedence_defaults_file_env_flags(tmp_path: Path) -> None:
     assert config.http.log_level == "debug"  # file over default
     assert config.http.api_key == "k"
     assert config.model.seed == 5
-    assert config.adapters.max_loras_per_batch == 8  # default
+    assert config.adapters.max_loras_per_batch is None  # default: memory bounds the batch
 
 
 def test_config_file_from_env(tmp_path: Path) -> None:

@@ -60,7 +60,7 @@ def test_parse_lora_path_errors_name_the_problem(entry: str, needle: str) -> Non
 def test_defaults() -> None:
     config = build_config({})
     assert config == ServerConfig()
-    assert config.adapters.max_loras_per_batch == 8
+    assert config.adapters.max_loras_per_batch is None
     assert config.http.port == 30000
     assert config.model.model_path is None  # the engine serves the demo model
 

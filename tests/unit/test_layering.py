@@ -9,8 +9,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 PURE_ENGINE = {
-    "adapter_state", "adapter_registry", "block_pool", "lora_spec", "outputs", "policy",
-    "requests", "results", "sequence", "stats", "step_runner", "validation",
+    "adapter_catalog", "adapter_registry", "arena", "batch_adapters", "host_cache", "invariants",
+    "lora_spec", "outputs", "planner", "policy", "requests", "residency", "results", "sequence",
+    "stats", "step_plan", "step_runner", "validation",
 }  # fmt: skip
 PURE_ALLOWED = {"lorasrv.ids", "lorasrv.config", "lorasrv.messages", "lorasrv.errors", "msgspec"}
 

@@ -24,7 +24,6 @@ def test_infers_max_rank_and_union_in_canonical_order() -> None:
     spec = infer_pool_spec(AdapterConfig(lora_paths=REFS), PEFTS, has_cuda=False, has_triton=True)
     assert spec.enabled
     assert spec.max_rank == 16
-    assert spec.num_slots == 8
     assert spec.target_modules == ("q_proj", "v_proj", "down_proj")
     assert spec.backend == "torch"
 
@@ -36,14 +35,12 @@ def test_explicit_flags_win_and_all_means_every_module() -> None:
     spec = infer_pool_spec(cfg, PEFTS, has_cuda=True, has_triton=True)
     assert spec.max_rank == 64
     assert spec.target_modules == SUPPORTED_LORA_MODULES
-    assert spec.num_slots == 3
     assert spec.backend == "triton"
 
 
 def test_lora_off_gives_no_pool() -> None:
     spec = infer_pool_spec(AdapterConfig(), [], has_cuda=True, has_triton=True)
     assert not spec.enabled
-    assert spec.num_slots == 0
 
 
 @pytest.mark.parametrize(

@@ -6,21 +6,18 @@ import msgspec
 import pytest
 
 from lorasrv import messages as m
-from lorasrv.ids import AdapterId, BlockId, OpId, RequestId, SeqId, SlotId, StepId
+from lorasrv.ids import AdapterId, BlockId, OpId, RequestId, SeqId, StepId
 
 PARAMS = m.SamplingParams(max_new_tokens=3, stop=("x",), seed=1)
 SAMPLES: list[m.Msg] = [
-    m.Tokenize(request_id=RequestId("r"), text="hi", params=PARAMS, arrival_s=1.0),
+    m.Tokenize(request_id=RequestId("r"), text="hi", params=PARAMS),
     m.Tokenize(
         request_id=RequestId("r"),
         messages=(m.ChatMessage(role="user", content="hi"),),
         lora_name="a",
         params=PARAMS,
-        arrival_s=1.0,
     ),
-    m.Enqueue(
-        request_id=RequestId("r"), prompt_ids=(1, 2), lora_name=None, params=PARAMS, arrival_s=0.5
-    ),
+    m.Enqueue(request_id=RequestId("r"), prompt_ids=(1, 2), lora_name=None, params=PARAMS),
     m.Abort(request_id=RequestId("r")),
     m.EmitTokens(
         request_id=RequestId("r"),
@@ -31,20 +28,17 @@ SAMPLES: list[m.Msg] = [
     ),
     m.RequestFailed(request_id=RequestId("r"), code="invalid_request", detail="bad"),
     m.AcquireAdapter(request_id=RequestId("r"), lora_name="a"),
-    m.AdapterAcquired(request_id=RequestId("r"), adapter_id=AdapterId(3), pinned=True),
+    m.AdapterAcquired(request_id=RequestId("r"), adapter_id=AdapterId(3), rank=8, pinned=True),
     m.AdapterAcquireFailed(request_id=RequestId("r"), code="adapter_not_found", detail="a"),
     m.ReleaseAdapter(request_id=RequestId("r"), adapter_id=AdapterId(3)),
-    m.PrepareStep(step_id=StepId(2), adapter_ids=(AdapterId(1), AdapterId(2))),
-    m.StepAdaptersReady(
-        step_id=StepId(2),
-        slots=(m.SlotAssignment(AdapterId(1), SlotId(0)),),
-        deferred=(AdapterId(2),),
-        num_pinned=1,
-    ),
     m.LoadAdapter(op_id=OpId(1), lora_name="a", lora_path="/p", pinned=True),
     m.UnloadAdapter(op_id=OpId(2), lora_name="a"),
     m.DescribeAdapters(op_id=OpId(3)),
     m.HostLoadDone(adapter_id=AdapterId(1), error="broken"),
+    m.HostLoadDone(
+        adapter_id=AdapterId(1),
+        copy=m.HostCopy(weights=b"rows", rank=8, scaling=0.5, load_s=0.1),
+    ),
     m.RunStep(
         plan=m.StepPlan(
             step_id=StepId(1),
@@ -55,13 +49,15 @@ SAMPLES: list[m.Msg] = [
             query_lens=(2,),
             context_lens=(0,),
             block_tables=((BlockId(0),),),
-            lora_slots=(-1,),
+            lora_adapters=(-1,),
             sample_rows=(True,),
         )
     ),
-    m.ClearSlot(slot_id=SlotId(1)),
-    m.StepDone(step_id=StepId(1), seq_ids=(SeqId(0),), token_ids=(5,)),
-    m.AdapterAcquired(request_id=RequestId("r"), adapter_id=AdapterId(3), rank=16),
+    m.StepDone(
+        step_id=StepId(1),
+        seq_ids=(SeqId(0),),
+        result=m.StepResult(token_ids=(5,), logprobs=(-0.1,), top_logprobs=((),)),
+    ),
     m.AdapterRetired(adapter_id=AdapterId(3)),
     m.HostCopyReady(adapter_id=AdapterId(3), weights=b"rows", rank=8, scaling=2.0),
     m.HostCopyDropped(adapter_id=AdapterId(3)),
@@ -97,7 +93,15 @@ def test_every_inbox_member_is_sampled() -> None:
     sampled = {type(s) for s in SAMPLES}
     for union in (m.TokenizerInbox, m.SchedulerInbox, m.AdapterInbox, m.RunnerInbox):
         for member in union.__args__:  # type: ignore[attr-defined]
-            # LoadSlot carries tensors by design and is the one message kept in-process.
-            assert member in sampled or member is m.LoadSlot, member.__name__
-    assert m.StepAdaptersReady in sampled
+            assert member in sampled, member.__name__
     assert m.AdapterAcquired in sampled
+
+
+def test_plan_is_decode_is_one_token_per_row_all_sampled() -> None:
+    plan = m.StepPlan(step_id=StepId(1), seq_ids=(SeqId(0), SeqId(1)), query_lens=(1, 1),
+                      sample_rows=(True, True))  # fmt: skip
+    assert plan.is_decode
+    assert not m.StepPlan(step_id=StepId(1)).is_decode  # no rows
+    chunk = m.StepPlan(step_id=StepId(1), seq_ids=(SeqId(0),), query_lens=(1,),
+                       sample_rows=(False,))  # fmt: skip
+    assert not chunk.is_decode

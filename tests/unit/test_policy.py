@@ -1,29 +1,69 @@
-"""plan_batch: budgets, pages, adapter slots, preemption and fairness, as plain functions."""
+"""plan_batch: budgets, pages, adapter capacity, preemption and fairness, as plain functions,
+over a real arena (pages only unless a test gives rows)."""
 
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Iterable
+from typing import Any
 
-from lorasrv.engine.block_pool import BlockPool
-from lorasrv.engine.policy import PlanLimits, plan_batch
+from lorasrv.engine.arena import Arena, ArenaGeometry, Floors
+from lorasrv.engine.batch_adapters import BatchAdapters
+from lorasrv.engine.policy import BatchDecision, PlanLimits
+from lorasrv.engine.policy import plan_batch as _plan_batch
+from lorasrv.engine.residency import Residency
 from lorasrv.engine.sequence import SeqStatus, Sequence
 from lorasrv.ids import AdapterId, RequestId, SeqId
 from lorasrv.messages import SamplingParams
 
-LIMITS = PlanLimits(
-    token_budget=16, max_running=8, num_slots=2, num_pinned=0, page_size=4, context_length=128
-)
+LIMITS = PlanLimits(token_budget=16, max_running=8, page_size=4, context_length=128)
 
 
-def make_seq(i: int, prompt_len: int = 5, adapter: int | None = None) -> Sequence:
+class Pool:
+    """A page-only arena (rows too, when asked) with its residency table, as the planner has."""
+
+    def __init__(self, num_pages: int, rows: int = 64, cap: int | None = 2) -> None:
+        geometry = ArenaGeometry(num_pages + rows, 10, 10 if rows else 0, rows)
+        # the rows sit on pages of their own above `num_pages`: the floors keep them apart
+        self.arena = Arena(geometry, Floors(num_pages, rows))
+        self.residency = Residency(self.arena, "lru")
+        self.cap = cap
+        self.latest: frozenset[AdapterId] = frozenset()
+
+    @property
+    def num_free(self) -> int:
+        return self.arena.num_free_pages
+
+    def free(self, pages: Iterable[Any]) -> None:
+        self.arena.free(pages)
+
+
+def plan_batch(
+    running: list[Sequence],
+    waiting: deque[Sequence],
+    pool: Pool,
+    limits: PlanLimits,
+    step_no: int,
+    *,
+    prefill_turn: bool = True,
+) -> BatchDecision:
+    memory = BatchAdapters(
+        pool.residency, cap=pool.cap, latest=pool.latest, running=running, waiting=waiting
+    )
+    decision = _plan_batch(running, waiting, memory, limits, step_no, prefill_turn=prefill_turn)
+    pool.arena.check_invariants()
+    pool.residency.check_invariants()
+    return decision
+
+
+def make_seq(i: int, prompt_len: int = 5, adapter: int | None = None, rank: int = 4) -> Sequence:
     seq = Sequence(
         seq_id=SeqId(i),
         request_id=RequestId(f"r{i}"),
         prompt_ids=tuple(range(1, prompt_len + 1)),
         params=SamplingParams(),
-        lora_name=None if adapter is None else f"a{adapter}",
-        arrival_s=float(i),
         adapter_id=None if adapter is None else AdapterId(adapter),
+        adapter_rank=0 if adapter is None else rank,
     )
     seq.status = SeqStatus.WAITING
     return seq
@@ -39,7 +79,7 @@ def run_rows(decision_rows: list) -> None:  # type: ignore[type-arg]
 
 
 def test_chunked_prefill_respects_token_budget() -> None:
-    pool = BlockPool(32)
+    pool = Pool(32)
     running: list[Sequence] = []
     waiting = deque([make_seq(0, prompt_len=40)])
     decision = plan_batch(running, waiting, pool, LIMITS, 0)
@@ -57,7 +97,7 @@ def test_chunked_prefill_respects_token_budget() -> None:
 
 def test_mixed_chunk_puts_decode_rows_before_new_prefills() -> None:
     limits = LIMITS._replace(mixed_chunk=True)
-    pool = BlockPool(32)
+    pool = Pool(32)
     running: list[Sequence] = []
     waiting = deque([make_seq(0), make_seq(1, prompt_len=20)])
     run_rows(plan_batch(running, waiting, pool, limits, 0).rows)
@@ -67,7 +107,7 @@ def test_mixed_chunk_puts_decode_rows_before_new_prefills() -> None:
 
 
 def test_without_mixed_chunk_steps_are_prefill_or_decode_and_alternate() -> None:
-    pool = BlockPool(64)
+    pool = Pool(64)
     running: list[Sequence] = []
     waiting = deque([make_seq(0), make_seq(1)])
     first = plan_batch(running, waiting, pool, LIMITS, 0)
@@ -88,7 +128,7 @@ def test_without_mixed_chunk_steps_are_prefill_or_decode_and_alternate() -> None
 
 
 def test_prefill_step_keeps_slots_of_adapters_that_are_decoding() -> None:
-    pool = BlockPool(64)
+    pool = Pool(64)
     running: list[Sequence] = []
     waiting = deque([make_seq(0, 2, adapter=1), make_seq(1, 2, adapter=2)])
     run_rows(plan_batch(running, waiting, pool, LIMITS, 0).rows)  # both slots now in use
@@ -101,27 +141,18 @@ def test_prefill_step_keeps_slots_of_adapters_that_are_decoding() -> None:
 
 
 def test_adapter_slots_limit_distinct_adapters() -> None:
-    pool = BlockPool(32)
+    pool = Pool(32)
     running: list[Sequence] = []
     waiting = deque([make_seq(0, 2, adapter=1), make_seq(1, 2, adapter=2), make_seq(2, 2, 3),
                      make_seq(3, 2, adapter=1), make_seq(4, 2)])  # fmt: skip
     decision = plan_batch(running, waiting, pool, LIMITS, 0)
-    assert [r.seq.seq_id for r in decision.rows] == [0, 1, 3, 4]
+    # capacity binds: the base row costs nothing and goes first; adapter 3 has no room left
+    assert [r.seq.seq_id for r in decision.rows] == [4, 0, 1, 3]
     assert [s.seq_id for s in waiting] == [2]  # waits, never dropped
 
 
-def test_pinned_adapters_take_no_free_slot_but_reduce_capacity() -> None:
-    limits = LIMITS._replace(num_slots=3, num_pinned=2)
-    pool = BlockPool(32)
-    pinned = make_seq(0, 2, adapter=9)
-    pinned.is_pinned_adapter = True
-    waiting = deque([pinned, make_seq(1, 2, adapter=1), make_seq(2, 2, adapter=2)])
-    decision = plan_batch([], waiting, pool, limits, 0)
-    assert [r.seq.seq_id for r in decision.rows] == [0, 1]
-
-
 def test_preempts_newest_when_pages_run_out() -> None:
-    pool = BlockPool(4)  # 16 tokens of KV
+    pool = Pool(4)  # 16 tokens of KV
     running: list[Sequence] = []
     waiting = deque([make_seq(0, prompt_len=8), make_seq(1, prompt_len=8)])
     run_rows(plan_batch(running, waiting, pool, LIMITS, 0).rows)
@@ -137,7 +168,7 @@ def test_preempts_newest_when_pages_run_out() -> None:
 
 
 def test_lone_sequence_that_cannot_grow_is_exhausted() -> None:
-    pool = BlockPool(2)
+    pool = Pool(2)
     running: list[Sequence] = []
     waiting = deque([make_seq(0, prompt_len=8)])
     run_rows(plan_batch(running, waiting, pool, LIMITS, 0).rows)
@@ -147,10 +178,11 @@ def test_lone_sequence_that_cannot_grow_is_exhausted() -> None:
 
 
 def test_starving_adapter_request_blocks_later_adapter_admissions() -> None:
-    limits = LIMITS._replace(num_slots=1, starvation_steps=3)
-    pool = BlockPool(64)
+    limits = LIMITS._replace(starvation_steps=3)
+    pool = Pool(64, cap=1)
     running = [make_seq(0, 2, adapter=1)]
     running[0].status = SeqStatus.RUNNING
+    pool.residency.place(AdapterId(1), 4, pinned=False, protected=())
     starving = make_seq(1, 2, adapter=2)
     starving.waiting_since_step = 0
     late_same_adapter = make_seq(2, 2, adapter=1)
@@ -162,7 +194,7 @@ def test_starving_adapter_request_blocks_later_adapter_admissions() -> None:
     pool.free(late_same_adapter.blocks)
     late_same_adapter.blocks.clear()
     late_same_adapter.status = SeqStatus.WAITING
-    waiting = deque([starving, late_same_adapter, base])
+    waiting = deque([starving, late_same_adapter])
     later = plan_batch(running, waiting, pool, limits, step_no=5)
     ids = [r.seq.seq_id for r in later.rows]
     assert 2 not in ids  # held back so adapter 1 drains and adapter 2 gets the slot
@@ -173,14 +205,14 @@ def test_max_running_caps_admission() -> None:
     limits = LIMITS._replace(max_running=2)
     waiting = deque([make_seq(i, 2) for i in range(4)])
     running: list[Sequence] = []
-    plan_batch(running, waiting, BlockPool(32), limits, 0)
+    plan_batch(running, waiting, Pool(32), limits, 0)
     assert len(running) == 2
     assert len(waiting) == 2
 
 
 def test_lookahead_gives_decode_rows_the_page_of_their_next_token() -> None:
     limits = LIMITS._replace(lookahead=True)
-    pool = BlockPool(5)
+    pool = Pool(5)
     running: list[Sequence] = []
     # 7 prompt tokens: the prefill step holds 2 pages (positions 0-7) and reserves nothing
     waiting = deque([make_seq(0, prompt_len=7), make_seq(1, prompt_len=3)])
@@ -203,7 +235,7 @@ def test_lookahead_gives_decode_rows_the_page_of_their_next_token() -> None:
 
 
 def test_without_lookahead_decode_rows_hold_only_the_pages_they_write() -> None:
-    pool = BlockPool(8)
+    pool = Pool(8)
     running: list[Sequence] = []
     waiting = deque([make_seq(0, prompt_len=7)])
     run_rows(plan_batch(running, waiting, pool, LIMITS, 0).rows)

@@ -1,0 +1,113 @@
+"""The scheduler's planner: owns the arena accounting (KV pages and LoRA rows) and GPU residency,
+and plans each step against them, synchronously. Pure: no asyncio, no torch.
+
+A plan's adapters are resident by the time it is sent: the ones it brings in are in its
+`uploads` (with prefetches for queued requests), which the runner writes before the step's
+compute. Rows of adapters that the previous plan used or uploaded are never reassigned while a
+sequence runs; with nothing running no step can still read them.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Sequence as Seq
+from typing import Literal, NamedTuple
+
+from lorasrv.engine.arena import Arena, ArenaGeometry, arena_floors
+from lorasrv.engine.batch_adapters import BatchAdapters
+from lorasrv.engine.policy import BatchDecision, PlanLimits, plan_batch
+from lorasrv.engine.residency import Residency
+from lorasrv.engine.sequence import Sequence
+from lorasrv.ids import AdapterId
+from lorasrv.messages import AdapterRows, RunnerReady
+
+
+class Planned(NamedTuple):
+    decision: BatchDecision
+    adapters: tuple[AdapterRows, ...]  # the adapters the rows use, by adapter id
+    uploads: tuple[AdapterRows, ...]
+
+
+def make_arena(ready: RunnerReady, max_loras_per_batch: int | None) -> Arena:
+    geometry = ArenaGeometry(
+        ready.num_kv_pages, ready.kv_page_bytes, ready.lora_row_bytes, ready.lora_max_rows
+    )
+    floors = arena_floors(
+        geometry,
+        page_size=ready.page_size,
+        context_length=ready.context_length,
+        max_lora_rank=ready.max_lora_rank,
+        max_loras_per_batch=max_loras_per_batch,
+    )
+    return Arena(geometry, floors)
+
+
+def lora_capacity(arena: Arena, max_lora_rank: int, max_loras_per_batch: int | None) -> int:
+    """Distinct adapters a batch may hold: the cap when given, at most what the rows allow at
+    the maximum rank (all rows above the KV floor); 0 when LoRA is off."""
+    if not arena.geometry.max_rows or max_lora_rank <= 0:
+        return 0
+    by_memory = (arena.geometry.max_rows - arena.first_row) // max_lora_rank
+    return by_memory if max_loras_per_batch is None else min(max_loras_per_batch, by_memory)
+
+
+def effective_capacity(ready: RunnerReady, max_loras_per_batch: int | None) -> int:
+    """lora_capacity of the arena a runner reports (for the adapter manager's pinning rule)."""
+    arena = make_arena(ready, max_loras_per_batch)
+    return lora_capacity(arena, ready.max_lora_rank, max_loras_per_batch)
+
+
+class Planner:
+    def __init__(
+        self,
+        ready: RunnerReady,
+        limits: PlanLimits,
+        *,
+        max_loras_per_batch: int | None,
+        eviction_policy: Literal["lru", "fifo"],
+    ) -> None:
+        self.arena = make_arena(ready, max_loras_per_batch)
+        self.residency = Residency(self.arena, eviction_policy)
+        self.limits = limits
+        self.cap = max_loras_per_batch
+        self.capacity = lora_capacity(self.arena, ready.max_lora_rank, max_loras_per_batch)
+        self.row_bytes = ready.lora_row_bytes
+        self.latest: frozenset[AdapterId] = frozenset()  # used or uploaded by the latest plan
+
+    def plan(
+        self, running: list[Sequence], waiting: deque[Sequence], step_no: int, *, prefill_turn: bool
+    ) -> Planned:
+        """Choose the next step's rows (plan_batch), give its adapters rows, prefetch queued
+        requests' adapters; commits pages and rows."""
+        latest = self.latest if running else frozenset()
+        self.residency.free_retired(latest)
+        memory = BatchAdapters(
+            self.residency, cap=self.cap, latest=latest, running=running, waiting=waiting
+        )
+        decision = plan_batch(
+            running, waiting, memory, self.limits, step_no, prefill_turn=prefill_turn
+        )
+        memory.prefetch(waiting, row_bytes=self.row_bytes, min_free_pages=len(running) + 1)
+        used = sorted({r.seq.adapter_id for r in decision.rows if r.seq.adapter_id is not None})
+        adapters = tuple(AdapterRows(a, self._rows(a)) for a in used)
+        for adapter_id in used:
+            self.residency.touch(adapter_id)
+        uploads = tuple(memory.uploads)
+        self.latest = frozenset(used).union(u.adapter_id for u in uploads)
+        return Planned(decision, adapters, uploads)
+
+    def retire(self, adapter_id: AdapterId) -> None:
+        self.residency.retire(adapter_id)
+
+    def check_invariants(self, running: Seq[Sequence]) -> None:
+        """Tables agree, and every running sequence's adapter is resident."""
+        self.arena.check_invariants()
+        self.residency.check_invariants()
+        for seq in running:
+            if seq.adapter_id is not None:
+                assert self.residency.is_resident(seq.adapter_id), f"{seq.request_id}: adapter"
+
+    def _rows(self, adapter_id: AdapterId) -> tuple[int, ...]:
+        rows = self.residency.rows_of(adapter_id)
+        assert rows is not None, f"adapter id {adapter_id} planned without rows"
+        return rows
