@@ -51,6 +51,9 @@ class DenseIndex(NamedTuple):
     token_to_padded: torch.Tensor  # [num_tokens] int64, index into [num_rows * max_query_len]
     kv_index: torch.Tensor  # [num_rows, max_kv_len] int64, flat KV index of each context token
     mask: torch.Tensor  # [num_rows, 1, max_query_len, max_kv_len] bool, True = attend
+    # [num_rows, max_kv_len, 1, 1] bool: position < the row's kv_len. Positions past it gather
+    # whatever their page holds (stale K/V, padding page 0) and are zeroed before SDPA.
+    kv_valid: torch.Tensor
 
 
 class AttentionMetadata(NamedTuple):
@@ -105,7 +108,10 @@ def prepare_attention_metadata(
         jq = torch.arange(max_query_len, device=device)[None, :]  # [1, max_q]
         last_visible = c_lens[:, None] + torch.minimum(jq, q_lens[:, None] - 1)  # [R, max_q]
         mask = kv[None, None, :] <= last_visible[:, :, None]  # [R, max_q, max_kv]; causal
-        index = DenseIndex(row_of_token * max_query_len + j_of_token, kv_index, mask[:, None])
+        kv_valid = (kv[None, :] < kv_lens.long()[:, None])[:, :, None, None]
+        index = DenseIndex(
+            row_of_token * max_query_len + j_of_token, kv_index, mask[:, None], kv_valid
+        )
     return AttentionMetadata(
         positions=positions,
         slot_mapping=slot_mapping,
@@ -184,8 +190,12 @@ class ReferenceAttention:
         q_padded = q.new_zeros(num_rows * max_q, num_heads, head_dim)
         q_padded[index.token_to_padded] = q
         q_padded = q_padded.view(num_rows, max_q, num_heads, head_dim).transpose(1, 2)
+        # NOTE: the mask alone is not enough: SDPA multiplies masked positions' V by a zero
+        # weight, and 0 x NaN = NaN, so stale NaN past a row's length must never reach it.
         k = k_cache.view(-1, num_kv_heads, head_dim)[index.kv_index]  # [R, max_kv, kv_h, d]
+        k = k.masked_fill(~index.kv_valid, 0.0)
         v = v_cache.view(-1, num_kv_heads, head_dim)[index.kv_index]
+        v = v.masked_fill(~index.kv_valid, 0.0)
         out = F.scaled_dot_product_attention(
             q_padded,  # [R, num_heads, max_q, head_dim]
             k.transpose(1, 2),  # [R, num_kv_heads, max_kv, head_dim]
