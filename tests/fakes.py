@@ -6,6 +6,7 @@ failed check or a wrong token.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 
@@ -15,6 +16,7 @@ from lorasrv.messages import (
     AdapterRows,
     ChatMessage,
     HostCopyReady,
+    NewSeq,
     RunnerReady,
     StepPlan,
     StepResult,
@@ -84,6 +86,12 @@ class FakeRunner:
         self.plans: list[StepPlan] = []
         self.num_uploads = 0
         self.step_delay_s = 0.0  # simulated GPU time per step (runs on the runner thread)
+        # Cleared: each step waits on the runner thread until it is set again (a busy GPU, as
+        # long as a test needs one); `num_steps_started` says a step is waiting on it.
+        self.gate = threading.Event()
+        self.gate.set()
+        self.num_steps_started = 0
+        self.fail_at_step: int | None = None  # the step with this number raises (a crash)
 
     def ready(self) -> RunnerReady:
         return self.ready_info
@@ -102,9 +110,18 @@ class FakeRunner:
         pass
 
     def shutdown(self) -> None:
-        pass
+        self.gate.set()  # never leave the runner thread waiting
+
+    def new_seqs(self) -> list[NewSeq]:
+        """Every sequence the runner was given, in order: its prompt and sampling params."""
+        return [new for plan in self.plans for new in plan.new_seqs]
 
     def step(self, plan: StepPlan) -> StepResult:
+        self.num_steps_started += 1
+        if self.num_steps_started == self.fail_at_step:
+            raise RuntimeError(f"fake GPU failure at step {self.num_steps_started}")
+        if not self.gate.wait(timeout=30):
+            raise TimeoutError("FakeRunner.gate stayed closed for 30 s")
         if self.step_delay_s:
             time.sleep(self.step_delay_s)
         self.plans.append(plan)

@@ -322,7 +322,7 @@ class SchedulerActor(Actor[SchedulerInbox]):
                 num_running=len(self._running),
                 num_waiting=len(self._waiting),
                 num_acquiring=len(self._by_request) - len(self._running) - len(self._waiting),
-                num_kv_pages=arena.num_pages,
+                num_kv_pages=arena.geometry.num_pages,
                 num_kv_pages_used=arena.num_used_pages,
                 num_lora_rows=arena.geometry.max_rows - arena.first_row,
                 num_lora_rows_used=arena.num_used_rows,

@@ -19,7 +19,7 @@ class SchedulerStats(NamedTuple):
     num_running: int = 0
     num_waiting: int = 0
     num_acquiring: int = 0
-    num_kv_pages: int = 0  # pages KV may hold when no adapter row is in the way
+    num_kv_pages: int = 0  # the arena, in KV pages (adapter rows take some of them)
     num_kv_pages_used: int = 0
     num_lora_rows: int = 0  # rows adapters may hold when KV leaves them room
     num_lora_rows_used: int = 0
