@@ -101,8 +101,11 @@ class DecodeRunner:
             return True
         if self.lora is None:
             return False  # the eager path reports the misconfiguration
-        # Each adapter's rows once per segment: beyond the bound only if rows are unsorted.
-        entries = sum(len(plan.adapters[i].rows) for i in set(plan.lora_adapters) if i >= 0)
+        # Each segment lists its adapter's rows: past the bound only when rows are unsorted.
+        runs = [
+            i for n, i in enumerate(plan.lora_adapters) if n == 0 or i != plan.lora_adapters[n - 1]
+        ]
+        entries = sum(len(plan.adapters[i].rows) for i in runs if i >= 0)
         return entries <= self.lora.max_row_entries
 
     def run(self, plan: StepPlan, input_ids: torch.Tensor | None = None) -> torch.Tensor:
