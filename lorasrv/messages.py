@@ -1,8 +1,8 @@
 """Every Struct that crosses an actor queue, and one union per inbox.
 
 Messages carry ids and values, never queues, futures or callbacks, so an actor could move to another
-process with msgspec.msgpack. Only `LoadSlot.weights` carries (CPU) tensors; the sender drops its
-reference after sending.
+process with msgspec.msgpack. Only `HostCopyReady.weights` carries (CPU) tensors, opaque to the
+engine; the sender drops its reference after sending.
 """
 
 from typing import Any
@@ -127,10 +127,16 @@ class AcquireAdapter(Msg, frozen=True, kw_only=True):
 
 
 class AdapterAcquired(Msg, frozen=True, kw_only=True):
+    """AdapterManagerActor -> SchedulerActor: the request holds a reference to `adapter_id`.
+
+    NOTE: sent after the adapter's HostCopyReady went to the runner, so a plan may upload it.
+    """
+
     request_id: RequestId
     adapter_id: AdapterId
+    rank: int = 0  # LoRA rows the adapter needs on the GPU (its max rank over modules)
     pinned: bool = False  # fixed for the adapter id's lifetime
-    num_pinned: int = 0  # pinned adapters now; slots left for the rest: num_slots - num_pinned
+    num_pinned: int = 0  # DEPRECATED (slots): goes away with PrepareStep
 
 
 class AdapterAcquireFailed(Msg, frozen=True, kw_only=True):
@@ -213,6 +219,13 @@ class AdapterOpDone(msgspec.Struct, frozen=True, kw_only=True):
     adapters: tuple[AdapterStatus, ...] = ()
 
 
+class AdapterRetired(Msg, frozen=True, kw_only=True):
+    """AdapterManagerActor -> SchedulerActor: removed for good (unloaded, and no request holds it
+    any more); the planner frees its GPU rows. Its id is never used again."""
+
+    adapter_id: AdapterId
+
+
 class HostLoadDone(Msg, frozen=True, kw_only=True):
     """AdapterManagerActor -> itself: an adapter folder finished (or failed) loading to host."""
 
@@ -233,10 +246,22 @@ class NewSeq(msgspec.Struct, frozen=True, kw_only=True):
     output_ids: tuple[int, ...] = ()  # already generated (recompute after preemption)
 
 
+class AdapterRows(msgspec.Struct, frozen=True, array_like=True):
+    """Where one adapter lives in the arena: its physical LoRA rows, `len(rows)` == its rank.
+
+    Row i holds the adapter's rank-vector i (A's row i, B's column i) for every layer and module;
+    the rows need not be contiguous.
+    """
+
+    adapter_id: AdapterId
+    rows: tuple[int, ...]
+
+
 class StepPlan(Msg, frozen=True, kw_only=True):
     """SchedulerActor -> GpuRunnerActor: one forward step, built once on the host.
 
-    Rows are sorted by `lora_slots` (base rows, slot -1, first) so each adapter is one segment.
+    Rows are sorted by `lora_adapters` (base rows, -1, first; then by index into `adapters`) so
+    each adapter is one segment.
     """
 
     step_id: StepId
@@ -247,7 +272,14 @@ class StepPlan(Msg, frozen=True, kw_only=True):
     query_lens: tuple[int, ...] = ()  # new tokens per row
     context_lens: tuple[int, ...] = ()  # tokens already in the KV cache per row
     block_tables: tuple[tuple[BlockId, ...], ...] = ()  # KV pages per row, covering all tokens
-    lora_slots: tuple[int, ...] = ()  # per row; -1 = base model
+    lora_slots: tuple[int, ...] = ()  # DEPRECATED (slots): per row; -1 = base model
+    # Per row: index into `adapters`, -1 = base model.
+    lora_adapters: tuple[int, ...] = ()
+    adapters: tuple[AdapterRows, ...] = ()  # every adapter this step's rows use, with its rows
+    # Write these adapters' host copies into these rows before the step's compute. May name
+    # adapters the step does not use (prefetch for queued requests): the step waits only on the
+    # uploads of adapters it uses. Never rows that the previous plan's adapters hold.
+    uploads: tuple[AdapterRows, ...] = ()
     sample_rows: tuple[bool, ...] = ()  # the row yields a token (decode or last prefill chunk)
     # No prefill work was waiting when this was planned: the next step should decode these rows
     # again, so the runner may launch it ahead (model/lookahead.py); False saves a wasted guess.
@@ -269,8 +301,36 @@ class ClearSlot(Msg, frozen=True, kw_only=True):
     slot_id: SlotId
 
 
+class HostCopyReady(Msg, frozen=True, kw_only=True):
+    """AdapterManagerActor -> GpuRunnerActor: the adapter's host copy, ready to upload into rows.
+
+    Sent before the AdapterAcquired that lets a plan name the adapter. The runner keeps `rank`
+    and `scaling` per adapter id even after HostCopyDropped (its rows may still be resident).
+    """
+
+    adapter_id: AdapterId
+    weights: object  # model-side host copy (packed rows, pinned); opaque to the engine
+    rank: int
+    scaling: float
+
+
+class HostCopyDropped(Msg, frozen=True, kw_only=True):
+    """AdapterManagerActor -> GpuRunnerActor: the host copy is gone (host cap, unload); GPU rows
+    are untouched (the planner owns them). No request holds the adapter when this is sent."""
+
+    adapter_id: AdapterId
+
+
 class RunStep(Msg, frozen=True, kw_only=True):
     plan: StepPlan
+
+
+class StepResult(msgspec.Struct, frozen=True, kw_only=True):
+    """What a StepRunner's `step` returns: one entry per sampled row of the plan, in row order."""
+
+    token_ids: tuple[int, ...] = ()
+    logprobs: tuple[float, ...] = ()  # empty unless some row asked for logprobs
+    top_logprobs: tuple[tuple[TokenLogprob, ...], ...] = ()  # empty unless some row asked
 
 
 class StepDone(Msg, frozen=True, kw_only=True):
@@ -285,11 +345,20 @@ class StepDone(Msg, frozen=True, kw_only=True):
 
 
 class RunnerReady(msgspec.Struct, frozen=True, kw_only=True):
-    """What the GPU runner measured at startup; passed explicitly to the other actors."""
+    """What the GPU runner measured at startup; passed explicitly to the other actors.
 
-    num_kv_pages: int
-    page_size: int
-    num_lora_slots: int
+    The arena: `num_kv_pages * kv_page_bytes` bytes, KV pages from the bottom; `lora_max_rows`
+    LoRA rows of `lora_row_bytes` overlay its top (row p starts at byte
+    `num_kv_pages * kv_page_bytes - (lora_max_rows - p) * lora_row_bytes`). A page serves KV
+    only while no allocated row covers it; the scheduler's planner owns both allocations.
+    """
+
+    num_kv_pages: int  # arena units
+    page_size: int  # tokens per KV page
+    kv_page_bytes: int = 0
+    lora_row_bytes: int = 0  # 0 when LoRA is off
+    lora_max_rows: int = 0  # 0 when LoRA is off
+    num_lora_slots: int = 0  # DEPRECATED (slots): goes away with the arena
     max_lora_rank: int
     lora_target_modules: tuple[str, ...]
     vocab_size: int
@@ -313,3 +382,7 @@ AdapterInbox = (
     | HostLoadDone
 )
 RunnerInbox = RunStep | LoadSlot | ClearSlot
+# The arena's inboxes (replace the two above when the engine's planner lands):
+# SchedulerInbox = Enqueue | Abort | AdapterAcquired | AdapterAcquireFailed | AdapterRetired
+#     | StepDone
+# RunnerInbox = RunStep | HostCopyReady | HostCopyDropped

@@ -61,7 +61,30 @@ SAMPLES: list[m.Msg] = [
     ),
     m.ClearSlot(slot_id=SlotId(1)),
     m.StepDone(step_id=StepId(1), seq_ids=(SeqId(0),), token_ids=(5,)),
+    m.AdapterAcquired(request_id=RequestId("r"), adapter_id=AdapterId(3), rank=16),
+    m.AdapterRetired(adapter_id=AdapterId(3)),
+    m.HostCopyReady(adapter_id=AdapterId(3), weights=b"rows", rank=8, scaling=2.0),
+    m.HostCopyDropped(adapter_id=AdapterId(3)),
+    m.RunStep(
+        plan=m.StepPlan(
+            step_id=StepId(2),
+            seq_ids=(SeqId(0), SeqId(1)),
+            input_ids=(1, 2),
+            query_lens=(1, 1),
+            context_lens=(4, 7),
+            block_tables=((BlockId(0),), (BlockId(1),)),
+            lora_adapters=(-1, 0),
+            adapters=(m.AdapterRows(AdapterId(3), (99, 97, 98)),),
+            uploads=(m.AdapterRows(AdapterId(3), (99, 97, 98)), m.AdapterRows(AdapterId(4), (5,))),
+            sample_rows=(True, True),
+        )
+    ),
 ]
+
+
+def test_step_result_round_trips() -> None:
+    result = m.StepResult(token_ids=(5, 6), logprobs=(-0.5, -1.0), top_logprobs=((), ()))
+    assert msgspec.msgpack.decode(msgspec.msgpack.encode(result), type=m.StepResult) == result
 
 
 @pytest.mark.parametrize("msg", SAMPLES, ids=lambda msg: type(msg).__name__)
