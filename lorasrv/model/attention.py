@@ -1,7 +1,8 @@
 """Paged KV cache and attention: the cache layout, storing new K/V, and the attention backends.
 
-The reference backend gathers each row's pages into a padded batch for SDPA (CPU, tests); the
-Triton backend reads pages in place (CUDA). Never reads the StepPlan: metadata arrives as tensors.
+The reference backend gathers rows of similar length into padded batches for SDPA (CPU, tests);
+the Triton backend reads pages in place (CUDA). Never reads the StepPlan: metadata arrives as
+tensors.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from lorasrv.model.arena import Arena
+from lorasrv.model.dense_index import DenseGroup, build_dense_groups
 
 
 class KvCache:
@@ -28,14 +30,6 @@ class KvCache:
         return self.pages[:, i, 0], self.pages[:, i, 1]
 
 
-class DenseIndex(NamedTuple):
-    """What the reference backend gathers with; the kernel backend never builds it."""
-
-    token_to_padded: torch.Tensor  # [num_tokens] int64, index into [num_rows * max_query_len]
-    kv_index: torch.Tensor  # [num_rows, max_kv_len] int64, flat KV index of each context token
-    mask: torch.Tensor  # [num_rows, 1, max_query_len, max_kv_len] bool, True = attend
-
-
 class AttentionMetadata(NamedTuple):
     """Device tensors describing one step's rows; built once per step, shared by all layers."""
 
@@ -47,7 +41,7 @@ class AttentionMetadata(NamedTuple):
     num_rows: int
     max_query_len: int
     max_kv_len: int  # host upper bound of kv_lens
-    dense: DenseIndex | None  # reference backend only (None when kernels run attention)
+    dense: tuple[DenseGroup, ...] | None  # reference backend only (None for the kernels)
 
 
 def prepare_attention_metadata(
@@ -80,15 +74,11 @@ def prepare_attention_metadata(
     j_of_token = torch.arange(num_tokens, device=device) - query_start.long()[row_of_token]  # [T]
     positions = c_lens[row_of_token] + j_of_token  # [T]
     slot_mapping = tables[row_of_token, positions // page_size] * page_size + positions % page_size
-    index = None
+    groups = None
     if dense:
-        kv = torch.arange(max_kv_len, device=device)  # [max_kv_len]
-        kv_index = tables[:, kv // page_size] * page_size + kv % page_size  # [R, max_kv_len]
-        # Padding query slots copy the row's last real query so no mask row is empty (NaN-free).
-        jq = torch.arange(max_query_len, device=device)[None, :]  # [1, max_q]
-        last_visible = c_lens[:, None] + torch.minimum(jq, q_lens[:, None] - 1)  # [R, max_q]
-        mask = kv[None, None, :] <= last_visible[:, :, None]  # [R, max_q, max_kv]; causal
-        index = DenseIndex(row_of_token * max_query_len + j_of_token, kv_index, mask[:, None])
+        groups = build_dense_groups(
+            query_lens, context_lens, block_tables, query_start, page_size=page_size
+        )
     return AttentionMetadata(
         positions=positions,
         slot_mapping=slot_mapping,
@@ -98,7 +88,7 @@ def prepare_attention_metadata(
         num_rows=num_rows,
         max_query_len=max_query_len,
         max_kv_len=max_kv_len,
-        dense=index,
+        dense=groups,
     )
 
 
@@ -144,9 +134,10 @@ class AttentionBackend(Protocol):
 
 
 class ReferenceAttention:
-    """Gather every row's context into a padded batch and run SDPA with a causal mask.
+    """Gather each group of similar-length rows into a padded batch and run SDPA with a causal
+    mask (`dense_index.py`); padding stays within 2x of each row's lengths.
 
-    Memory grows with num_rows * max_kv_len; fine for CPU and tests, the GPU gets kernels.
+    For CPU and tests; the GPU gets kernels.
     """
 
     def __init__(self, *, scale: float) -> None:
@@ -159,30 +150,42 @@ class ReferenceAttention:
         v_cache: torch.Tensor,
         metadata: AttentionMetadata,
     ) -> torch.Tensor:
-        _, num_heads, head_dim = q.shape
-        num_rows, max_q = metadata.num_rows, metadata.max_query_len
-        index = metadata.dense
-        assert index is not None, (
+        assert metadata.dense is not None, (
             "ReferenceAttention needs dense metadata (StepPreparer dense=True)"
         )
+        out = torch.empty_like(q)
+        for group in metadata.dense:
+            out[group.token_index] = self._group(q, k_cache, v_cache, group)
+        return out
+
+    def _group(
+        self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, group: DenseGroup
+    ) -> torch.Tensor:
+        """The group's tokens' outputs, `[n, num_heads, head_dim]` in group token order."""
+        _, num_heads, head_dim = q.shape
         num_kv_heads = k_cache.shape[2]
+        num_rows, max_q = group.kv_index.shape[0], group.max_query_len
         q_padded = q.new_zeros(num_rows * max_q, num_heads, head_dim)
-        q_padded[index.token_to_padded] = q
+        q_padded[group.token_to_padded] = q[group.token_index]
         q_padded = q_padded.view(num_rows, max_q, num_heads, head_dim).transpose(1, 2)
+        # NOTE: the mask alone is not enough: SDPA multiplies masked positions' V by a zero
+        # weight, and 0 x NaN = NaN, so stale NaN past a row's length must never reach it.
         page_size = k_cache.shape[1]
-        pages, offsets = index.kv_index // page_size, index.kv_index % page_size
-        k = k_cache[pages, offsets]  # [R, max_kv, kv_h, d]; pages are strided arena views
+        pages, offsets = group.kv_index // page_size, group.kv_index % page_size
+        k = k_cache[pages, offsets]  # [g, max_kv, kv_h, d]; pages are strided arena views
+        k = k.masked_fill(~group.kv_valid, 0.0)
         v = v_cache[pages, offsets]
+        v = v.masked_fill(~group.kv_valid, 0.0)
         out = F.scaled_dot_product_attention(
-            q_padded,  # [R, num_heads, max_q, head_dim]
-            k.transpose(1, 2),  # [R, num_kv_heads, max_kv, head_dim]
+            q_padded,  # [g, num_heads, max_q, head_dim]
+            k.transpose(1, 2),  # [g, num_kv_heads, max_kv, head_dim]
             v.transpose(1, 2),
-            attn_mask=index.mask,
+            attn_mask=group.mask,
             scale=self.scale,
             enable_gqa=num_kv_heads != num_heads,
-        )  # [R, num_heads, max_q, head_dim]
+        )  # [g, num_heads, max_q, head_dim]
         out = out.transpose(1, 2).reshape(num_rows * max_q, num_heads, head_dim)
-        return out[index.token_to_padded]  # [num_tokens, num_heads, head_dim]
+        return out[group.token_to_padded]
 
 
 class TritonAttention:

@@ -110,6 +110,12 @@ class PlanDriver:
         self.pending_uploads.append(AdapterRows(adapter, tuple(rows)))
         return tuple(rows)
 
+    def flush_uploads(self) -> None:
+        """Run the queued uploads now, in a plan of their own (no rows)."""
+        uploads, self.pending_uploads = tuple(self.pending_uploads), []
+        self.runner.step(StepPlan(step_id=StepId(self.num_steps), uploads=uploads))
+        self.num_steps += 1
+
     def remove_adapter(self, adapter_id: int) -> None:
         """Its host copy and rows go (nothing running may use it)."""
         adapter = AdapterId(adapter_id)
