@@ -106,11 +106,10 @@ def load_adapters(runner: Any, paths: list[Path]) -> tuple[AdapterRows, ...]:
     placed, next_row = [], runner.ready().lora_max_rows
     for i, path in enumerate(paths):
         host = load(str(path))
-        runner.add_host_copy(
-            HostCopyReady(
-                adapter_id=AdapterId(i), weights=host, rank=host.rank, scaling=host.scaling
-            )  # fmt: skip
+        copy = HostCopyReady(
+            adapter_id=AdapterId(i), weights=host, rank=host.rank, scaling=host.scaling
         )
+        runner.add_host_copy(copy)
         next_row -= host.rank
         placed.append(AdapterRows(AdapterId(i), tuple(range(next_row, next_row + host.rank))))
     return tuple(placed)

@@ -245,7 +245,7 @@ def make_lora_backend(name: str, device: torch.device, max_rank: int) -> LoraBac
     if name == "triton":
         return OpsBackend(
             "triton",
-            lorasrv_kernels,  # type: ignore[arg-type]
+            lorasrv_kernels,
             max_rank=max_rank,
             supports_cuda_graphs=True,
             supports_fused_act=False,  # NOTE: until measured on the row layout (see docs)

@@ -78,7 +78,7 @@ class Uploader:
             self._stream.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(self._stream):
                 self.pool.write(entry.rows, host.rows)
-                event = torch.cuda.Event()
+                event = torch.cuda.Event()  # type: ignore[no-untyped-call]
                 event.record(self._stream)
                 self._current[entry.adapter_id] = event
 
@@ -96,9 +96,9 @@ class Uploader:
             stream.wait_event(event)
         self._earlier = []
         for entry in plan.adapters:
-            event = self._current.get(entry.adapter_id)
-            if event is not None:
-                stream.wait_event(event)
+            pending = self._current.get(entry.adapter_id)
+            if pending is not None:
+                stream.wait_event(pending)
 
     def check_rows(self, adapters: Iterable[AdapterRows]) -> None:
         """A plan's adapters must be known, with one row per rank, inside the arena."""

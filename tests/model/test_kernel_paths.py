@@ -236,3 +236,31 @@ def test_lookahead_follows_the_schedulers_hint(
     )  # fmt: skip
     runner.step(decode)
     assert (runner._guess is not None) == expect_next_decode
+
+
+def test_upload_in_a_static_decode_step(
+    checkpoint_dir: Callable[[str], Path], adapter_dir: Callable[[str], Path]
+) -> None:
+    """One-token prompts: the plan that uploads an adapter is itself a static decode step that
+    reads it; an adapter uploaded ahead (a prefetch) is used by a later plan."""
+    base = checkpoint_dir("llama")
+    outputs = []
+    uploading_decodes: list[int] = []
+    for kernels in (True, False):
+        runner = make_runner(base, kernels=kernels)
+        if runner.decode is not None:
+            run = runner.decode.run
+            runner.decode.run = lambda plan, run=run, **kw: (
+                uploading_decodes.append(len(plan.uploads)) or run(plan, **kw)
+            )  # type: ignore[method-assign]
+        driver = make_driver(runner)
+        load = runner.make_adapter_loader()
+        driver.add_adapter(0, load(str(adapter_dir(ADAPTERS[0]))))
+        first = driver.generate([[5], [6]], [None, 0], 3)
+        driver.add_adapter(1, load(str(adapter_dir(ADAPTERS[1]))))
+        driver.add_adapter(2, load(str(adapter_dir(ADAPTERS[2]))))  # no row uses it next
+        second = driver.generate([[7], [8], [9]], [None, 0, 1], 3)
+        third = driver.generate([[10], [11]], [1, 2], 3)
+        outputs.append(first + second + third)
+    assert outputs[0] == outputs[1]
+    assert [n for n in uploading_decodes if n] == [1, 2]  # both uploads rode decode steps

@@ -7,14 +7,17 @@ adapter must leave nothing stale.
 
 from __future__ import annotations
 
+import itertools
 import os
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 
 from lorasrv.model.runner import ModelRunner
+from tests.model.checkpoints import build_adapter
 from tests.model.plan_driver import PlanDriver
 
 MIXED = ("qv_r4", "all_r8_rslora", "mlp_r16_patterns")
@@ -145,3 +148,56 @@ def test_triton_backend_matches_peft(
     ours = run_rows(driver, load_adapters(driver, adapter_dir, MIXED), rows, 4)
     expected, _ = peft_greedy(base_dir, {a: adapter_dir(a) for a in MIXED}, rows, 4)
     assert ours == expected
+
+
+# Many ranks in one batch, each adapter at its own rank (no padding to the max): (r, keywords)
+MANY: dict[str, dict[str, Any]] = {
+    "r1_all": {"r": 1, "lora_alpha": 4, "target_modules": "all-linear", "seed": 11},
+    "r2_qk": {"r": 2, "lora_alpha": 2, "target_modules": ["q_proj", "k_proj"], "seed": 12},
+    "r3_o_down": {"r": 3, "lora_alpha": 5, "target_modules": ["o_proj", "down_proj"], "seed": 13},
+    "r6_up_v_rslora": {"r": 6, "lora_alpha": 12, "target_modules": ["up_proj", "v_proj"],
+                       "use_rslora": True, "seed": 14},
+    "r11_all_pattern": {"r": 11, "lora_alpha": 22, "target_modules": "all-linear",
+                        "rank_pattern": {"q_proj": 3}, "seed": 15},
+    "r16_gate_q": {"r": 16, "lora_alpha": 8, "target_modules": ["gate_proj", "q_proj"], "seed": 16},
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def many_adapters(
+    checkpoint_dir: Callable[[str], Path], tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("many")
+    base = checkpoint_dir("llama")
+    return {name: build_adapter(base, root / name, **kw) for name, kw in MANY.items()}
+
+
+def test_many_ranks_match_peft(
+    checkpoint_dir: Callable[[str], Path], many_adapters: dict[str, Path]
+) -> None:
+    """Six adapters of ranks 1-16 in shuffled, non-contiguous rows; the second batch's adapters
+    were uploaded with the first batch's first step (a prefetch no row of it used)."""
+    base_dir = checkpoint_dir("llama")
+    driver = PlanDriver(make_runner(base_dir), token_budget=24, record_logits=True, lora_rows=40)
+    load = driver.runner.make_adapter_loader()
+    ids = {name: i for i, name in enumerate(MANY)}
+    for name, path in many_adapters.items():
+        rows = driver.add_adapter(ids[name], load(str(path)))
+        assert len(rows) == MANY[name]["r"]  # its own rank: no padding rows
+    assert any(
+        b != a + 1 for rows in driver.adapter_rows.values() for a, b in itertools.pairwise(rows)
+    )
+    names = list(MANY)
+    batches: list[list[tuple[list[int], str | None]]] = [
+        [(list(range(20, 31)), names[0]), ([5, 6, 7], None), ([9] * 4, names[1]),
+         (list(range(60, 69)), names[2]), ([33, 34], names[0])],
+        [(list(range(100, 107)), names[3]), ([1, 2, 3, 4], names[4]), ([77], None),
+         (list(range(40, 53)), names[5]), ([8, 9], names[4]), ([70, 71, 72], names[2])],
+    ]  # fmt: skip
+    for rows in batches:
+        ours = run_rows(driver, ids, rows, 10)
+        expected, logits = peft_greedy(base_dir, many_adapters, rows, 10)
+        first = [driver.first_logits[s] for s in sorted(driver.first_logits)[-len(rows) :]]
+        for i, (prompt, name) in enumerate(rows):
+            assert ours[i] == expected[i], f"row {i} ({name}, prompt len {len(prompt)})"
+            torch.testing.assert_close(first[i], logits[i], atol=1e-4, rtol=1e-4)
