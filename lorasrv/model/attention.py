@@ -13,39 +13,21 @@ import lorasrv_kernels
 import torch
 import torch.nn.functional as F
 
+from lorasrv.model.arena import Arena
 from lorasrv.model.dense_index import DenseGroup, build_dense_groups
 
 
 class KvCache:
-    """Per layer K and V, each `[num_pages, page_size, num_kv_heads, head_dim]`."""
+    """Per layer K and V: views of the arena's pages, each `[num_pages, page_size, num_kv_heads,
+    head_dim]` with a page stride of one whole page across layers (see arena.py)."""
 
-    def __init__(
-        self,
-        *,
-        num_layers: int,
-        num_pages: int,
-        page_size: int,
-        num_kv_heads: int,
-        head_dim: int,
-        dtype: torch.dtype,
-        device: torch.device,
-    ) -> None:
-        # One allocation: [num_layers, 2, num_pages, page_size, num_kv_heads, head_dim]
-        self.buffer = torch.zeros(
-            num_layers, 2, num_pages, page_size, num_kv_heads, head_dim, dtype=dtype, device=device
-        )
-        self.num_pages = num_pages
-        self.page_size = page_size
+    def __init__(self, arena: Arena) -> None:
+        self.pages = arena.kv  # [num_pages, num_layers, 2, page_size, num_kv_heads, head_dim]
+        self.num_pages = arena.num_pages
+        self.page_size = arena.page_size
 
     def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.buffer[i, 0], self.buffer[i, 1]
-
-    @staticmethod
-    def bytes_per_page(
-        *, num_layers: int, page_size: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype
-    ) -> int:
-        element_size = torch.empty((), dtype=dtype).element_size()
-        return 2 * num_layers * page_size * num_kv_heads * head_dim * element_size
+        return self.pages[:, i, 0], self.pages[:, i, 1]
 
 
 class AttentionMetadata(NamedTuple):
@@ -129,9 +111,11 @@ def store_kv(
     keep = slots >= 0
     if not bool(keep.all()):  # a host check: this path never runs on a GPU
         slots, k, v = slots[keep], k[keep], v[keep]
-    num_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
-    k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slots, k)
-    v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slots, v)
+    page_size = k_cache.shape[1]
+    pages, offsets = slots // page_size, slots % page_size
+    # Advanced-index assignment writes through the strided page view into the arena.
+    k_cache[pages, offsets] = k.to(k_cache.dtype)
+    v_cache[pages, offsets] = v.to(v_cache.dtype)
 
 
 class AttentionBackend(Protocol):
@@ -186,9 +170,11 @@ class ReferenceAttention:
         q_padded = q_padded.view(num_rows, max_q, num_heads, head_dim).transpose(1, 2)
         # NOTE: the mask alone is not enough: SDPA multiplies masked positions' V by a zero
         # weight, and 0 x NaN = NaN, so stale NaN past a row's length must never reach it.
-        k = k_cache.view(-1, num_kv_heads, head_dim)[group.kv_index]  # [g, max_kv, kv_h, d]
+        page_size = k_cache.shape[1]
+        pages, offsets = group.kv_index // page_size, group.kv_index % page_size
+        k = k_cache[pages, offsets]  # [g, max_kv, kv_h, d]; pages are strided arena views
         k = k.masked_fill(~group.kv_valid, 0.0)
-        v = v_cache.view(-1, num_kv_heads, head_dim)[group.kv_index]
+        v = v_cache[pages, offsets]
         v = v.masked_fill(~group.kv_valid, 0.0)
         out = F.scaled_dot_product_attention(
             q_padded,  # [g, num_heads, max_q, head_dim]

@@ -1,9 +1,10 @@
-"""Stale data in KV pages never reaches another row: every attention path (reference, Triton
-prefill and decode, the static decode runner's padding rows) gives the same tokens and logits
-whether the pages it must not read hold zeros or NaN.
+"""Stale data in the arena never reaches another row: every attention path (reference, Triton
+prefill and decode, the static decode runner's padding rows) and every LoRA path gives the same
+tokens and logits whether the pages and LoRA rows it must not read hold zeros or NaN.
 
-NaN is what a bad adapter's K/V leave behind in freed pages; with masked positions multiplied
-by zero (0 x NaN = NaN) one tenant's garbage would turn every later batch's outputs into NaN.
+NaN is what a bad adapter's K/V leave behind in freed pages (and what an evicted adapter's rows
+may hold); with masked positions multiplied by zero (0 x NaN = NaN) one tenant's garbage would
+turn every later batch's outputs into NaN.
 """
 
 from __future__ import annotations
@@ -15,17 +16,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from lorasrv.ids import AdapterId, SlotId
 from lorasrv.model.runner import ModelRunner
 from tests.model.plan_driver import PlanDriver
 
 ADAPTERS = ("qv_r4", "all_r8_rslora")
 # Lengths around the page size (4): rows of a step pad to the longest, tables pad with page 0.
-ROWS: list[tuple[list[int], int]] = [
+ROWS: list[tuple[list[int], int | None]] = [
     (list(range(20, 37)), 0),
-    ([17], -1),
+    ([17], None),
     ([5, 6, 7, 8, 9], 1),
-    ([42, 43], -1),
+    ([42, 43], None),
     (list(range(100, 111)), 1),
 ]
 NEW_TOKENS = 6
@@ -40,8 +40,8 @@ def make_runner(base: Path, attention: str, device: str = "cpu", **kwargs: objec
         model_path=str(base),
         device=device,
         page_size=4,
-        num_kv_pages=64,
-        lora_num_slots=2,
+        num_kv_pages=192,
+        enable_lora=True,
         lora_max_rank=16,
         lora_target_modules=("all",),
         lora_backend="triton" if attention == "triton" else "torch",
@@ -53,17 +53,24 @@ def make_runner(base: Path, attention: str, device: str = "cpu", **kwargs: objec
 def run_rows(
     runner: ModelRunner, adapter_dir: Callable[[str], Path], *, poison: bool
 ) -> tuple[list[list[int]], dict[int, torch.Tensor]]:
+    driver = PlanDriver(runner, token_budget=64, record_logits=True, lora_rows=24)
     load = runner.make_adapter_loader()
-    for slot, name in enumerate(ADAPTERS):
-        runner.load_slot(SlotId(slot), AdapterId(slot), load(str(adapter_dir(name))))
+    for adapter_id, name in enumerate(ADAPTERS):
+        driver.add_adapter(adapter_id, load(str(adapter_dir(name))))
+    driver.flush_uploads()
     if poison:
-        # Every page is free here: all of them hold what a NaN-producing tenant left behind.
-        runner.kv_cache.buffer.fill_(float("nan"))
-    driver = PlanDriver(runner, token_budget=64, record_logits=True)
-    prompts, slots = [p for p, _ in ROWS], [s for _, s in ROWS]
-    tokens = driver.generate(prompts, slots, NEW_TOKENS)
+        # Every page and every free row holds what a NaN-producing tenant left behind; only
+        # the two adapters' rows keep their data.
+        rows = runner.arena.rows
+        assert rows is not None
+        used = torch.tensor([r for rs in driver.adapter_rows.values() for r in rs])
+        kept = rows[used].clone()
+        runner.arena.buffer.fill_(float("nan"))
+        rows[used] = kept
+    prompts, adapters = [p for p, _ in ROWS], [a for _, a in ROWS]
+    tokens = driver.generate(prompts, adapters, NEW_TOKENS)
     # A second batch of other tenants on pages the first one freed (still NaN where unwritten).
-    tokens += driver.generate([p for p, _ in ROWS[1:4]], [-1, 1, 0], NEW_TOKENS)
+    tokens += driver.generate([p for p, _ in ROWS[1:4]], [None, 1, 0], NEW_TOKENS)
     return tokens, driver.first_logits
 
 
