@@ -61,7 +61,7 @@ class AdapterRegistry:
             limits = [(cfg.max_loras_per_batch, "--max-loras-per-batch")]
         if cfg.max_loaded_loras is not None:
             limits.append((cfg.max_loaded_loras, "--max-loaded-loras"))
-        limit, self._pin_limit = min(limits)
+        limit, self._pin_limit = min(limits, key=lambda limit: limit[0])  # ties: the first
         self.max_pinned = max(0, limit - 1)
         self._out: list[Effect] = []
 

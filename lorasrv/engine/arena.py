@@ -68,9 +68,10 @@ def arena_floors(
     max_lora_rank: int,
     max_loras_per_batch: int | None,
 ) -> Floors:
-    """KV: one full-context sequence and KV_FLOOR_SHARE of the pages; adapters:
-    `max_loras_per_batch` (DEFAULT_ADAPTER_FLOOR when unset) adapters of the maximum rank, or
-    as many rows as the arena has above the KV floor."""
+    """KV: one full-context sequence and KV_FLOOR_SHARE of the pages, but never so many that
+    one adapter of the maximum rank no longer fits (an arena smaller than a full context still
+    serves adapters); adapters: `max_loras_per_batch` (DEFAULT_ADAPTER_FLOOR when unset)
+    adapters of the maximum rank, or as many rows as the arena has above the KV floor."""
     kv = min(
         geometry.num_pages,
         max(
@@ -79,6 +80,9 @@ def arena_floors(
     )
     if not geometry.max_rows:
         return Floors(kv, 0)
+    one_adapter = geometry.max_rows - max_lora_rank  # the lowest row one adapter would need
+    if max_lora_rank and one_adapter >= 0:
+        kv = min(kv, geometry.row_pages(one_adapter).start)
     wanted = (max_loras_per_batch or DEFAULT_ADAPTER_FLOOR) * max_lora_rank
     return Floors(kv, min(wanted, geometry.max_rows - _first_row_above(geometry, kv)))
 

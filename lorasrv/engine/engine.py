@@ -115,7 +115,11 @@ class Engine:
             max_rank=ready.max_lora_rank,
             target_modules=ready.lora_target_modules,
             read_config=parts.read_adapter_config,
-            load_weights=parts.make_adapter_loader(runner.runner),
+            load_weights=(
+                parts.make_adapter_loader(runner.runner)
+                if lora_enabled(adapter_cfg)
+                else _lora_off  # load_adapter answers first; never called
+            ),
             scheduler=to_scheduler,
             runner=runner,
             ops=self,
@@ -349,6 +353,10 @@ class _Forward(Generic[M]):
     def send(self, msg: M, /) -> None:
         assert self.target is not None, "message sent before the engine finished wiring"
         self.target.send(msg)
+
+
+def _lora_off(path: str) -> object:
+    raise ValueError("LoRA is not enabled on this server")
 
 
 def _error_output(request_id: RequestId, error: LorasrvError) -> RequestOutput:

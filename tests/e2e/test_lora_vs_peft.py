@@ -1,5 +1,5 @@
 """Over HTTP: mixed batches of base and adapter rows give greedy tokens identical to PEFT row by
-row; with fewer slots than adapters (eviction mid-traffic); through dynamic load, unload, reload
+row; with fewer GPU rows than the adapters need (eviction mid-traffic); through dynamic load, unload, reload
 under the same name with other weights, pinning and the host-memory cap; every refused load
 leaves the server serving."""
 
@@ -68,9 +68,12 @@ MIXED = [
 async def test_mixed_batch_matches_peft(
     world: dict[str, Any], lorasrv_client: Any, slots: int
 ) -> None:
+    # 160 pages: KV keeps 64 (one context); rows of 4 pages over the other 96 hold 24 ranks, so
+    # the three adapters (ranks 4, 8, 16) cannot all stay on the GPU: eviction mid-traffic
+    pages = 256 if slots == 8 else 160
     config = server_config(
         world["base"], lora_paths=lora_paths(world, NAMES), max_loras_per_batch=slots,
-        lora_backend="torch",
+        lora_backend="torch", num_kv_pages=pages,
     )  # fmt: skip
     client = await lorasrv_client(config)
     want = expected(world, MIXED)
@@ -80,8 +83,13 @@ async def test_mixed_batch_matches_peft(
     states = {a["name"]: a for a in info["adapters"]}
     assert set(states) == set(NAMES)
     assert all(a["num_refs"] == 0 for a in states.values())
-    if slots == 2:  # three adapters through two slots: someone was evicted mid-batch
-        assert sum(a["num_evictions"] for a in states.values()) >= 1
+    if slots == 2:  # three adapters through rows for two: someone was evicted mid-batch
+        assert sum(a["num_gpu_evictions"] for a in states.values()) >= 1
+    # what the rows hold at --max-lora-rank (16), capped by the flag
+    rows = info["scheduler"]["num_lora_rows"]
+    assert (
+        info["max_loras_per_batch_effective"] == min(slots, rows // 16) == (3 if slots == 8 else 1)
+    )
 
 
 @pytest.mark.skipif(

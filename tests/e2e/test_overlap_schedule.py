@@ -27,7 +27,7 @@ pytestmark = pytest.mark.skipif(
 )
 
 ADAPTERS = ("qv_r4", "all_r8_rslora", "mlp_r16_patterns")
-# Three adapters, two slots: batches wait for slots and idle adapters are evicted.
+# Three adapters, two a batch, GPU rows for 16 ranks: batches wait and idle adapters are evicted.
 ROWS: list[tuple[list[int], str | None, int]] = [
     (PROMPTS[0], None, 9),
     (PROMPTS[0], "qv_r4", 5),
@@ -52,7 +52,7 @@ async def run(base: Path, adapters: dict[str, Path], overlap: bool) -> tuple[Any
     def build() -> ModelRunner:
         built.append(ModelRunner(
             model_path=str(base), device="cpu", dtype="float32", page_size=4, num_kv_pages=128,
-            lora_num_slots=2, lora_max_rank=16, lora_target_modules=("all",),
+            enable_lora=True, lora_max_rank=16, lora_target_modules=("all",),
             lora_backend="triton", attention_backend="triton", enable_lookahead=overlap,
         ))  # fmt: skip
         return built[-1]
@@ -63,7 +63,7 @@ async def run(base: Path, adapters: dict[str, Path], overlap: bool) -> tuple[Any
             result = await engine.load_adapter(name, str(adapters[name]))
             assert result.success, result.error_message
         outputs = []
-        for _ in range(2):  # the second pass finds other adapters in the slots
+        for _ in range(2):  # the second pass finds other adapters on the GPU
             handles = [
                 engine.submit(Submission(
                     input_ids=tuple(p), lora_name=name,
@@ -73,7 +73,7 @@ async def run(base: Path, adapters: dict[str, Path], overlap: bool) -> tuple[Any
             ]  # fmt: skip
             results = await asyncio.gather(*(handle.result() for handle in handles))
             outputs.append([list(r.token_ids) for r in results])
-        evictions = sum(s.num_evictions for s in await engine.describe_adapters())
+        evictions = sum(s.num_gpu_evictions for s in await engine.describe_adapters())
     return (outputs, evictions), built[0]
 
 

@@ -68,7 +68,7 @@ def test_ready_reports_facts(checkpoint_dir: Callable[[str], Path]) -> None:
     assert ready.context_length == 100
     assert ready.eos_token_ids == (2,)
     assert (ready.device, ready.dtype) == ("cpu", "float32")
-    assert ready.num_lora_slots == 0
+    assert (ready.lora_max_rows, ready.lora_row_bytes) == (0, 0)  # LoRA off: no rows
 
 
 def test_kv_pages_from_byte_budget(checkpoint_dir: Callable[[str], Path]) -> None:

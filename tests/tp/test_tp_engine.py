@@ -26,7 +26,7 @@ GREEDY = SamplingParams(max_new_tokens=8, temperature=0, ignore_eos=True)
 Rows = list[tuple[list[int], str | None]]
 # Before the dynamic loads: base rows and the adapter given at startup.
 FIRST: Rows = [(PROMPTS[0], None), (PROMPTS[0], "qv_r4"), (PROMPTS[1], None), (PROMPTS[3], "qv_r4")]
-# Three adapters, two slots: some rows wait, idle adapters are evicted for them.
+# Three adapters, two a batch, GPU rows for fewer: some rows wait, idle adapters are evicted.
 MIXED: Rows = [
     (PROMPTS[0], None),
     (PROMPTS[0], "qv_r4"),
@@ -35,7 +35,7 @@ MIXED: Rows = [
     (PROMPTS[3], "all_r8_rslora"),
     (PROMPTS[0], "mlp_r16_patterns"),
 ]
-# Evicted adapters come back into (possibly other) slots.
+# Evicted adapters come back into (possibly other) rows.
 AGAIN: Rows = [(PROMPTS[3], "qv_r4"), (PROMPTS[2], None), (PROMPTS[1], "mlp_r16_patterns")]
 
 
@@ -65,7 +65,7 @@ async def run_scenario(base: Path, adapters: dict[str, Path], tp_size: int) -> d
         outputs["mixed"] = await generate(engine, MIXED)
         outputs["again"] = await generate(engine, AGAIN)
         statuses = await engine.describe_adapters()
-    return {"outputs": outputs, "evictions": sum(s.num_evictions for s in statuses)}
+    return {"outputs": outputs, "evictions": sum(s.num_gpu_evictions for s in statuses)}
 
 
 def tp_children() -> list[multiprocessing.process.BaseProcess]:

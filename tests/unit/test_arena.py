@@ -203,3 +203,14 @@ class ArenaMachine(RuleBasedStateMachine):
 
 TestArenaMachine = ArenaMachine.TestCase
 TestArenaMachine.settings = settings(max_examples=150, stateful_step_count=40, deadline=None)
+
+
+def test_an_arena_smaller_than_one_context_still_holds_one_adapter() -> None:
+    geo = geometry(100, 10, 20)  # 50 rows of 2 pages
+    floors = arena_floors(
+        geo, page_size=4, context_length=8192, max_lora_rank=8, max_loras_per_batch=None
+    )
+    assert floors.kv_pages == 84  # one context would be 2048 pages: all but 8 rows' pages
+    assert floors.rows == 8
+    arena = Arena(geo, floors)
+    assert arena.can_allocate_rows(8)
