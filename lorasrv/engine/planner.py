@@ -18,6 +18,7 @@ from lorasrv.engine.batch_adapters import BatchAdapters
 from lorasrv.engine.policy import BatchDecision, PlanLimits, plan_batch
 from lorasrv.engine.residency import Residency
 from lorasrv.engine.sequence import Sequence
+from lorasrv.engine.stats import GpuAdapter
 from lorasrv.ids import AdapterId
 from lorasrv.messages import AdapterRows, RunnerReady
 
@@ -73,6 +74,7 @@ class Planner:
         self.capacity = lora_capacity(self.arena, ready.max_lora_rank, max_loras_per_batch)
         self.row_bytes = ready.lora_row_bytes
         self.latest: frozenset[AdapterId] = frozenset()  # used or uploaded by the latest plan
+        self._gpu_snapshot: tuple[int, tuple[GpuAdapter, ...]] = (-1, ())
 
     def plan(
         self, running: list[Sequence], waiting: deque[Sequence], step_no: int, *, prefill_turn: bool
@@ -95,6 +97,18 @@ class Planner:
         uploads = tuple(memory.uploads)
         self.latest = frozenset(used).union(u.adapter_id for u in uploads)
         return Planned(decision, adapters, uploads)
+
+    def gpu_adapters(self) -> tuple[GpuAdapter, ...]:
+        """Resident (or once evicted) adapters, for stats; rebuilt only when residency changed."""
+        residency = self.residency
+        if self._gpu_snapshot[0] != residency.version:
+            ids = residency.entries.keys() | residency.num_evictions.keys()
+            gpu = tuple(
+                GpuAdapter(a, len(residency.rows_of(a) or ()), residency.num_evictions[a])
+                for a in sorted(ids)
+            )
+            self._gpu_snapshot = (residency.version, gpu)
+        return self._gpu_snapshot[1]
 
     def retire(self, adapter_id: AdapterId) -> None:
         self.residency.retire(adapter_id)

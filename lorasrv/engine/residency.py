@@ -122,6 +122,7 @@ class Residency:
         """Unloaded for good: its rows go at the next `free_retired` (nothing plans with it)."""
         self.retired.add(adapter_id)
         self.num_evictions.pop(adapter_id, None)
+        self.version += 1
 
     def free_retired(self, protected: Collection[AdapterId]) -> None:
         for adapter_id in [a for a in self.retired if a not in protected]:

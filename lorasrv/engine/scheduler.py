@@ -15,11 +15,10 @@ from typing import assert_never
 from lorasrv.config import AdapterConfig, SchedulerConfig
 from lorasrv.engine import invariants
 from lorasrv.engine.actor import Actor, Sender
-from lorasrv.engine.arena import pages_needed
 from lorasrv.engine.planner import Planner
 from lorasrv.engine.policy import PlanLimits
-from lorasrv.engine.sequence import SeqStatus, Sequence, stop_reason
-from lorasrv.engine.stats import GpuAdapter, SchedulerStats, StatsSink
+from lorasrv.engine.sequence import SeqStatus, Sequence, prompt_problem, stop_reason
+from lorasrv.engine.stats import SchedulerStats, StatsSink
 from lorasrv.engine.step_plan import build_step_plan, has_prefill_work
 from lorasrv.ids import AdapterId, RequestId, SeqId, StepId
 from lorasrv.messages import (
@@ -93,7 +92,6 @@ class SchedulerActor(Actor[SchedulerInbox]):
         self._prefill_turn = True  # cleared after a prefill-only step: decoding rows go next
         self._num_finished = 0
         self._num_aborted = 0
-        self._gpu_snapshot: tuple[int, tuple[GpuAdapter, ...]] = (-1, ())
 
     # ------------------------------------------------------------------ inbox
 
@@ -147,23 +145,15 @@ class SchedulerActor(Actor[SchedulerInbox]):
             self._adapters.send(AcquireAdapter(request_id=msg.request_id, lora_name=msg.lora_name))
 
     def _check_fits(self, msg: Enqueue) -> tuple[str, str] | None:
-        num_prompt = len(msg.prompt_ids)
-        if num_prompt >= self._ready.context_length:
-            return (
-                "prompt_too_long",
-                f"prompt has {num_prompt} tokens; the context length is "
-                f"{self._ready.context_length} (prompt plus at least one new token)",
-            )
-        needed = pages_needed(num_prompt + 1, self._ready.page_size)
-        if needed > self.planner.arena.num_pages:
-            return (
-                "prompt_too_long",
-                f"prompt needs {needed} KV pages; the KV cache has at most "
-                f"{self.planner.arena.num_pages}",
-            )
         if msg.request_id in self._by_request:
             return ("invalid_request", f"request id {msg.request_id!r} is already in use")
-        return None
+        ready = self._ready
+        return prompt_problem(
+            len(msg.prompt_ids),
+            context_length=ready.context_length,
+            page_size=ready.page_size,
+            max_kv_pages=self.planner.arena.num_pages,
+        )
 
     def _on_acquired(self, msg: AdapterAcquired) -> None:
         seq = self._by_request.get(msg.request_id)
@@ -308,14 +298,7 @@ class SchedulerActor(Actor[SchedulerInbox]):
     def publish_stats(self) -> None:
         if self._stats is None:
             return
-        planner = self.planner
-        arena, residency = planner.arena, planner.residency
-        if self._gpu_snapshot[0] != residency.version:
-            gpu = tuple(
-                GpuAdapter(a, len(residency.rows_of(a) or ()), residency.num_evictions[a])
-                for a in residency.entries.keys() | residency.num_evictions.keys()
-            )
-            self._gpu_snapshot = (residency.version, gpu)
+        arena = self.planner.arena
         step_s, num_sampled = self._last_step
         self._stats.scheduler_stats(
             SchedulerStats(
@@ -326,8 +309,8 @@ class SchedulerActor(Actor[SchedulerInbox]):
                 num_kv_pages_used=arena.num_used_pages,
                 num_lora_rows=arena.geometry.max_rows - arena.first_row,
                 num_lora_rows_used=arena.num_used_rows,
-                lora_capacity=planner.capacity,
-                gpu_adapters=self._gpu_snapshot[1],
+                lora_capacity=self.planner.capacity,
+                gpu_adapters=self.planner.gpu_adapters(),
                 last_step_s=step_s,
                 last_step_tokens=num_sampled,
                 num_steps=int(self._step_id),

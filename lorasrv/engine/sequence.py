@@ -55,6 +55,26 @@ class Sequence:
         return self.prompt_ids[start:] + tuple(self.output_ids[: stop - num_prompt])
 
 
+def prompt_problem(
+    num_prompt: int, *, context_length: int, page_size: int, max_kv_pages: int
+) -> tuple[str, str] | None:
+    """(code, detail) when a prompt can never run: longer than the context, or than the KV
+    cache can ever hold; None if it fits."""
+    if num_prompt >= context_length:
+        return (
+            "prompt_too_long",
+            f"prompt has {num_prompt} tokens; the context length is {context_length} "
+            "(prompt plus at least one new token)",
+        )
+    needed = -(-(num_prompt + 1) // page_size)
+    if needed > max_kv_pages:
+        return (
+            "prompt_too_long",
+            f"prompt needs {needed} KV pages; the KV cache has at most {max_kv_pages}",
+        )
+    return None
+
+
 def stop_reason(
     seq: Sequence, token_id: int, eos_ids: frozenset[int], context_length: int
 ) -> tuple[str | None, int | None]:

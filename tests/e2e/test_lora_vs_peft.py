@@ -1,7 +1,7 @@
 """Over HTTP: mixed batches of base and adapter rows give greedy tokens identical to PEFT row by
-row; with fewer GPU rows than the adapters need (eviction mid-traffic); through dynamic load, unload, reload
-under the same name with other weights, pinning and the host-memory cap; every refused load
-leaves the server serving."""
+row; with fewer GPU rows than the adapters need (eviction mid-traffic); through dynamic load,
+unload, reload under the same name with other weights, pinning and the host-memory cap; every
+refused load leaves the server serving."""
 
 from __future__ import annotations
 
