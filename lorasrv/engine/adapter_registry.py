@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from typing import NamedTuple
 
-from lorasrv.config import AdapterConfig
+from lorasrv.config import AdapterConfig, adapter_name_problem
 from lorasrv.engine.adapter_catalog import AdapterCatalog, AdapterVersion, Phase
 from lorasrv.engine.host_cache import HostCache, HostState
 from lorasrv.ids import AdapterId, OpId, RequestId
@@ -90,7 +90,10 @@ class AdapterRegistry:
     # ------------------------------------------------------------------ admin operations
 
     def begin_load(self, op_id: OpId, name: str, path: str, pinned: bool) -> list[Effect]:
-        if name in self.catalog.by_name:
+        problem = adapter_name_problem(name)
+        if problem is not None:
+            self._op_done(op_id, problem)
+        elif name in self.catalog.by_name:
             self._op_done(op_id, f"adapter {name!r} is already loaded; unload it first")
         elif pinned and self.catalog.num_pinned() >= self.max_pinned:
             self._op_done(

@@ -8,11 +8,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
+import msgspec
 import pytest
 import torch
 
-from lorasrv.ids import BlockId, SeqId, StepId
-from lorasrv.messages import StepPlan, StepResult
+from lorasrv.ids import AdapterId, BlockId, SeqId, StepId
+from lorasrv.messages import AdapterRows, HostCopyReady, StepPlan, StepResult
 from lorasrv.model.runner import ModelRunner
 from tests.model.checkpoints import KINDS
 from tests.model.plan_driver import PlanDriver
@@ -69,6 +70,20 @@ def test_ready_reports_facts(checkpoint_dir: Callable[[str], Path]) -> None:
     assert ready.eos_token_ids == (2,)
     assert (ready.device, ready.dtype) == ("cpu", "float32")
     assert (ready.lora_max_rows, ready.lora_row_bytes) == (0, 0)  # LoRA off: no rows
+    # 2 (K, V) * 2 layers * 4 tokens * 2 kv heads * 16 head_dim * 4 bytes
+    assert ready.kv_page_bytes == 2048
+
+
+def test_ready_reports_the_arena(checkpoint_dir: Callable[[str], Path]) -> None:
+    runner = make_runner(
+        checkpoint_dir("llama"), enable_lora=True, lora_max_rank=8, lora_target_modules=("all",)
+    )
+    ready = runner.ready()
+    # Per layer: q/k/v A 3*64, B 64+32+32; o 64, 64; gate/up 2*64, 2*128; down 128, 64 (x 4 bytes)
+    assert ready.lora_row_bytes == 2 * (192 + 128 + 64 + 64 + 128 + 256 + 128 + 64) * 4
+    arena_bytes = ready.num_kv_pages * ready.kv_page_bytes
+    assert ready.lora_max_rows == arena_bytes // ready.lora_row_bytes
+    assert (ready.max_lora_rank, ready.lora_target_modules[0]) == (8, "q_proj")
 
 
 def test_kv_pages_from_byte_budget(checkpoint_dir: Callable[[str], Path]) -> None:
@@ -117,3 +132,30 @@ def test_bad_block_tables_are_refused(checkpoint_dir: Callable[[str], Path]) -> 
     with pytest.raises(ValueError, match="outside"):
         runner.forward(one_row_plan((0, 160)))
     assert runner.forward(one_row_plan((0, 159))).shape == (0, 256)
+
+
+def test_plans_that_break_the_arena_are_refused(
+    checkpoint_dir: Callable[[str], Path], adapter_dir: Callable[[str], Path]
+) -> None:
+    """A KV page under the rows of the step's adapters would overwrite an adapter; a row index
+    outside `adapters` would read garbage: both are refused on the host, before any work."""
+    runner = make_runner(
+        checkpoint_dir("llama"), enable_lora=True, lora_max_rank=8, lora_target_modules=("all",)
+    )
+    host = runner.make_adapter_loader()(str(adapter_dir("qv_r4")))
+    copy = HostCopyReady(adapter_id=AdapterId(3), weights=host, rank=4, scaling=host.scaling)
+    runner.add_host_copy(copy)
+    top = runner.ready().lora_max_rows
+    placed = AdapterRows(AdapterId(3), tuple(range(top - 4, top)))
+    under = runner.lora.geometry.pages_of_row(top - 4).start  # type: ignore[union-attr]
+    plan = msgspec.structs.replace(
+        one_row_plan((0, under)), lora_adapters=(0,), adapters=(placed,), uploads=(placed,)
+    )
+    with pytest.raises(ValueError, match="under LoRA rows"):
+        runner.forward(plan)
+    fine = msgspec.structs.replace(plan, block_tables=((BlockId(0), BlockId(under - 1)),))
+    assert runner.forward(fine).shape == (0, 256)
+    with pytest.raises(ValueError, match=r"index into plan\.adapters"):
+        runner.forward(msgspec.structs.replace(fine, lora_adapters=(1,)))
+    with pytest.raises(ValueError, match="never sent"):
+        runner.forward(msgspec.structs.replace(fine, adapters=(AdapterRows(AdapterId(9), (1,)),)))
