@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, NamedTuple
 import torch
 
 if TYPE_CHECKING:
-    from lorasrv_kernels import LoraBatchInfo
+    from lorasrv_kernels import SlotBatchInfo
 
 # in_features, slice output sizes (Llama-3-8B: hidden 4096, q 4096, k/v 1024, intermediate 14336)
 MODULES: dict[str, tuple[int, tuple[int, ...]]] = {
@@ -38,13 +38,13 @@ class BenchInputs(NamedTuple):
     y: torch.Tensor  # [num_tokens, out_total]
     a_stack: torch.Tensor  # [num_slots, num_slices * MAX_RANK, in_features]
     b_stack: torch.Tensor  # [num_slots, out_total, MAX_RANK]
-    info: LoraBatchInfo
+    info: SlotBatchInfo
     slice_offsets: tuple[int, ...]
     num_segments: int
 
 
 def make_inputs(module: str, num_tokens: int, num_adapters: int, dtype: torch.dtype) -> BenchInputs:
-    from lorasrv_kernels import prepare_lora_batch_info
+    from lorasrv_kernels import prepare_slot_batch_info
 
     in_features, slice_sizes = MODULES[module]
     num_slices, out_total = len(slice_sizes), sum(slice_sizes)
@@ -63,7 +63,7 @@ def make_inputs(module: str, num_tokens: int, num_adapters: int, dtype: torch.dt
         y=torch.randn(num_tokens, out_total, device=dev, dtype=dtype),
         a_stack=a_stack,
         b_stack=torch.randn(num_slots, out_total, MAX_RANK, device=dev, dtype=dtype) / 4,
-        info=prepare_lora_batch_info(
+        info=prepare_slot_batch_info(
             seg_lens, list(range(num_segments)), [MAX_RANK] * num_slots, [2.0] * num_slots, dev
         ),
         slice_offsets=tuple(offsets),

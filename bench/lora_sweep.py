@@ -12,7 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from lorasrv_kernels import LoraBatchInfo
+from lorasrv_kernels import SlotBatchInfo
 from lorasrv_kernels.lora_expand import expand_partials
 from lorasrv_kernels.lora_shrink import shrink_partials
 
@@ -25,7 +25,7 @@ MODULES = {
 }
 
 
-def batch_info(num_tokens: int, num_adapters: int, bound: int, device: str) -> LoraBatchInfo:
+def batch_info(num_tokens: int, num_adapters: int, bound: int, device: str) -> SlotBatchInfo:
     """`num_adapters` equal segments plus padding segments, as a decode graph bucket has."""
     per = num_tokens // num_adapters
     indptr = [i * per for i in range(num_adapters)] + [num_tokens]
@@ -33,7 +33,7 @@ def batch_info(num_tokens: int, num_adapters: int, bound: int, device: str) -> L
     num_segments = min(bound, num_adapters + 1)
     indptr += [num_tokens] * (num_segments - num_adapters)
     slots += [-1] * (num_segments - num_adapters)
-    return LoraBatchInfo(
+    return SlotBatchInfo(
         seg_indptr=torch.tensor(indptr, dtype=torch.int32, device=device),
         seg_slot=torch.tensor(slots, dtype=torch.int32, device=device),
         slot_rank=torch.full((max(num_adapters, 1),), 16, dtype=torch.int32, device=device),

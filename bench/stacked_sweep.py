@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from lora_sweep import MODULES, batch_info, time_in_graph
-from lorasrv_kernels import LoraBatchInfo, silu_mul, silu_mul_lora, triton_lora_forward
+from lorasrv_kernels import SlotBatchInfo, silu_mul, silu_mul_lora, triton_lora_forward
 from lorasrv_kernels.lora_expand import _launch_expand
 
 RANK, SLOTS = 16, 8
@@ -25,7 +25,7 @@ TILES: list[tuple[int, int, int] | None] = [
 ]  # fmt: skip
 
 
-def module_ops(module: str, num_tokens: int, info: LoraBatchInfo) -> dict[str, Callable[[], None]]:
+def module_ops(module: str, num_tokens: int, info: SlotBatchInfo) -> dict[str, Callable[[], None]]:
     in_features, widths = MODULES[module]
     offsets = [0]
     for width in widths:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from . import attention_reference, reference
 from .activation import silu_mul, silu_mul_lora
-from .batch_info import LoraBatchInfo, prepare_lora_batch_info
 from .kv_store import store_kv
 from .lora_expand import expand_partials, sgmv_expand, sgmv_expand_stacked
 from .lora_ops import triton_lora_forward
@@ -17,9 +16,10 @@ from .norm_rope import add_rms_norm, apply_rotary, rms_norm
 from .paged_decode import paged_decode_attention, pick_num_splits
 from .paged_prefill import paged_prefill_attention
 from .reference import lora_forward
+from .slot_batch_info import SlotBatchInfo, prepare_slot_batch_info
 
 __all__ = [
-    "LoraBatchInfo",
+    "SlotBatchInfo",
     "add_rms_norm",
     "apply_rotary",
     "attention_reference",
@@ -28,7 +28,7 @@ __all__ = [
     "paged_decode_attention",
     "paged_prefill_attention",
     "pick_num_splits",
-    "prepare_lora_batch_info",
+    "prepare_slot_batch_info",
     "reference",
     "rms_norm",
     "sgmv_expand",

@@ -9,7 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .batch_info import LoraBatchInfo
+from .slot_batch_info import SlotBatchInfo
 
 # @triton.jit bodies are untyped except their tl.constexpr params; the launchers are fully typed.
 # mypy: disable-error-code="no-untyped-def,untyped-decorator"
@@ -138,7 +138,7 @@ def _silu_mul_lora_kernel(
 
 
 def silu_mul_lora(
-    gate_up: torch.Tensor, v_all: torch.Tensor, b_stack: torch.Tensor, info: LoraBatchInfo
+    gate_up: torch.Tensor, v_all: torch.Tensor, b_stack: torch.Tensor, info: SlotBatchInfo
 ) -> torch.Tensor:
     """`silu(g) * u` of the gate/up output with each segment's LoRA delta added first.
 

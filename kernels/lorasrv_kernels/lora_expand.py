@@ -9,7 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .batch_info import LoraBatchInfo
+from .slot_batch_info import SlotBatchInfo
 
 # @triton.jit bodies are untyped except their tl.constexpr params; the launchers are fully typed.
 # mypy: disable-error-code="no-untyped-def,untyped-decorator"
@@ -140,7 +140,7 @@ def sgmv_expand(
     v: torch.Tensor,
     b_stack: torch.Tensor,
     y: torch.Tensor,
-    info: LoraBatchInfo,
+    info: SlotBatchInfo,
     slice_offsets: tuple[int, ...],
 ) -> None:
     """Triton expand, in place; one launch over segments x token blocks x slices x column blocks.
@@ -164,7 +164,7 @@ def sgmv_expand_stacked(
     v_all: torch.Tensor,
     b_stack: torch.Tensor,
     y: torch.Tensor,
-    info: LoraBatchInfo,
+    info: SlotBatchInfo,
     slice_offsets: tuple[int, ...],
 ) -> None:
     """`sgmv_expand` where v holds every slot's shrink, as the stacked base GEMM computes it.
@@ -191,7 +191,7 @@ def expand_partials(
     parts: torch.Tensor,
     b_stack: torch.Tensor,
     y: torch.Tensor,
-    info: LoraBatchInfo,
+    info: SlotBatchInfo,
     slice_offsets: tuple[int, ...],
 ) -> None:
     """`sgmv_expand` of `v = parts.sum(0)` rounded to b_stack.dtype, the sum done in-kernel.
@@ -210,7 +210,7 @@ def _launch_expand(
     parts: torch.Tensor,
     b_stack: torch.Tensor,
     y: torch.Tensor,
-    info: LoraBatchInfo,
+    info: SlotBatchInfo,
     slice_offsets: tuple[int, ...],
     *,
     slot_cols: int,

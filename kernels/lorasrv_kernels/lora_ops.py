@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import torch
 
-from .batch_info import LoraBatchInfo
 from .lora_expand import expand_partials
 from .lora_shrink import shrink_partials
+from .slot_batch_info import SlotBatchInfo
 
 
 def triton_lora_forward(
@@ -17,7 +17,7 @@ def triton_lora_forward(
     y: torch.Tensor,
     a_stack: torch.Tensor,
     b_stack: torch.Tensor,
-    info: LoraBatchInfo,
+    info: SlotBatchInfo,
     slice_offsets: tuple[int, ...],
 ) -> None:
     """Add the batched LoRA delta to y in place (two launches, no host sync: capturable).

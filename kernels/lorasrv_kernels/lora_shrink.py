@@ -9,7 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .batch_info import LoraBatchInfo
+from .slot_batch_info import SlotBatchInfo
 
 # @triton.jit bodies are untyped except their tl.constexpr params; the launchers are fully typed.
 # mypy: disable-error-code="no-untyped-def,untyped-decorator"
@@ -131,7 +131,7 @@ def _pick_split_k(num_programs: int, in_features: int, block_k: int) -> int:
 def shrink_partials(
     x: torch.Tensor,
     a_stack: torch.Tensor,
-    info: LoraBatchInfo,
+    info: SlotBatchInfo,
     num_slices: int,
     *,
     split_k: int | None = None,
@@ -179,7 +179,7 @@ def shrink_partials(
 def sgmv_shrink(
     x: torch.Tensor,
     a_stack: torch.Tensor,
-    info: LoraBatchInfo,
+    info: SlotBatchInfo,
     num_slices: int,
     *,
     split_k: int | None = None,

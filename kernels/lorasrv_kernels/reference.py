@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import torch
 
-from .batch_info import LoraBatchInfo
+from .slot_batch_info import SlotBatchInfo
 
 # (start, end, slot, rank) for each segment that has work; host values.
 _Segment = tuple[int, int, int, int]
 
 
-def active_segments(info: LoraBatchInfo) -> list[_Segment]:
+def active_segments(info: SlotBatchInfo) -> list[_Segment]:
     """Segments with a slot, a non-zero rank and at least one row (one device sync)."""
     indptr = info.seg_indptr.tolist()
     slots = info.seg_slot.tolist()
@@ -29,7 +29,7 @@ def active_segments(info: LoraBatchInfo) -> list[_Segment]:
 
 
 def sgmv_shrink(
-    x: torch.Tensor, a_stack: torch.Tensor, info: LoraBatchInfo, num_slices: int
+    x: torch.Tensor, a_stack: torch.Tensor, info: SlotBatchInfo, num_slices: int
 ) -> torch.Tensor:
     """Reference shrink.
 
@@ -60,7 +60,7 @@ def sgmv_expand(
     v: torch.Tensor,
     b_stack: torch.Tensor,
     y: torch.Tensor,
-    info: LoraBatchInfo,
+    info: SlotBatchInfo,
     slice_offsets: tuple[int, ...],
 ) -> None:
     """Reference expand, in place.
@@ -85,7 +85,7 @@ def sgmv_expand_stacked(
     v_all: torch.Tensor,
     b_stack: torch.Tensor,
     y: torch.Tensor,
-    info: LoraBatchInfo,
+    info: SlotBatchInfo,
     slice_offsets: tuple[int, ...],
 ) -> None:
     """Reference expand from every slot's shrink (the stacked base GEMM's extra columns).
@@ -109,7 +109,7 @@ def _expand(
     v: torch.Tensor,
     b_stack: torch.Tensor,
     y: torch.Tensor,
-    info: LoraBatchInfo,
+    info: SlotBatchInfo,
     slice_offsets: tuple[int, ...],
     *,
     slot_cols: int,
@@ -133,7 +133,7 @@ def lora_forward(
     y: torch.Tensor,
     a_stack: torch.Tensor,
     b_stack: torch.Tensor,
-    info: LoraBatchInfo,
+    info: SlotBatchInfo,
     slice_offsets: tuple[int, ...],
 ) -> None:
     """Reference LoRA delta: `y += expand(shrink(x))`, the call the model's linear layers make.

@@ -11,7 +11,7 @@ import time
 from collections.abc import Sequence
 
 import torch
-from lorasrv_kernels import LoraBatchInfo
+from lorasrv_kernels import SlotBatchInfo
 
 from lorasrv.messages import StepPlan
 from lorasrv.model.attention import AttentionMetadata, KvCache
@@ -186,7 +186,7 @@ class DecodeRunner:
         if with_lora:
             assert self.pool is not None
             num_segments = min(bucket, self.max_segments)
-            info = LoraBatchInfo(
+            info = SlotBatchInfo(
                 seg_indptr=seg_indptr[: num_segments + 1],
                 seg_slot=seg_slot[:num_segments],
                 slot_rank=self.pool.slot_rank,

@@ -12,7 +12,7 @@ import lorasrv_kernels
 import torch
 import torch.nn.functional as F
 from lorasrv_kernels import (
-    LoraBatchInfo,
+    SlotBatchInfo,
     reference,
     sgmv_expand_stacked,
     silu_mul_lora,
@@ -31,7 +31,7 @@ class LoraOp(Protocol):
         y: torch.Tensor,
         a_stack: torch.Tensor,
         b_stack: torch.Tensor,
-        info: LoraBatchInfo,
+        info: SlotBatchInfo,
         slice_offsets: tuple[int, ...],
     ) -> None: ...
 
@@ -44,7 +44,7 @@ class StackedExpandOp(Protocol):
         v_all: torch.Tensor,
         b_stack: torch.Tensor,
         y: torch.Tensor,
-        info: LoraBatchInfo,
+        info: SlotBatchInfo,
         slice_offsets: tuple[int, ...],
     ) -> None: ...
 
@@ -57,7 +57,7 @@ class StackedActOp(Protocol):
         gate_up: torch.Tensor,
         v_all: torch.Tensor,
         b_stack: torch.Tensor,
-        info: LoraBatchInfo,
+        info: SlotBatchInfo,
     ) -> torch.Tensor: ...
 
 
@@ -80,7 +80,7 @@ _STACKED_ACT: dict[object, StackedActOp] = {triton_lora_forward: silu_mul_lora}
 class LoraStep(NamedTuple):
     """What a LoRA-aware layer needs for one step; absent when no row has an adapter."""
 
-    info: LoraBatchInfo
+    info: SlotBatchInfo
     op: LoraOp
     # Set: the stacked path (the shrink comes out of the base GEMM); None: shrink + expand.
     expand_stacked: StackedExpandOp | None = None
@@ -88,7 +88,7 @@ class LoraStep(NamedTuple):
     silu_mul_stacked: StackedActOp | None = None
 
 
-def make_lora_step(info: LoraBatchInfo, op: LoraOp, num_tokens: int) -> LoraStep:
+def make_lora_step(info: SlotBatchInfo, op: LoraOp, num_tokens: int) -> LoraStep:
     """The step's LoRA: stacked when it is small and the op has a stacked expand; the gate/up
     delta inside the activation when smaller still and the backend has that kernel (Triton:
     on CUDA, or in the interpreter for the CPU tests)."""

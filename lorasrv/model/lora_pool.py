@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 
 import torch
-from lorasrv_kernels import LoraBatchInfo
+from lorasrv_kernels import SlotBatchInfo
 
 from lorasrv.ids import AdapterId, SlotId
 from lorasrv.model.arch import ModelArch
@@ -133,9 +133,9 @@ class LoraPool:
 
     def batch_info(
         self, seg_indptr: torch.Tensor, seg_slot: torch.Tensor, max_seg_len: int
-    ) -> LoraBatchInfo:
+    ) -> SlotBatchInfo:
         """The step's segments (device views of the packed upload) with the slot tables."""
-        return LoraBatchInfo(
+        return SlotBatchInfo(
             seg_indptr=seg_indptr,
             seg_slot=seg_slot,
             slot_rank=self.slot_rank,

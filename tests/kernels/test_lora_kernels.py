@@ -12,8 +12,8 @@ from typing import NamedTuple
 import pytest
 import torch
 from lorasrv_kernels import (
-    LoraBatchInfo,
-    prepare_lora_batch_info,
+    SlotBatchInfo,
+    prepare_slot_batch_info,
     reference,
     sgmv_expand,
     sgmv_expand_stacked,
@@ -30,7 +30,7 @@ class LoraCase(NamedTuple):
     y: torch.Tensor  # [num_tokens, out_total], the base output before the LoRA delta
     a_stack: torch.Tensor  # [num_slots, num_slices * max_rank, in_features]
     b_stack: torch.Tensor  # [num_slots, out_total, max_rank]
-    info: LoraBatchInfo
+    info: SlotBatchInfo
     slice_offsets: tuple[int, ...]
 
 
@@ -75,7 +75,7 @@ def make_case(
             dtype=dtype, device=device
         ),
         b_stack=b.to(dtype=dtype, device=device),
-        info=prepare_lora_batch_info(seg_lens, seg_slots, slot_ranks, slot_scaling, device),
+        info=prepare_slot_batch_info(seg_lens, seg_slots, slot_ranks, slot_scaling, device),
         slice_offsets=tuple(offsets),
     )
 

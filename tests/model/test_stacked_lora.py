@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from lorasrv_kernels import LoraBatchInfo, prepare_lora_batch_info, reference, triton_lora_forward
+from lorasrv_kernels import SlotBatchInfo, prepare_slot_batch_info, reference, triton_lora_forward
 
 from lorasrv.model import layers
 from lorasrv.model.layers import LoraLinear, LoraOp, LoraStep, make_lora_step
@@ -25,7 +25,7 @@ NUM_SLOTS, MAX_RANK, IN_FEATURES = 3, 8, 24
 SLICES = (16, 8, 8)  # q/k/v-like
 
 
-def make_linear(*, bias: bool, seed: int = 0) -> tuple[LoraLinear, LoraBatchInfo]:
+def make_linear(*, bias: bool, seed: int = 0) -> tuple[LoraLinear, SlotBatchInfo]:
     gen = torch.Generator().manual_seed(seed)
     out_total = sum(SLICES)
     weight = torch.randn(out_total, IN_FEATURES, generator=gen)
@@ -39,7 +39,7 @@ def make_linear(*, bias: bool, seed: int = 0) -> tuple[LoraLinear, LoraBatchInfo
         b[slot, :, rank:] = 0
     linear.attach_lora(torch.cat([weight, a]), b, NUM_SLOTS)
     # base rows, slot 0, the empty slot 1, slot 2
-    info = prepare_lora_batch_info([2, 3, 1, 4], [-1, 0, 1, 2], ranks, [0.5, 1.0, 2.0])
+    info = prepare_slot_batch_info([2, 3, 1, 4], [-1, 0, 1, 2], ranks, [0.5, 1.0, 2.0])
     return linear, info
 
 

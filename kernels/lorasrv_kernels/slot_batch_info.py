@@ -1,6 +1,7 @@
-"""LoraBatchInfo: the per-step segment table every LoRA op reads.
+"""SlotBatchInfo: the per-step segment table of the slot-based LoRA ops (stacked per-slot A/B).
 
-Host-side building only (no kernels); the model's runner fills it once per step.
+Host-side building only (no kernels). Superseded by `batch_info.LoraBatchInfo` (arena rows);
+goes away with the slot-based ops once the model stops using them.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from typing import NamedTuple
 import torch
 
 
-class LoraBatchInfo(NamedTuple):
+class SlotBatchInfo(NamedTuple):
     """Rows are sorted so that each segment is a run of tokens sharing one adapter."""
 
     seg_indptr: torch.Tensor  # [num_segments + 1] int32, token offsets
@@ -21,21 +22,21 @@ class LoraBatchInfo(NamedTuple):
     max_seg_len: int  # host int, the longest segment (sizes the kernel grids)
 
 
-def prepare_lora_batch_info(
+def prepare_slot_batch_info(
     seg_lens: Sequence[int],
     seg_slots: Sequence[int],
     slot_rank: Sequence[int],
     slot_scaling: Sequence[float],
     device: torch.device | str = "cpu",
-) -> LoraBatchInfo:
-    """Build a LoraBatchInfo from host lists (one H2D copy per tensor)."""
+) -> SlotBatchInfo:
+    """Build a SlotBatchInfo from host lists (one H2D copy per tensor)."""
     assert len(seg_lens) == len(seg_slots), "one slot per segment"
     assert len(slot_rank) == len(slot_scaling), "one rank and one scaling per slot"
     indptr = [0]
     for seg_len in seg_lens:
         assert seg_len >= 0, "segment lengths are non-negative"
         indptr.append(indptr[-1] + seg_len)
-    return LoraBatchInfo(
+    return SlotBatchInfo(
         seg_indptr=torch.tensor(indptr, dtype=torch.int32, device=device),
         seg_slot=torch.tensor(list(seg_slots), dtype=torch.int32, device=device),
         slot_rank=torch.tensor(list(slot_rank), dtype=torch.int32, device=device),
