@@ -10,10 +10,11 @@ import itertools
 import logging
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any, Self
 
 from lorasrv.config import ServerConfig, build_config, lora_enabled
+from lorasrv.engine import adapter_admin as admin
 from lorasrv.engine.adapter_manager import AdapterManagerActor
 from lorasrv.engine.gpu_runner import GpuRunnerActor
 from lorasrv.engine.hf_tokenizer import Detokenizer
@@ -25,7 +26,7 @@ from lorasrv.engine.scheduler import SchedulerActor
 from lorasrv.engine.stats import SchedulerStats
 from lorasrv.engine.tokenizer import TokenizerActor
 from lorasrv.engine.validation import Limits, check_submission
-from lorasrv.errors import BadRequest, EngineDead, LorasrvError, Overloaded
+from lorasrv.errors import AdapterError, BadRequest, EngineDead, LorasrvError, Overloaded
 from lorasrv.ids import OpId, RequestId
 from lorasrv.messages import (
     Abort,
@@ -60,6 +61,7 @@ class Engine:
         self.last_stats = SchedulerStats()  # the scheduler's latest snapshot
         self.metrics = Metrics()  # this engine's own Prometheus registry, served by /metrics
         self._tokenizer: Detokenizer | None = None
+        self._read_adapter_config: Callable[[str], Any] = _not_started
         self.failed = asyncio.Event()
         self.failure: str | None = None
         self.model_path = ""
@@ -84,6 +86,7 @@ class Engine:
         self.config = parts.config  # the demo model fills in model_path and adapters
         self.model_path = parts.model_path
         self._tokenizer = parts.tokenizer
+        self._read_adapter_config = parts.read_adapter_config
         runner = GpuRunnerActor(factory=parts.runner_factory, scheduler=_Late(self, "scheduler"))
         self._runner_actor = runner
         self._ready = ready = await runner.start_runner()
@@ -117,10 +120,11 @@ class Engine:
         self._supervisor = asyncio.create_task(self._supervise(actors), name="lorasrv-actors")
         self.started_s = time.time()
         for ref in parts.initial_adapters:
-            result = await self.load_adapter(ref.lora_name, ref.lora_path, ref.pinned)
-            if not result.success:
+            try:
+                await self.load_adapter(ref.lora_name, ref.lora_path, ref.pinned)
+            except LorasrvError as exc:
                 await self.stop()
-                raise LorasrvError(f"--lora-paths {ref.lora_name}: {result.error_message}")
+                raise LorasrvError(f"--lora-paths {ref.lora_name}: {exc.detail}") from None
         logger.info(
             "engine ready: %s on %s (%s), %d KV pages of %d tokens, %d LoRA slots",
             self.model_path, ready.device, ready.dtype, ready.num_kv_pages, ready.page_size,
@@ -255,32 +259,51 @@ class Engine:
 
     # ------------------------------------------------------------------ adapters
 
-    async def _op(self, make: Callable[[OpId], Any]) -> AdapterOpDone:
+    def _send_op(self, make: Callable[[OpId], Any]) -> asyncio.Future[AdapterOpDone]:
         if not self.is_healthy() or self._adapter_actor is None:
             raise EngineDead(self.failure or "the engine is not running")
         op_id = OpId(next(self._op_ids))
         future: asyncio.Future[AdapterOpDone] = asyncio.get_running_loop().create_future()
         self._ops[op_id] = future
         self._adapter_actor.send(make(op_id))
-        return await future
+        return future
+
+    async def _op(self, make: Callable[[OpId], Any]) -> AdapterOpDone:
+        return await self._send_op(make)
 
     async def load_adapter(
-        self, lora_name: str, lora_path: str, pinned: bool = False
+        self, lora_name: str, lora_path: str, pinned: bool = False, *, replace: bool = False
     ) -> AdapterOpDone:
+        """Load a PEFT folder (or Hub id) under `lora_name`; raises a LorasrvError if refused.
+
+        `replace`: a loaded name gets a new version (a fresh adapter id): requests that hold the
+        old one finish on it, later ones wait for the new one. Its folder is checked first, so a
+        refused replacement leaves the old version serving.
+        """
         if not lora_enabled(self.config.adapters):
-            return AdapterOpDone(
-                op_id=OpId(0),
-                success=False,
-                error_message="LoRA is not enabled on this server (start it with --enable-lora)",
-            )
-        return await self._op(
+            raise BadRequest("LoRA is not enabled on this server (start it with --enable-lora)")
+        admin.check_load_names(lora_name, lora_path)
+        live = admin.live_adapters(await self.describe_adapters())
+        if not replace:
+            admin.check_not_loaded(lora_name, live)
+        await admin.check_folder(self._read_adapter_config, self.ready_info, lora_path)
+        unloaded = None
+        if lora_name in live:  # NOTE: both sent in one go, so no acquire falls between them
+            unloaded = self._send_op(lambda op: UnloadAdapter(op_id=op, lora_name=lora_name))
+        loaded = self._send_op(
             lambda op: LoadAdapter(
                 op_id=op, lora_name=lora_name, lora_path=lora_path, pinned=pinned
             )
         )
+        if unloaded is not None and not (await unloaded).success:
+            loaded.cancel()
+            raise AdapterError((await unloaded).error_message)
+        return _succeeded(await loaded)
 
     async def unload_adapter(self, lora_name: str) -> AdapterOpDone:
-        return await self._op(lambda op: UnloadAdapter(op_id=op, lora_name=lora_name))
+        """Stop new requests for the name; the version drains as its requests finish."""
+        admin.check_loaded(lora_name, admin.live_adapters(await self.describe_adapters()))
+        return _succeeded(await self._op(lambda op: UnloadAdapter(op_id=op, lora_name=lora_name)))
 
     async def describe_adapters(self) -> tuple[AdapterStatus, ...]:
         if self._adapter_actor is None:
@@ -289,25 +312,16 @@ class Engine:
 
     # ------------------------------------------------------------------ tokens
 
-    def decode_tokens(self, ids: Sequence[int]) -> list[str]:
-        """Each id's own text, special tokens kept: the `token` of OpenAI logprobs."""
-        decode = self._require_tokenizer().decode
-        return [decode([token_id], skip_special_tokens=False) for token_id in ids]
-
-    def tokenize(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
-        return self._require_tokenizer().encode(text, add_special_tokens=add_special_tokens)
-
-    def detokenize(self, ids: Sequence[int], *, skip_special_tokens: bool = True) -> str:
-        vocab_size = self.ready_info.vocab_size
-        bad = [i for i in ids if not 0 <= i < vocab_size]
-        if bad:
-            raise BadRequest(f"token id {bad[0]} is outside the vocabulary [0, {vocab_size})")
-        return self._require_tokenizer().decode(ids, skip_special_tokens=skip_special_tokens)
-
-    def _require_tokenizer(self) -> Detokenizer:
+    @property
+    def tokenizer(self) -> Detokenizer:
+        """The model's tokenizer (encode, decode, chat template), for /tokenize and logprobs."""
         if self._tokenizer is None:
             raise EngineDead("the engine has not started")
         return self._tokenizer
+
+
+def _not_started(path: str) -> Any:
+    raise EngineDead("the engine has not started")
 
 
 class _Late:
@@ -319,6 +333,12 @@ class _Late:
 
     def send(self, msg: Any, /) -> None:
         getattr(self._engine, f"_{self._attribute}").send(msg)
+
+
+def _succeeded(done: AdapterOpDone) -> AdapterOpDone:
+    if not done.success:
+        raise AdapterError(done.error_message)
+    return done
 
 
 def _error_output(request_id: RequestId, error: LorasrvError) -> RequestOutput:

@@ -18,7 +18,7 @@ from aiohttp.typedefs import Handler
 
 from lorasrv.config import ServerConfig
 from lorasrv.engine.engine import Engine
-from lorasrv.http import handlers, openai
+from lorasrv.http import admin, handlers, openai
 from lorasrv.http.metrics import count_requests, metrics
 from lorasrv.http.middleware import Access, auth_middleware, error_middleware
 from lorasrv.http.state import CONFIG_KEY, CREATED_KEY, ENGINE_KEY
@@ -31,10 +31,13 @@ ENGINE_WATCH_INTERVAL_S: Final = 1.0
 
 ROUTES: Final[tuple[tuple[str, str, Handler, Access], ...]] = (
     ("POST", "/generate", handlers.generate, Access.USER),
-    ("POST", "/load_lora_adapter", handlers.load_lora_adapter, Access.ADMIN),
-    ("POST", "/unload_lora_adapter", handlers.unload_lora_adapter, Access.ADMIN),
-    ("POST", "/v1/load_lora_adapter", handlers.load_lora_adapter, Access.ADMIN),
-    ("POST", "/v1/unload_lora_adapter", handlers.unload_lora_adapter, Access.ADMIN),
+    ("POST", "/abort_request", handlers.abort_request, Access.USER),
+    ("POST", "/tokenize", handlers.tokenize, Access.USER),
+    ("POST", "/detokenize", handlers.detokenize, Access.USER),
+    ("POST", "/load_lora_adapter", admin.load_lora_adapter, Access.ADMIN),
+    ("POST", "/unload_lora_adapter", admin.unload_lora_adapter, Access.ADMIN),
+    ("POST", "/v1/load_lora_adapter", admin.vllm_load_lora_adapter, Access.ADMIN),
+    ("POST", "/v1/unload_lora_adapter", admin.vllm_unload_lora_adapter, Access.ADMIN),
     ("GET", "/v1/models", handlers.list_models, Access.USER),
     ("GET", "/v1/models/{model_id}", openai.retrieve_model, Access.USER),
     ("POST", "/v1/completions", openai.completions, Access.USER),

@@ -224,7 +224,7 @@ async def test_second_load_of_a_name_fails() -> None:
     ("path", "weight_error", "message"),
     [
         ("/missing", None, "/missing: no adapter_config.json"),
-        ("/big", None, "rank 64 exceeds --max-lora-rank 16"),
+        ("/big", None, "LoRA rank 64 is greater than max_lora_rank 16"),
         ("/mlp", None, "down_proj are outside --lora-target-modules"),
         ("/a", OSError("adapter_model.safetensors: truncated"), "truncated"),
         ("/a", RuntimeError("loader bug"), "RuntimeError: loader bug"),

@@ -281,12 +281,13 @@ USER = [{"role": "user", "content": "hi"}]
          "tools"),
         (CHAT, {"model": BASE, "messages": USER, "response_format": {
             "type": "json_object"}}, 400, "response_format"),
-        (COMPLETIONS, {"model": "a", "prompt": "x", "lora_path": "b"}, 400, "conflicts"),
+        (COMPLETIONS, {"model": BASE, "prompt": ["x", "y"], "lora_path": ["a"]}, 400,
+         "lora_path has 1 entries for 2 prompt(s)"),
         (COMPLETIONS, {"model": "nope", "prompt": "x"}, 404, "The model `nope` does not exist"),
         (CHAT, {"model": f"{BASE}:nope", "messages": USER}, 404, "does not exist"),
         (CHAT, {"model": "a:b", "messages": USER}, 404, "does not exist"),
         (COMPLETIONS, {"model": BASE, "prompt": "x", "lora_path": "nope"}, 404,
-         "lora_path: adapter 'nope' is not loaded"),
+         "adapter 'nope' is not loaded"),
         (COMPLETIONS, {"model": BASE, "prompt": "x", "max_tokens": 300}, 400,
          "max_new_tokens 300 exceeds the context length 256"),
         (COMPLETIONS, {"model": BASE, "prompt": "x" * 300}, 413, "300 tokens"),
@@ -301,7 +302,7 @@ async def test_bad_requests_are_4xx_in_openai_shape(
         "invalid_request_error")}[status]  # fmt: skip
     assert error["type"] == expected_type
     if status == 404:
-        assert error["code"] == "model_not_found"
+        assert error["code"] == ("adapter_not_found" if "lora_path" in body else "model_not_found")
     still = await client.post(COMPLETIONS, json={"model": BASE, "prompt": "ok"})
     assert still.status == 200
 

@@ -51,7 +51,9 @@ def test_transition(old: AdapterState, new: AdapterState) -> None:
 
 def test_check_compatible_names_the_flags() -> None:
     check_compatible(8, ("q_proj",), max_rank=8, target_modules=("q_proj", "v_proj"))
-    with pytest.raises(ValueError, match="rank 16 exceeds --max-lora-rank 8"):
+    with pytest.raises(
+        ValueError, match=r"LoRA rank 16 is greater than max_lora_rank 8 \(raise --max-lora-rank\)"
+    ):
         check_compatible(16, ("q_proj",), max_rank=8, target_modules=("q_proj",))
     with pytest.raises(ValueError, match=r"down_proj are outside --lora-target-modules"):
         check_compatible(8, ("q_proj", "down_proj"), max_rank=8, target_modules=("q_proj",))
