@@ -183,7 +183,7 @@ class Engine:
             vocab_size=ready.vocab_size,
             context_length=ready.context_length,
             lora_enabled=lora_enabled(self.config.adapters),
-            max_token_chars=self._require_tokenizer().max_token_chars,
+            max_token_chars=self.tokenizer.max_token_chars,
         )
 
     def submit(self, submission: Submission) -> RequestHandle:
