@@ -103,11 +103,11 @@ def read_peft_config(path_or_id: str, *, revision: str | None = None) -> PeftCon
     try:
         path = resolve_path(path_or_id, revision=revision, allow_patterns=_ADAPTER_FILES)
     except FileNotFoundError as exc:
-        raise AdapterNotFoundError(f"adapter {path_or_id!r}: {exc}") from None
+        raise AdapterNotFoundError(f"adapter {exc}") from None  # exc names the path
     config_file = os.path.join(path, ADAPTER_CONFIG)
     if not os.path.isfile(config_file):
         raise AdapterNotFoundError(
-            f"adapter {path_or_id!r}: {path} has no {ADAPTER_CONFIG}; not a PEFT adapter folder"
+            f"adapter {path_or_id!r}: no {ADAPTER_CONFIG}; not a PEFT adapter folder"
         )
     try:
         with open(config_file, "rb") as f:

@@ -9,25 +9,33 @@ import asyncio
 import contextlib
 import logging
 import signal
+import socket
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Final
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
+from lorasrv import __version__
 from lorasrv.config import ServerConfig
 from lorasrv.engine.engine import Engine
 from lorasrv.http import admin, handlers, openai
 from lorasrv.http.metrics import count_requests, metrics
 from lorasrv.http.middleware import Access, auth_middleware, error_middleware
 from lorasrv.http.state import CONFIG_KEY, CREATED_KEY, ENGINE_KEY
+from lorasrv.http.stats_log import log_stats
 
 log = logging.getLogger(__name__)
 
 #: request bodies beyond this are refused with 413 (a batch of long prompts fits easily)
 MAX_BODY_BYTES: Final = 32 * 1024 * 1024
 ENGINE_WATCH_INTERVAL_S: Final = 1.0
+
+
+async def version(request: web.Request) -> web.Response:
+    return web.json_response({"version": __version__})
+
 
 ROUTES: Final[tuple[tuple[str, str, Handler, Access], ...]] = (
     ("POST", "/generate", handlers.generate, Access.USER),
@@ -47,6 +55,8 @@ ROUTES: Final[tuple[tuple[str, str, Handler, Access], ...]] = (
     ("GET", "/health_generate", handlers.health_generate, Access.USER),
     ("GET", "/get_model_info", handlers.get_model_info, Access.USER),
     ("GET", "/get_server_info", handlers.get_server_info, Access.USER),
+    ("GET", "/server_info", handlers.get_server_info, Access.USER),  # SGLang's newer name
+    ("GET", "/version", version, Access.USER),
 )
 
 
@@ -97,18 +107,32 @@ def make_runner(app: web.Application, *, access_log: bool = True) -> web.AppRunn
     )
 
 
-async def serve_async(config: ServerConfig, engine: Engine) -> int:
-    """Serve until SIGINT/SIGTERM (0) or until the engine dies (1); always stops the engine."""
+async def serve_async(
+    config: ServerConfig, engine: Engine, sockets: Sequence[socket.socket] = ()
+) -> int:
+    """Serve until SIGINT/SIGTERM (0) or until the engine dies (1); always stops the engine.
+
+    `sockets` (from `listen.bind_sockets`, bound before the model loads) replace host and port.
+    """
     runner = make_runner(build_app(config, engine, manage_engine=True))
     await runner.setup()  # starts the engine
+    stats_task = None
     try:
-        site = web.TCPSite(runner, config.http.host, config.http.port)
-        await site.start()
+        sites: list[web.BaseSite] = [web.SockSite(runner, sock) for sock in sockets]
+        for site in sites or [web.TCPSite(runner, config.http.host, config.http.port)]:
+            await site.start()
         for address in runner.addresses:
             host, port = address[0], address[1]
             log.info("serving on http://%s:%d", f"[{host}]" if ":" in host else host, port)
+        if config.http.log_stats_interval > 0:
+            stats = log_stats(engine, config.http.log_stats_interval)
+            stats_task = asyncio.create_task(stats, name="lorasrv-stats-log")
         return await _wait_for_exit(engine)
     finally:
+        if stats_task is not None:
+            stats_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await stats_task
         await runner.cleanup()  # stops the engine
 
 
@@ -132,14 +156,18 @@ async def _wait_for_exit(engine: Engine) -> int:
             loop.remove_signal_handler(signum)
 
 
-def serve(config: ServerConfig, make_engine: Callable[[], Engine]) -> int:
+def serve(
+    config: ServerConfig,
+    make_engine: Callable[[], Engine],
+    sockets: Sequence[socket.socket] = (),
+) -> int:
     """Run the server on a fresh event loop (uvloop when installed); returns the exit status.
 
     The engine is built inside the loop, so whatever it creates binds to that loop.
     """
 
     async def main() -> int:
-        return await serve_async(config, make_engine())
+        return await serve_async(config, make_engine(), sockets)
 
     with asyncio.Runner(loop_factory=_loop_factory()) as runner:
         return runner.run(main())
