@@ -2,8 +2,16 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
+
+from lorasrv.demo import TRAIN_STEPS_ENV
 
 # Intra-op threads only add overhead for tiny tensors, and on a shared 2-core machine their
 # spin-waiting made the model tests about 8x slower.
 torch.set_num_threads(1)
+
+# The demo model trains for ~15 s when built; tests build it often, so a few steps do (its own cache
+# folder; subprocesses inherit this). tests/unit/test_demo.py trains the real one once.
+os.environ.setdefault(TRAIN_STEPS_ENV, "2")
