@@ -144,7 +144,10 @@ def build_parser() -> argparse.ArgumentParser:
         defaults = cls()
         for name, hint in get_type_hints(cls, include_extras=True).items():
             flags = [flag_of(name), *aliases.get(name, ())]
-            help_text = f"{HELP[name]} (default: {_default_text(name, getattr(defaults, name))})"
+            # NOTE: a new setting needs a HELP entry (and NONE_MEANS when its default is None);
+            # tests/unit/test_cli_flags.py fails without them, the parser does not
+            default = _default_text(name, getattr(defaults, name))
+            help_text = f"{HELP.get(name, name.replace('_', ' '))} (default: {default})"
             _add_flag(group, flags, name, plain_type(hint), help_text)
     group = parser.add_argument_group("vLLM")
     group.add_argument(
@@ -159,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _default_text(name: str, default: Any) -> str:
     if default is None:
-        return NONE_MEANS[name]
+        return NONE_MEANS.get(name, "none")
     if isinstance(default, bool):
         return "on" if default else "off"
     if isinstance(default, tuple):
