@@ -4,21 +4,24 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import signal
 import socket
-from typing import Any
 
 import pytest
 
 import lorasrv
-from lorasrv.config import build_config
+from lorasrv.engine.engine import Engine
+from lorasrv.engine.requests import Submission
 from lorasrv.engine.stats import SchedulerStats
-from lorasrv.http.app import build_app, serve_async
+from lorasrv.http.app import serve_async
 from lorasrv.http.listen import bind_sockets
 from lorasrv.http.stats_log import Sample, format_line, is_idle, log_stats
 from lorasrv.ids import AdapterId, SlotId
-from lorasrv.messages import AdapterStatus
-from tests.http.fake_engine import FakeEngine
-from tests.http.real_server import real_server
+from lorasrv.messages import AdapterStatus, SamplingParams
+from tests.http.conftest import MakeClient
+from tests.http.real_server import fake_engine, real_server, server_config
+from tests.http.test_serve import wait_until_serving
 
 STATS = SchedulerStats(num_running=3, num_waiting=1, num_acquiring=1, num_kv_pages=160,
                        num_kv_pages_used=20)  # fmt: skip
@@ -55,9 +58,9 @@ async def test_stats_lines_while_serving_real_engine(caplog: pytest.LogCaptureFi
     async with real_server() as server:
         task = asyncio.create_task(log_stats(server.engine, 0.2))
         try:
-            body = {"text": "hello", "lora_path": "a", "sampling_params": {"max_new_tokens": 8}}
-            out = await server.engine.generate(**body)
-            assert isinstance(out, dict)
+            params = SamplingParams(max_new_tokens=8, ignore_eos=True)
+            submission = Submission(text="hello", lora_name="a", params=params)
+            await server.engine.submit(submission).result()
             async with asyncio.timeout(5):
                 while not any("generation" in r.message for r in caplog.records):
                     await asyncio.sleep(0.05)
@@ -71,12 +74,19 @@ async def test_stats_lines_while_serving_real_engine(caplog: pytest.LogCaptureFi
 
 async def test_idle_lines_are_not_repeated(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="lorasrv.stats")
-    engine = FakeEngine()
-    engine.last_stats = SchedulerStats()
+    engine = fake_engine(server_config())  # not started: no adapters, no requests
     task = asyncio.create_task(log_stats(engine, 0.01))
     await asyncio.sleep(0.2)  # ~20 idle intervals
     task.cancel()
     assert len([r for r in caplog.records if r.name == "lorasrv.stats"]) == 1
+
+
+async def serve_until_sigterm(task: asyncio.Task[int], engine: Engine) -> None:
+    await wait_until_serving(task, engine.is_healthy)
+    await asyncio.sleep(0.3)
+    os.kill(os.getpid(), signal.SIGTERM)
+    async with asyncio.timeout(5):
+        assert await task == 0
 
 
 @pytest.mark.parametrize(("interval", "expect_lines"), [(0.05, True), (0.0, False)])
@@ -84,49 +94,41 @@ async def test_serve_logs_stats_unless_turned_off(
     interval: float, expect_lines: bool, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO, logger="lorasrv.stats")
-    engine = FakeEngine(build_config({"log_stats_interval": interval}))
-    sockets = bind_sockets("127.0.0.1", 0)
-    task = asyncio.create_task(serve_async(engine.config, engine, sockets))
-    await asyncio.sleep(0.5)
-    engine.healthy = False  # ends the server with status 1
-    async with asyncio.timeout(5):
-        assert await task == 1
+    config = server_config(log_stats_interval=interval)
+    engine = fake_engine(config)
+    task = asyncio.create_task(serve_async(config, engine, bind_sockets("127.0.0.1", 0)))
+    await serve_until_sigterm(task, engine)
     lines = [r for r in caplog.records if r.name == "lorasrv.stats"]
     assert bool(lines) is expect_lines
 
 
-async def test_serves_on_the_sockets_bound_before_start(aiohttp_client: Any) -> None:
-    engine = FakeEngine(build_config({"log_stats_interval": 0}))
+async def test_serves_on_the_sockets_bound_before_start() -> None:
+    config = server_config(log_stats_interval=0)
+    engine = fake_engine(config)
     sockets = bind_sockets("127.0.0.1", 0)
     port = sockets[0].getsockname()[1]
-    task = asyncio.create_task(serve_async(engine.config, engine, sockets))
-    try:
-        async with asyncio.timeout(5):
-            while True:
-                try:
-                    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-                except OSError:
-                    await asyncio.sleep(0.05)
-                    continue
-                writer.write(b"GET /version HTTP/1.0\r\n\r\n")
-                reply = await reader.read()
-                writer.close()
-                break
-        assert b"200 OK" in reply
-        assert lorasrv.__version__.encode() in reply
-        with pytest.raises(OSError, match="in use"), socket.create_server(("127.0.0.1", port)):
-            pass  # still ours
-    finally:
-        engine.healthy = False
-        await task
+    task = asyncio.create_task(serve_async(config, engine, sockets))
+    await wait_until_serving(task, engine.is_healthy)
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"GET /version HTTP/1.0\r\n\r\n")
+    reply = await reader.read()
+    writer.close()
+    assert b"200 OK" in reply
+    assert lorasrv.__version__.encode() in reply
+    with pytest.raises(OSError, match="in use"), socket.create_server(("127.0.0.1", port)):
+        pass  # still ours
+    await serve_until_sigterm(task, engine)
 
 
-async def test_version_and_server_info_alias(aiohttp_client: Any) -> None:
-    engine = FakeEngine()
-    client = await aiohttp_client(build_app(engine.config, engine))
+async def test_version_and_server_info_alias(make_client: MakeClient) -> None:
+    client = await make_client(api_key=None)
     resp = await client.get("/version")
     assert resp.status == 200
     assert await resp.json() == {"version": lorasrv.__version__}
     old, new = await client.get("/get_server_info"), await client.get("/server_info")
     assert new.status == 200
-    assert await new.json() == await old.json()
+    old_info, new_info = await old.json(), await new.json()
+    for info in (old_info, new_info):
+        info.pop("scheduler", None)  # live values
+        info.pop("uptime_s", None)
+    assert new_info == old_info
