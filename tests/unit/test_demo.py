@@ -160,10 +160,11 @@ def test_training_forward_is_transformers_llama(demo: DemoModel) -> None:
 
 @pytest.mark.slow
 def test_the_real_demo_trains_fast_and_reads_as_words(tmp_path: Path) -> None:
-    start = time.perf_counter()
+    # CPU time, not wall time: training runs on one thread, and on a shared machine the wall
+    # clock measures the neighbours (15-20 s wall on an idle 2-core box, 49 s beside a CI run)
+    start = time.process_time()
     build_demo(tmp_path, lorasrv.demo.TRAIN_STEPS)
-    # ~15-20 s on this 2-core machine; the bound leaves room for other work running beside it
-    assert time.perf_counter() - start < 45.0
+    assert time.process_time() - start < 30.0
     model_path = tmp_path / "model"
     weights = load_file(model_path / "model.safetensors")
     tokenizer = HfTokenizer.from_dir(str(model_path))
