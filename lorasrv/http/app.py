@@ -21,6 +21,7 @@ from lorasrv import __version__
 from lorasrv.config import ServerConfig
 from lorasrv.engine.engine import Engine
 from lorasrv.http import admin, handlers, openai
+from lorasrv.http.bodies import MAX_BODY_KEY, RAW_BODIES_KEY
 from lorasrv.http.metrics import count_requests, metrics
 from lorasrv.http.middleware import Access, auth_middleware, error_middleware
 from lorasrv.http.state import CONFIG_KEY, CREATED_KEY, ENGINE_KEY
@@ -79,6 +80,7 @@ def build_app(
     )
     app[ENGINE_KEY] = engine
     app[CONFIG_KEY] = config
+    app[MAX_BODY_KEY] = client_max_size
     app[CREATED_KEY] = int(time.time())
     for method, path, handler, _ in ROUTES:
         app.router.add_route(method, path, handler)
@@ -99,10 +101,13 @@ async def _engine_lifetime(app: web.Application) -> AsyncIterator[None]:
 
 
 def make_runner(app: web.Application, *, access_log: bool = True) -> web.AppRunner:
-    """The runner `serve` uses. NOTE: handler_cancellation makes a disconnect abort a request."""
+    """The runner `serve` uses. NOTE: handler_cancellation makes a disconnect abort a request;
+    bodies arrive still encoded, so the routes answer a bad Content-Encoding (http/bodies.py)."""
+    app[RAW_BODIES_KEY] = True
     return web.AppRunner(
         app,
         handler_cancellation=True,
+        auto_decompress=False,
         access_log=logging.getLogger("aiohttp.access") if access_log else None,
     )
 

@@ -17,6 +17,7 @@ from aiohttp import web
 from lorasrv.engine.requests import Submission
 from lorasrv.errors import BadRequest, EngineDead, LorasrvError
 from lorasrv.http import sglang
+from lorasrv.http.bodies import read_body
 from lorasrv.http.models import model_cards
 from lorasrv.http.outputs import abort_all, collect, submit_all
 from lorasrv.http.responses import error_response, json_response
@@ -45,7 +46,7 @@ SECRET_KEYS: Final = frozenset({"api_key", "admin_api_key"})
 
 async def decode_body(request: web.Request, cls: type[_T]) -> _T:
     """The JSON body as `cls`; any problem is a BadRequest naming it (msgspec gives the path)."""
-    raw = await request.read()  # raises 413 beyond the app's client_max_size
+    raw = await read_body(request)  # Content-Encoding undone; 413 beyond the body limit
     if not raw.strip():
         raise BadRequest("invalid JSON: empty request body")
     try:
