@@ -169,6 +169,11 @@ class HfTokenizer:
         return list(self._tokenizer.encode(text, add_special_tokens=add_special_tokens).ids)
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        if len(ids) > GIL_FREE_ENCODE_CHARS:  # as encode: decode_batch releases the GIL
+            (text,) = self._tokenizer.decode_batch(
+                [list(ids)], skip_special_tokens=skip_special_tokens
+            )
+            return text
         return self._tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
     def apply_chat_template(

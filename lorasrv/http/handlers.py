@@ -99,7 +99,10 @@ async def tokenize(request: web.Request) -> web.Response:
     body = await decode_body(request, TokenizeRequest)
     encode = engine.tokenizer.encode
     prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
-    ids = [encode(p, add_special_tokens=body.add_special_tokens) for p in prompts]
+    # NOTE: never on the event loop: a body may hold tens of MB of text
+    ids = await asyncio.to_thread(
+        lambda: [encode(p, add_special_tokens=body.add_special_tokens) for p in prompts]
+    )
     limit = engine.ready_info.context_length
     if isinstance(body.prompt, str):
         return json_response(
@@ -119,7 +122,9 @@ async def detokenize(request: web.Request) -> web.Response:
     if bad:
         raise BadRequest(f"tokens: token id {bad[0]} is outside the vocabulary [0, {vocab_size})")
     decode = engine.tokenizer.decode
-    texts = [decode(row, skip_special_tokens=body.skip_special_tokens) for row in rows]
+    texts = await asyncio.to_thread(
+        lambda: [decode(row, skip_special_tokens=body.skip_special_tokens) for row in rows]
+    )
     return json_response(DetokenizeResponse(text=texts[0] if single is not None else texts))
 
 
