@@ -100,6 +100,13 @@ class HfTokenizer:
         added = tokenizer.get_added_tokens_decoder()
         self._all_special_ids = tuple(sorted(i for i, token in added.items() if token.special))
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Pickled as its parts (a compiled chat template is not picklable): how a Ray Serve
+        ingress gets its replicas' tokenizer (lorasrv.deploy.ray)."""
+        parts = (self._tokenizer, self._chat_template_source, self._special_tokens,
+                 self._eos_token_ids)  # fmt: skip
+        return (_rebuild, parts)
+
     @classmethod
     def from_dir(cls, path: str | os.PathLike[str]) -> HfTokenizer:
         folder = Path(path)
@@ -367,3 +374,17 @@ def _eos_token_ids(folder: Path, tokenizer: Tokenizer, eos_token: str | None) ->
         values = value if isinstance(value, list) else [value]
         ids.extend(v for v in values if isinstance(v, int) and not isinstance(v, bool))
     return list(dict.fromkeys(ids))
+
+
+def _rebuild(
+    tokenizer: Tokenizer,
+    chat_template: str | None,
+    special_tokens: dict[str, str],
+    eos_token_ids: tuple[int, ...],
+) -> HfTokenizer:
+    return HfTokenizer(
+        tokenizer,
+        chat_template=chat_template,
+        special_tokens=special_tokens,
+        eos_token_ids=eos_token_ids,
+    )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import pickle
 import random
 from collections.abc import Sequence
 from pathlib import Path
@@ -162,6 +163,23 @@ def test_chat_template_matches_transformers(which: str, demo_dir: Path, qwen_dir
                 _as_dicts(chat), tokenize=False, add_generation_prompt=add
             )
             assert ours.apply_chat_template(chat, add_generation_prompt=add) == expected
+
+
+@pytest.mark.parametrize("which", ["demo", "qwen"])
+def test_a_pickled_tokenizer_is_the_same_tokenizer(
+    which: str, demo_dir: Path, qwen_dir: Path
+) -> None:
+    """A Ray Serve ingress gets its replicas' tokenizer pickled (the chat template recompiled)."""
+    ours = HfTokenizer.from_dir(demo_dir if which == "demo" else qwen_dir)
+    copy = pickle.loads(pickle.dumps(ours))
+    for text in TEXTS:
+        assert copy.encode(text) == ours.encode(text)
+        ids = ours.encode(text)
+        assert copy.decode(ids, False) == ours.decode(ids, False)
+    for chat in CHATS:
+        assert copy.apply_chat_template(chat) == ours.apply_chat_template(chat)
+    same = ("eos_token_ids", "vocab_size", "all_special_ids", "max_token_chars")
+    assert [getattr(copy, name) for name in same] == [getattr(ours, name) for name in same]
 
 
 def test_eos_ids_and_special_ids(demo_dir: Path, qwen_dir: Path) -> None:
