@@ -26,7 +26,14 @@ from lorasrv.engine.scheduler import SchedulerActor
 from lorasrv.engine.stats import SchedulerStats
 from lorasrv.engine.tokenizer import TokenizerActor
 from lorasrv.engine.validation import Limits, check_submission
-from lorasrv.errors import AdapterError, BadRequest, EngineDead, LorasrvError, Overloaded
+from lorasrv.errors import (
+    AdapterError,
+    BadRequest,
+    BatchTooLarge,
+    EngineDead,
+    LorasrvError,
+    Overloaded,
+)
 from lorasrv.ids import OpId, RequestId
 from lorasrv.messages import (
     Abort,
@@ -221,6 +228,18 @@ class Engine:
     def _max_in_flight(self) -> int:
         cfg = self.config.scheduler
         return cfg.max_queued_requests + cfg.max_running_requests
+
+    def check_batch_size(self, num_requests: int) -> None:
+        """Refuse (413) a call of more requests than are ever in flight at once: it can never
+        run, so it is not an overload to retry (a partial batch would be refused at once)."""
+        limit = self._max_in_flight
+        if num_requests > limit:
+            cfg = self.config.scheduler
+            raise BatchTooLarge(
+                f"{num_requests} requests in one call; at most {limit} can be in flight "
+                f"(--max-running-requests {cfg.max_running_requests} + --max-queued-requests "
+                f"{cfg.max_queued_requests}): send smaller batches"
+            )
 
     def request_ids(self) -> tuple[str, ...]:
         """The requests in flight (submitted, not yet finished or aborted)."""

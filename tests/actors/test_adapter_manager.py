@@ -336,7 +336,7 @@ async def test_failed_reload_fails_the_waiting_acquires() -> None:
         del h.disk.folders["/a"]
         failed = await h.acquire("r1", "a")
         assert isinstance(failed, AdapterAcquireFailed)
-        assert failed.code == "adapter_error"
+        assert failed.code == "adapter_unavailable"
         assert "no adapter_config.json" in failed.detail
 
 
@@ -387,5 +387,5 @@ async def test_requests_waiting_on_a_failed_first_load_fail_with_its_reason() ->
         assert not (await h.op_result(slow_op)).success
         failed = await h.until(lambda: h._reply_to("r1"))
         assert isinstance(failed, AdapterAcquireFailed)
-        assert failed.code == "adapter_error"
+        assert failed.code == "adapter_not_found"
         assert "corrupt adapter_model.safetensors" in failed.detail

@@ -339,15 +339,22 @@ async def test_early_failure_keeps_its_status_when_streaming(
     assert error["code"] == "engine_dead"
 
 
-async def test_overload_is_a_503_and_earlier_choices_are_aborted(make_client: MakeClient) -> None:
-    client = await make_client(max_running_requests=1, max_queued_requests=1)
+async def test_overload_is_a_503_and_earlier_choices_are_aborted(
+    make_client: MakeClient, runner: FakeRunner
+) -> None:
+    client = await make_client(max_running_requests=1, max_queued_requests=2)  # 3 in flight
     engine = client.app[ENGINE_KEY]
-    body = {"model": BASE, "prompt": "x", "n": 3, "max_tokens": 2}
+    runner.gate.clear()  # one request holds a place until the gate opens
+    held = asyncio.ensure_future(client.post(COMPLETIONS, json={"model": BASE, "prompt": "h"}))
+    await wait_until(lambda: len(engine.request_ids()) == 1, "one request in flight")
+    body = {"model": BASE, "prompt": "x", "n": 3, "max_tokens": 2}  # fits an idle server only
     error = await openai_error(await client.post(COMPLETIONS, json=body), 503)
     assert (error["type"], error["code"]) == ("service_unavailable_error", "overloaded")
-    assert engine.request_ids() == ()
+    assert len(engine.request_ids()) == 1
+    runner.gate.set()
+    assert (await held).status == 200
     await wait_until(lambda: engine.last_stats.num_aborted == 2, "the first two are aborted")
-    assert engine.last_stats.num_finished == 2  # and nothing else ran
+    assert engine.last_stats.num_finished == 3  # the held one and the two aborted
 
 
 async def test_disconnect_aborts_every_choice(server: Server) -> None:

@@ -18,6 +18,7 @@ from lorasrv.engine.adapter_state import (
     StartHostLoad,
     check_compatible,
 )
+from lorasrv.errors import status_for_code
 from lorasrv.ids import AdapterId, OpId, RequestId, SlotId, StepId
 from lorasrv.messages import (
     AdapterAcquired,
@@ -294,7 +295,8 @@ def test_failed_reload_fails_its_waiters_and_keeps_the_adapter() -> None:
     acquire(reg, "r1", "a")
     (failed,) = reg.fail_load(a, "disk gone")
     assert isinstance(failed, AdapterAcquireFailed)
-    assert failed.code == "adapter_error"
+    assert failed.code == "adapter_unavailable"  # 503: the next acquire retries the load
+    assert status_for_code(failed.code) == 503
     assert reg.entries[a].state is S.UNLOADED
 
 
@@ -361,11 +363,14 @@ def test_pinned_load_without_host_room_is_refused() -> None:
     acquire(reg, "r2", "b")  # every host copy is in use
     (start,) = reg.begin_load(OpId(9), "p", "/p", True)
     assert isinstance(start, StartHostLoad)
-    (done,) = reg.finish_load(start.adapter_id, "weights-p", 8, 0.01)
+    acquire(reg, "r3", "p")  # a request waiting for the pinned adapter's load
+    failed, done = reg.finish_load(start.adapter_id, "weights-p", 8, 0.01)
     assert isinstance(done, AdapterOpDone)
     assert not done.success
     assert "raise --max-loaded-loras" in done.error_message
     assert "p" not in reg.by_name
+    assert isinstance(failed, AdapterAcquireFailed)
+    assert (failed.request_id, failed.code) == ("r3", "adapter_not_found")  # 404, not 400
 
 
 def test_a_reload_in_flight_holds_its_host_room() -> None:
