@@ -61,10 +61,12 @@ HELP: Final[dict[str, str]] = {
     "lora_eviction_policy": "which idle adapter leaves its GPU slot first",
     "host": "address to listen on",
     "port": "port to listen on (0: any free port)",
-    "api_key": f"require 'Authorization: Bearer KEY' (or {ENV_PREFIX}API_KEY)",
+    "api_key": f"require 'Authorization: Bearer KEY' ({ENV_PREFIX}API_KEY keeps it out of ps)",
     "admin_api_key": "key for the adapter load/unload routes",
     "log_level": "log verbosity; debug also prints tracebacks of startup errors",
     "log_stats_interval": "seconds between stats log lines while serving; 0: none",
+    "graceful_shutdown_timeout": "at SIGTERM/SIGINT, seconds requests in flight get to finish; "
+    "then (or at a second signal) they end with an error",
 }
 
 #: what a setting whose default is None means

@@ -96,6 +96,7 @@ class HttpConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_onl
     admin_api_key: str | None = None
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_stats_interval: Annotated[float, msgspec.Meta(ge=0.0)] = 10.0  # seconds; 0: off
+    graceful_shutdown_timeout: Annotated[float, msgspec.Meta(ge=0.0)] = 30.0  # seconds
 
 
 class ServerConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):

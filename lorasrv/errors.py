@@ -69,6 +69,13 @@ class EngineDead(LorasrvError):
     code = "engine_dead"
 
 
+class ShuttingDown(LorasrvError):
+    """The server is stopping: it takes no new requests, and ends the last ones at its timeout."""
+
+    status = 503
+    code = "shutting_down"
+
+
 class AdapterUnavailable(LorasrvError):
     """A registered adapter could not be brought back into memory this time; retrying may work."""
 
@@ -96,6 +103,7 @@ _BY_CODE: Final[dict[str, type[LorasrvError]]] = {
         PromptTooLong,
         Overloaded,
         EngineDead,
+        ShuttingDown,
         AdapterUnavailable,
         BatchTooLarge,
     )

@@ -33,6 +33,7 @@ from lorasrv.errors import (
     EngineDead,
     LorasrvError,
     Overloaded,
+    ShuttingDown,
 )
 from lorasrv.ids import OpId, RequestId
 from lorasrv.messages import (
@@ -71,6 +72,7 @@ class Engine:
         self._read_adapter_config: Callable[[str], Any] = _not_started
         self.failed = asyncio.Event()
         self.failure: str | None = None
+        self.draining: str | None = None  # why new work is refused: the server is stopping
         self.model_path = ""
         self.started_s = 0.0
 
@@ -169,7 +171,27 @@ class Engine:
             self._die("engine stopped")
 
     def is_healthy(self) -> bool:
-        return self._supervisor is not None and not self.failed.is_set()
+        """Running and taking requests (False while draining for a shutdown)."""
+        return self._supervisor is not None and not self.failed.is_set() and self.draining is None
+
+    def _refusal(self) -> LorasrvError:
+        if self.draining is not None and not self.failed.is_set():
+            return ShuttingDown(self.draining)
+        return EngineDead(self.failure or "the engine is not running")
+
+    def drain(self, reason: str) -> None:
+        """Refuse new requests and adapter operations from now on (503 `reason`); requests in
+        flight go on. For a server that is stopping."""
+        self.draining = reason
+
+    def end_requests(self, reason: str) -> None:
+        """End every request in flight now: its reader gets a 503 error (a stream: an error event,
+        then [DONE]), and its pages and adapter reference are freed."""
+        for request_id in list(self._outputs):
+            queue = self._outputs.pop(request_id)
+            queue.put_nowait(_error_output(request_id, ShuttingDown(reason)))
+            if self._tokenizer_actor is not None:
+                self._tokenizer_actor.send(Abort(request_id=request_id))
 
     @property
     def ready_info(self) -> RunnerReady:
@@ -196,7 +218,7 @@ class Engine:
     def submit(self, submission: Submission) -> RequestHandle:
         """Check and enqueue one request; bad input raises a LorasrvError at once."""
         if not self.is_healthy() or self._tokenizer_actor is None:
-            raise EngineDead(self.failure or "the engine is not running")
+            raise self._refusal()
         check_submission(submission, self.limits)
         if len(self._outputs) >= self._max_in_flight:
             raise Overloaded(f"{len(self._outputs)} requests in flight; try again later")
@@ -280,7 +302,7 @@ class Engine:
 
     def _send_op(self, make: Callable[[OpId], Any]) -> asyncio.Future[AdapterOpDone]:
         if not self.is_healthy() or self._adapter_actor is None:
-            raise EngineDead(self.failure or "the engine is not running")
+            raise self._refusal()
         op_id = OpId(next(self._op_ids))
         future: asyncio.Future[AdapterOpDone] = asyncio.get_running_loop().create_future()
         self._ops[op_id] = future

@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import signal
 import socket
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -21,9 +20,11 @@ from lorasrv import __version__
 from lorasrv.config import ServerConfig
 from lorasrv.engine.engine import Engine
 from lorasrv.http import admin, handlers, openai
+from lorasrv.http.access_log import RedactingAccessLogger
 from lorasrv.http.bodies import MAX_BODY_KEY, RAW_BODIES_KEY
 from lorasrv.http.metrics import count_requests, metrics
 from lorasrv.http.middleware import Access, auth_middleware, error_middleware
+from lorasrv.http.shutdown import FINISH_WRITING_S, SIGNALS, shut_down
 from lorasrv.http.state import CONFIG_KEY, CREATED_KEY, ENGINE_KEY
 from lorasrv.http.stats_log import log_stats
 
@@ -102,13 +103,16 @@ async def _engine_lifetime(app: web.Application) -> AsyncIterator[None]:
 
 def make_runner(app: web.Application, *, access_log: bool = True) -> web.AppRunner:
     """The runner `serve` uses. NOTE: handler_cancellation makes a disconnect abort a request;
-    bodies arrive still encoded, so the routes answer a bad Content-Encoding (http/bodies.py)."""
+    bodies arrive still encoded, so the routes answer a bad Content-Encoding (http/bodies.py);
+    handlers are only waited for briefly at cleanup: `shut_down` has drained them before."""
     app[RAW_BODIES_KEY] = True
     return web.AppRunner(
         app,
         handler_cancellation=True,
         auto_decompress=False,
+        shutdown_timeout=FINISH_WRITING_S,
         access_log=logging.getLogger("aiohttp.access") if access_log else None,
+        access_log_class=RedactingAccessLogger,
     )
 
 
@@ -138,27 +142,24 @@ async def serve_async(
             stats_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await stats_task
-        await runner.cleanup()  # stops the engine
+        await shut_down(runner, engine, config.http.graceful_shutdown_timeout)  # stops the engine
 
 
 async def _wait_for_exit(engine: Engine) -> int:
+    """NOTE: leaves its signal handlers installed: `shut_down` replaces, then removes them."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for signum in (signal.SIGINT, signal.SIGTERM):
+    for signum in SIGNALS:
         loop.add_signal_handler(signum, stop.set)
-    try:
-        while not stop.is_set():
-            if not engine.is_healthy():
-                log.error("engine is no longer running; shutting down")
-                return 1
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(ENGINE_WATCH_INTERVAL_S):
-                    await stop.wait()
-        log.info("shutting down")
-        return 0
-    finally:
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            loop.remove_signal_handler(signum)
+    while not stop.is_set():
+        if not engine.is_healthy():
+            log.error("engine is no longer running; shutting down")
+            return 1
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(ENGINE_WATCH_INTERVAL_S):
+                await stop.wait()
+    log.info("shutting down")
+    return 0
 
 
 def serve(
