@@ -53,6 +53,14 @@ class Tokenize(Msg, frozen=True, kw_only=True):
     params: SamplingParams
 
 
+class Tokenized(Msg, frozen=True, kw_only=True):
+    """TokenizerActor -> itself: a long prompt encoded off the event loop (ids, or why not)."""
+
+    request_id: RequestId
+    prompt_ids: tuple[int, ...] = ()
+    error: str | None = None
+
+
 class Enqueue(Msg, frozen=True, kw_only=True):
     """TokenizerActor -> SchedulerActor: a tokenized request ready for admission."""
 
@@ -167,11 +175,15 @@ class DescribeAdapters(Msg, frozen=True, kw_only=True):
 
 class AdapterStatus(msgspec.Struct, frozen=True, kw_only=True):
     """One adapter version as its three owners see it: the catalog (`phase`), the host cache
-    (`host`) and the scheduler's GPU residency (`gpu_rows`, filled in by the Engine)."""
+    (`host`) and the scheduler's GPU residency (`gpu_rows`, filled in by the Engine), and one
+    label derived from the three (`state`)."""
 
     name: str
     path: str
     adapter_id: AdapterId
+    # "loading" (first load or a reload) | "unloading" | "gpu_resident" | "cpu_loaded" (host
+    # copy, no GPU rows) | "unloaded" (registered, neither: read back from disk on first use)
+    state: str
     phase: str  # "loading" (first load) | "ready" | "unloading" (draining its requests)
     host: str  # "absent" | "loading" | "loaded": its host copy
     rank: int
@@ -179,8 +191,8 @@ class AdapterStatus(msgspec.Struct, frozen=True, kw_only=True):
     num_refs: int
     gpu_rows: int = 0  # LoRA rows it holds on the GPU; 0 = not resident
     num_loads: int = 0  # host loads (first load and reloads)
+    num_evictions: int = 0  # times its GPU rows were taken for others
     num_host_drops: int = 0  # host copies dropped by --max-loaded-loras
-    num_gpu_evictions: int = 0  # times its GPU rows were taken for others
     last_load_s: float = 0.0
 
 
@@ -340,7 +352,7 @@ class RunnerReady(msgspec.Struct, frozen=True, kw_only=True):
     dtype: str
 
 
-TokenizerInbox = Tokenize | EmitTokens | RequestFailed | Abort
+TokenizerInbox = Tokenize | Tokenized | EmitTokens | RequestFailed | Abort
 SchedulerInbox = (
     Enqueue | Abort | AdapterAcquired | AdapterAcquireFailed | AdapterRetired | StepDone
 )

@@ -23,9 +23,9 @@ log = logging.getLogger(__name__)
 CONTENT_TYPE: Final = "text/plain; version=0.0.4; charset=utf-8"
 BASE_LABEL: Final = ""  # the `adapter` label of base-model requests
 UNKNOWN_LABEL: Final = "<unknown>"  # requests that named no registered adapter
-#: An adapter's state label, from its owners' views (see `adapter_state`).
+#: An adapter's state label (AdapterStatus.state, from its three owners' views).
 ADAPTER_STATES: Final = ("loading", "cpu_loaded", "gpu_resident", "unloaded")
-DRAINING_PHASE: Final = "unloading"  # an unloaded version still draining its requests
+DRAINING_STATE: Final = "unloading"  # an unloaded version still draining its requests
 TTFT_BUCKETS_S: Final = (
     0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 30.0,
 )  # fmt: skip
@@ -203,15 +203,6 @@ def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:
     return GaugeMetricFamily(name, documentation, value=value)
 
 
-def adapter_state(status: AdapterStatus) -> str:
-    """One label from the three owners' views: on the GPU, else its host copy's state."""
-    if status.phase == "loading" or status.host == "loading":
-        return "loading"
-    if status.gpu_rows:
-        return "gpu_resident"
-    return "cpu_loaded" if status.host == "loaded" else "unloaded"
-
-
 def _adapter_families(adapters: Sequence[AdapterStatus]) -> Iterator[Metric]:
     label = ["adapter"]
     state = GaugeMetricFamily(
@@ -236,18 +227,17 @@ def _adapter_families(adapters: Sequence[AdapterStatus]) -> Iterator[Metric]:
     )
     # NOTE: an unloaded version still draining its requests keeps its name until it is gone; a
     # reload under the same name would then give two series with one label, so skip it.
-    adapters = [a for a in adapters if a.phase != DRAINING_PHASE]
+    adapters = [a for a in adapters if a.state != DRAINING_STATE]
     for status in adapters:
         name = [status.name]
-        current = adapter_state(status)
         for value in ADAPTER_STATES:
-            state.add_metric([status.name, value], float(current == value))
+            state.add_metric([status.name, value], float(status.state == value))
         resident.add_metric(name, float(status.gpu_rows > 0))
         rows.add_metric(name, float(status.gpu_rows))
         pinned.add_metric(name, float(status.pinned))
         refs.add_metric(name, float(status.num_refs))
         loads.add_metric(name, float(status.num_loads))
-        evictions.add_metric(name, float(status.num_gpu_evictions + status.num_host_drops))
+        evictions.add_metric(name, float(status.num_evictions + status.num_host_drops))
         load_s.add_metric(name, status.last_load_s)
     yield _gauge("lorasrv_adapters_registered", "Registered adapters.", len(adapters))
     yield from (state, resident, rows, pinned, refs, loads, evictions, load_s)

@@ -11,9 +11,12 @@ from __future__ import annotations
 import logging
 from typing import NamedTuple
 
+import msgspec
+
 from lorasrv.config import AdapterConfig, adapter_name_problem
 from lorasrv.engine.adapter_catalog import AdapterCatalog, AdapterVersion, Phase
 from lorasrv.engine.host_cache import HostCache, HostState
+from lorasrv.engine.stats import GpuAdapter
 from lorasrv.ids import AdapterId, OpId, RequestId
 from lorasrv.messages import (
     AdapterAcquired,
@@ -130,7 +133,7 @@ class AdapterRegistry:
                 self.catalog.let_go(request_id)
                 self._grant(version, request_id)
             version.waiters.clear()
-        elif version.pinned:  # a pinned adapter must stay in host memory: refuse it
+        elif version.pinned:  # a pinned adapter must stay in host memory: refuse it (gone: 404)
             self._fail_first_load(version, f"no host memory left for pinned adapter "
                                   f"{version.name!r}; raise --max-loaded-loras")  # fmt: skip
         else:  # registered, but the host cap had no victim: it reloads on first use
@@ -146,11 +149,12 @@ class AdapterRegistry:
     def fail_load(self, adapter_id: AdapterId, error: str) -> list[Effect]:
         version = self.catalog.versions[adapter_id]
         detail = f"failed to load adapter {version.name!r} from {version.path!r}: {error}"
-        if version.phase is Phase.LOADING:  # a failed first load leaves no trace
+        # NOTE: a request is not at fault for its adapter's load: never a 400 for it
+        if version.phase is Phase.LOADING:  # a failed first load leaves no trace (404)
             self._fail_first_load(version, detail)
-        else:  # a failed reload: still registered; the next acquire retries
+        else:  # a failed reload: still registered; the next acquire retries (503)
             self.host.drop(adapter_id)
-            self._fail_waiters(version, "adapter_error", detail)
+            self._fail_waiters(version, "adapter_unavailable", detail)
             self._unload_if_drained(version)
         self._serve_room_queue()
         return self._flush()
@@ -218,7 +222,7 @@ class AdapterRegistry:
         version.waiters.clear()
 
     def _fail_first_load(self, version: AdapterVersion, detail: str) -> None:
-        self._fail_waiters(version, "adapter_error", detail)
+        self._fail_waiters(version, "adapter_not_found", detail)  # it is gone
         op_id = version.op_id
         self._remove(version)
         self._op_done(op_id, detail)
@@ -275,10 +279,11 @@ class AdapterRegistry:
 
     def _status(self, version: AdapterVersion) -> AdapterStatus:
         host = self.host.state(version.adapter_id)
-        return AdapterStatus(
+        status = AdapterStatus(
             name=version.name,
             path=version.path,
             adapter_id=version.adapter_id,
+            state="",
             phase=version.phase.value,
             host="absent" if host is None else host.value,
             rank=version.rank,
@@ -288,6 +293,7 @@ class AdapterRegistry:
             num_host_drops=version.num_host_drops,
             last_load_s=version.last_load_s,
         )
+        return msgspec.structs.replace(status, state=status_label(status))
 
     def _op_done(self, op_id: OpId | None, error: str | None = None) -> None:
         if op_id is not None:
@@ -298,6 +304,21 @@ class AdapterRegistry:
     def _flush(self) -> list[Effect]:
         out, self._out = self._out, []
         return out
+
+
+def status_label(status: AdapterStatus) -> str:
+    """The one state label of a version, from its three owners' views."""
+    if status.phase in ("loading", "unloading"):
+        return status.phase
+    if status.gpu_rows:
+        return "gpu_resident"
+    return {"loading": "loading", "loaded": "cpu_loaded"}.get(status.host, "unloaded")
+
+
+def with_gpu(status: AdapterStatus, gpu: GpuAdapter) -> AdapterStatus:
+    """`status` with the scheduler's view of its GPU rows."""
+    status = msgspec.structs.replace(status, gpu_rows=gpu.num_rows, num_evictions=gpu.num_evictions)
+    return msgspec.structs.replace(status, state=status_label(status))
 
 
 def _not_found(request_id: RequestId, name: str) -> AdapterAcquireFailed:

@@ -1,6 +1,6 @@
 """Startup inference of the LoRA pool's shape (as SGLang does): rank and target modules default to
-the maximum and union over `--lora-paths`; and the check every later load passes. Pure: adapter
-configs arrive already read.
+the maximum and union over `--lora-paths`, fused modules counted as one (q/k/v, gate/up); and the
+check every later load passes. Pure: adapter configs arrive already read.
 """
 
 from __future__ import annotations
@@ -37,6 +37,12 @@ class LoraPoolSpec(NamedTuple):
 
 
 DISABLED = LoraPoolSpec(enabled=False, max_rank=0, target_modules=(), backend="torch")
+#: modules the model runs as one fused weight: the pool holds all of a group's slices as soon as
+#: one is targeted, so an adapter may train any of them (SGLang's qkv_proj and gate_up_proj)
+FUSED_GROUPS: tuple[frozenset[str], ...] = (
+    frozenset({"q_proj", "k_proj", "v_proj"}),
+    frozenset({"gate_proj", "up_proj"}),
+)
 
 
 def infer_pool_spec(
@@ -66,6 +72,10 @@ def infer_pool_spec(
 
 
 def _ordered(modules: set[str]) -> tuple[str, ...]:
+    """In SUPPORTED_LORA_MODULES order, with the partners of every fused module targeted."""
+    for group in FUSED_GROUPS:
+        if modules & group:
+            modules = modules | group
     return tuple(m for m in SUPPORTED_LORA_MODULES if m in modules)
 
 
@@ -89,7 +99,9 @@ def check_compatible(
 ) -> None:
     """Raise ValueError naming the flag to raise when an adapter does not fit the LoRA pool."""
     if rank > max_rank:
-        raise ValueError(f"rank {rank} exceeds --max-lora-rank {max_rank}")
+        raise ValueError(
+            f"LoRA rank {rank} is greater than max_lora_rank {max_rank} (raise --max-lora-rank)"
+        )
     outside = [m for m in modules if m not in target_modules]
     if outside:
         raise ValueError(

@@ -73,7 +73,7 @@ async def run(base: Path, adapters: dict[str, Path], overlap: bool) -> tuple[Any
             ]  # fmt: skip
             results = await asyncio.gather(*(handle.result() for handle in handles))
             outputs.append([list(r.token_ids) for r in results])
-        evictions = sum(s.num_gpu_evictions for s in await engine.describe_adapters())
+        evictions = sum(s.num_evictions for s in await engine.describe_adapters())
     return (outputs, evictions), built[0]
 
 

@@ -216,8 +216,8 @@ async def _abandon_stream(server: Server) -> None:
 def test_cli_applies_log_level(monkeypatch: pytest.MonkeyPatch) -> None:
     seen: dict[str, Any] = {}
     monkeypatch.setattr(logging, "basicConfig", lambda **kwargs: seen.update(kwargs))
-    monkeypatch.setattr("lorasrv.http.app.serve", lambda config, make_engine: 0)
-    assert cli.main(["--log-level", "debug", "--api-key", "sk-secret"]) == 0
+    monkeypatch.setattr("lorasrv.http.app.serve", lambda config, make_engine, sockets: 0)
+    assert cli.main(["--log-level", "debug", "--api-key", "sk-secret", "--port", "0"]) == 0
     assert seen["level"] == "DEBUG"
     for field in ("%(asctime)s", "%(levelname)s", "%(name)s"):
         assert field in seen["format"]
@@ -231,8 +231,10 @@ def test_draining_adapter_version_gives_no_duplicate_series() -> None:
     from lorasrv.metrics import _adapter_families
 
     def status(adapter_id: int, phase: str) -> AdapterStatus:
-        return AdapterStatus(name="x", path="/p", adapter_id=AdapterId(adapter_id), phase=phase,
-                             host="loaded", rank=8, pinned=False, num_refs=0)  # fmt: skip
+        state = "unloading" if phase == "unloading" else "cpu_loaded"
+        return AdapterStatus(name="x", path="/p", adapter_id=AdapterId(adapter_id), state=state,
+                             phase=phase, host="loaded", rank=8, pinned=False,
+                             num_refs=0)  # fmt: skip
 
     from prometheus_client import CollectorRegistry, generate_latest
 

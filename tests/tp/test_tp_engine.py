@@ -65,7 +65,7 @@ async def run_scenario(base: Path, adapters: dict[str, Path], tp_size: int) -> d
         outputs["mixed"] = await generate(engine, MIXED)
         outputs["again"] = await generate(engine, AGAIN)
         statuses = await engine.describe_adapters()
-    return {"outputs": outputs, "evictions": sum(s.num_gpu_evictions for s in statuses)}
+    return {"outputs": outputs, "evictions": sum(s.num_evictions for s in statuses)}
 
 
 def tp_children() -> list[multiprocessing.process.BaseProcess]:

@@ -15,6 +15,7 @@ from lorasrv.engine.adapter_catalog import AdapterVersion, IllegalTransition, Ph
 from lorasrv.engine.adapter_registry import AdapterRegistry, Effect, StartHostLoad
 from lorasrv.engine.host_cache import HostCache, HostState
 from lorasrv.engine.lora_spec import check_compatible
+from lorasrv.errors import status_for_code
 from lorasrv.ids import AdapterId, OpId, RequestId
 from lorasrv.messages import (
     AdapterAcquired,
@@ -56,7 +57,9 @@ def test_host_states_only_go_from_loading_to_loaded() -> None:
 
 def test_check_compatible_names_the_flags() -> None:
     check_compatible(8, ("q_proj",), max_rank=8, target_modules=("q_proj", "v_proj"))
-    with pytest.raises(ValueError, match="rank 16 exceeds --max-lora-rank 8"):
+    with pytest.raises(
+        ValueError, match=r"LoRA rank 16 is greater than max_lora_rank 8 \(raise --max-lora-rank\)"
+    ):
         check_compatible(16, ("q_proj",), max_rank=8, target_modules=("q_proj",))
     with pytest.raises(ValueError, match=r"down_proj are outside --lora-target-modules"):
         check_compatible(8, ("q_proj", "down_proj"), max_rank=8, target_modules=("q_proj",))
@@ -244,7 +247,8 @@ def test_failed_reload_fails_its_waiters_and_keeps_the_adapter() -> None:
     acquire(reg, "r1", "a")
     (failed,) = reg.fail_load(a, "disk gone")
     assert isinstance(failed, AdapterAcquireFailed)
-    assert failed.code == "adapter_error"
+    assert failed.code == "adapter_unavailable"  # 503: the next acquire retries the load
+    assert status_for_code(failed.code) == 503
     assert reg.catalog.versions[a].phase is Phase.READY
     assert reg.host.state(a) is None
 
@@ -317,12 +321,14 @@ def test_pinned_load_without_host_room_is_refused() -> None:
     acquire(reg, "r2", "b")  # every host copy is in use
     (start,) = reg.begin_load(OpId(9), "p", "/p", True)
     assert isinstance(start, StartHostLoad)
-    effects = reg.finish_load(start.adapter_id, copy("p"))
-    done = effects[-1]
+    acquire(reg, "r3", "p")  # a request waiting for the pinned adapter's load
+    failed, *_, done = reg.finish_load(start.adapter_id, copy("p"))
     assert isinstance(done, AdapterOpDone)
     assert not done.success
     assert "raise --max-loaded-loras" in done.error_message
     assert "p" not in reg.catalog.by_name
+    assert isinstance(failed, AdapterAcquireFailed)
+    assert (failed.request_id, failed.code) == ("r3", "adapter_not_found")  # 404, not 400
 
 
 def test_pinned_copies_are_never_dropped_by_the_host_cap() -> None:

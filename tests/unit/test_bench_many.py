@@ -53,7 +53,6 @@ def test_defaults_are_the_issues_workload_and_small_is_tiny(
 @pytest.mark.parametrize(
     "argv",
     [
-        ["--out", str(ROOT / "bench" / "results" / "latest.json")],
         ["--requests", "0"],
         ["--ranks", "8,-1"],
         ["--ranks", ""],

@@ -10,8 +10,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 PURE_ENGINE = {
     "adapter_catalog", "adapter_registry", "arena", "batch_adapters", "host_cache", "invariants",
-    "lora_spec", "outputs", "planner", "policy", "requests", "residency", "results", "sequence",
-    "stats", "step_plan", "step_runner", "validation",
+    "lora_spec", "outputs", "planner", "policy", "prefix_cache", "requests", "residency",
+    "results", "sequence", "stats", "step_plan", "step_runner", "validation",
 }  # fmt: skip
 PURE_ALLOWED = {"lorasrv.ids", "lorasrv.config", "lorasrv.messages", "lorasrv.errors", "msgspec"}
 

@@ -17,6 +17,8 @@ SAMPLES: list[m.Msg] = [
         lora_name="a",
         params=PARAMS,
     ),
+    m.Tokenized(request_id=RequestId("r"), prompt_ids=(1, 2)),
+    m.Tokenized(request_id=RequestId("r"), error="the text encodes to no tokens"),
     m.Enqueue(request_id=RequestId("r"), prompt_ids=(1, 2), lora_name=None, params=PARAMS),
     m.Abort(request_id=RequestId("r")),
     m.EmitTokens(
