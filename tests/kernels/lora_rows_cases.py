@@ -18,6 +18,7 @@ RANK_SETS: dict[str, tuple[int, ...]] = {
     "mixed": (0, 4, 8, 16, 20, 32),  # 20: a partial second rank tile
     "uniform16": (16,),
     "small": (0, 1, 3),
+    "llama": (0, 8, 16, 32, 64),  # issue 12's ranks, with base rows
 }
 ARENA_PAD = 8  # elements between and around the A and B parts, poisoned like unused rows
 

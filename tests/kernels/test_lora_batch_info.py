@@ -17,7 +17,7 @@ from lorasrv_kernels import (
 from lorasrv_kernels.batch_info import SHRINK_BLOCK_R
 
 from tests.kernels.lora_rows_cases import make_rows_case
-from tests.kernels.marks import TRITON_DEVICE, needs_triton
+from tests.kernels.marks import TRITON_DEVICE, needs_cuda, needs_triton
 
 
 def test_fields_and_tiles() -> None:
@@ -111,3 +111,40 @@ def test_buffers_replay_with_new_contents() -> None:
         y = case.y.clone()
         lora_apply(case.x, y, case.a_rows, case.bt_rows, info, case.slice_offsets)
         torch.testing.assert_close(y, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_gpu_graph_replays_each_steps_contents() -> None:
+    # captured once on static buffers (arena, x, y, metadata); each replay follows the last fill
+    buffers = LoraBatchBuffers(max_tokens=32, max_segments=32, max_row_entries=32 * 64,
+                               max_rank=64, device=torch.device("cuda"))  # fmt: skip
+    info = buffers.info(max_tokens=32)
+    steps = [([1] * 32, [64, 8, 16, 32] * 8), ([2], [64]), ([5, 0, 20, 7], [0, 16, 8, 64])]
+    cases = [make_rows_case(seg_lens=lens, seg_ranks=ranks, in_features=4096,
+                            slice_sizes=(4096, 1024, 1024), dtype=torch.bfloat16, device="cuda",
+                            seed=seed, max_rank=64)
+             for seed, (lens, ranks) in enumerate(steps)]  # fmt: skip
+    num_rows = max(case.arena.shape[0] for case in cases)
+    arena = torch.empty(num_rows, cases[0].arena.shape[1], dtype=torch.bfloat16, device="cuda")
+    a_off, b_off = cases[0].a_rows.storage_offset(), cases[0].bt_rows.storage_offset()
+    a_rows, bt_rows = arena[:, a_off : a_off + 3 * 4096], arena[:, b_off : b_off + 6144]
+    x = torch.zeros(32, 4096, dtype=torch.bfloat16, device="cuda")
+    y = torch.zeros(32, 6144, dtype=torch.bfloat16, device="cuda")
+    lora_apply(x, y, a_rows, bt_rows, info, (0, 4096, 5120, 6144))  # compile off the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        lora_apply(x, y, a_rows, bt_rows, info, (0, 4096, 5120, 6144))
+    for case, (lens, _) in zip(cases, steps, strict=True):
+        arena.fill_(float("nan"))
+        arena[: case.arena.shape[0]] = case.arena
+        n = sum(lens)
+        x[:n], y[:n], y[n:] = case.x, case.y, 0
+        buffers.fill(lens, case.seg_rows, case.info.seg_scaling.tolist())
+        graph.replay()
+        expected = case.y.clone()
+        lora_reference.lora_apply(case.x, expected, case.a_rows, case.bt_rows, case.info,
+                                  case.slice_offsets)  # fmt: skip
+        torch.testing.assert_close(y[:n], expected, atol=3e-2, rtol=2e-2)
+        assert bool((y[n:] == 0).all()), "rows past the step were written"
+    assert int(info.counters.abs().sum()) == 0

@@ -28,7 +28,7 @@ from tests.kernels.lora_rows_cases import (
     lora_token_mask,
     make_rows_case,
 )
-from tests.kernels.marks import IS_INTERPRET, TRITON_DEVICE, needs_triton
+from tests.kernels.marks import IS_INTERPRET, TRITON_DEVICE, needs_cuda, needs_triton
 
 # (atol, rtol) against the reference. Interpreted float32 is exact up to summation order;
 # compiled float32 runs IEEE dots; 16-bit outputs differ by a rounding at most.
@@ -196,3 +196,36 @@ def test_triton_no_lora_work(seg_lens: list[int], seg_ranks: list[int]) -> None:
     out = lora_silu_mul(case.y, torch.zeros_like(v), case.bt_rows, case.info)
     gate, up = case.y.chunk(2, dim=-1)
     assert_close(out, torch.nn.functional.silu(gate) * up, torch.float32)
+
+
+# Llama-3-8B: hidden 4096, q 4096, k/v 1024, intermediate 14336.
+LLAMA3_8B: dict[str, tuple[int, tuple[int, ...]]] = {
+    "qkv": (4096, (4096, 1024, 1024)),
+    "gate_up": (4096, (14336, 14336)),
+    "o": (4096, (4096,)),
+    "down": (14336, (4096,)),
+}
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("popularity", POPULARITY)
+@pytest.mark.parametrize("module", LLAMA3_8B)
+def test_gpu_llama3_8b(module: str, popularity: str, dtype: torch.dtype) -> None:
+    in_features, slices = LLAMA3_8B[module]
+    case = grid_case(popularity, 64, "llama", in_features=in_features, slice_sizes=slices,
+                     num_adapters=16, dtype=dtype, device="cuda")  # fmt: skip
+    check_ops(case, dtype)
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("module", LLAMA3_8B)
+def test_gpu_llama3_8b_prefill_tiles(module: str) -> None:
+    # long segments take 64-row token tiles
+    in_features, slices = LLAMA3_8B[module]
+    case = grid_case("zipf", 300, "llama", in_features=in_features, slice_sizes=slices,
+                     num_adapters=5, dtype=torch.bfloat16, device="cuda")  # fmt: skip
+    assert case.info.block_m == 64
+    check_ops(case, torch.bfloat16)
