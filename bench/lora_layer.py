@@ -23,11 +23,11 @@ import torch
 import torch.nn.functional as F
 from lora_layer_checks import run_checks
 from lora_layer_setup import CASES, Case, Setup, build, byte_floor, offsets, weight
-from lora_layer_sweep import run_sweep
+from lora_layer_sweep import Tuned, best_configs, run_sweep
 from lorasrv_kernels import (
     LoraBatchInfo,
     SlotBatchInfo,
-    lora_apply,
+    lora_expand,
     lora_shrink,
     lora_silu_mul,
     sgmv_expand_stacked,
@@ -72,8 +72,9 @@ def time_layers(op: LayerOp, num_layers: int, *, repeats: int = 2, replays: int 
     return statistics.median(times)
 
 
-def layer_paths(setup: Setup) -> dict[str, LayerOp]:
-    """Every path as `op(layer)`; outputs are discarded (timing only)."""
+def layer_paths(setup: Setup, tuned: Tuned | None = None) -> dict[str, LayerOp]:
+    """Every path as `op(layer)`; outputs are discarded (timing only). With `tuned`, only the
+    arena-row paths with those per-module configurations."""
     x, mods = setup.x, setup.modules
     offs = {name: offsets(widths) for name, (_, widths) in mods.items()}
 
@@ -83,19 +84,24 @@ def layer_paths(setup: Setup) -> dict[str, LayerOp]:
             F.linear(x[name], weight(layer, name, mods))
         silu_mul(F.linear(x["gate_up"], weight(layer, "gate_up", mods)))
 
-    def rows(info: LoraBatchInfo, fused: bool, with_base: bool = True) -> LayerOp:
-        def op(li: int) -> None:
+    def rows(info: LoraBatchInfo, fused: bool, with_base: bool = True,
+             tuned: Tuned | None = None) -> LayerOp:  # fmt: skip
+        cfg = tuned or {}
+
+        def op(li: int) -> None:  # lora_apply = lora_shrink + lora_expand, configs spelled out
             layer = setup.layers[li]
             for name in ("qkv", "o", "down", "gate_up"):
-                y = F.linear(x[name], weight(layer, name, mods)) if with_base else None
-                if name == "gate_up" and fused and y is not None:
-                    v = lora_shrink(x[name], layer.a_rows[name], info, 2)
-                    lora_silu_mul(y, v, layer.bt_rows[name], info)
+                x_m, num_slices = x[name], len(offs[name]) - 1
+                y = (F.linear(x_m, weight(layer, name, mods)) if with_base
+                     else x_m.new_empty(x_m.shape[0], offs[name][-1]))  # fmt: skip
+                v = lora_shrink(x_m, layer.a_rows[name], info, num_slices,
+                                config=cfg.get((name, "shrink")))  # type: ignore[arg-type]  # fmt: skip
+                if name == "gate_up" and fused and with_base:
+                    lora_silu_mul(y, v, layer.bt_rows[name], info,
+                                  config=cfg.get((name, "act")))  # type: ignore[arg-type]  # fmt: skip
                     continue
-                if y is None:
-                    y = torch.empty(x[name].shape[0], offs[name][-1], dtype=x[name].dtype,
-                                    device=x[name].device)  # fmt: skip
-                lora_apply(x[name], y, layer.a_rows[name], layer.bt_rows[name], info, offs[name])
+                lora_expand(v, layer.bt_rows[name], y, info, offs[name],
+                            config=cfg.get((name, "expand")))  # type: ignore[arg-type]  # fmt: skip
                 if name == "gate_up" and with_base:
                     silu_mul(y)
 
@@ -130,6 +136,12 @@ def layer_paths(setup: Setup) -> dict[str, LayerOp]:
 
         return op
 
+    if tuned is not None:
+        return {
+            "rows_tuned": rows(setup.rows_bucket, fused=True, tuned=tuned),
+            "rows_tuned_kernels_only": rows(setup.rows_bucket, fused=False, with_base=False,
+                                            tuned=tuned),
+        }  # fmt: skip
     return {
         "base": base,
         "rows": rows(setup.rows_bucket, fused=True),
@@ -165,25 +177,32 @@ def run_case(name: str, case: Case, args: argparse.Namespace, bandwidth: float) 
     setup = build(case, num_layers=args.layers, device=device, tiny=args.smoke)
     row: dict = {"case": name, "floor_bytes": byte_floor(case, setup)}
     row["floor_us"] = row["floor_bytes"] / bandwidth * 1e6
-    for path, op in layer_paths(setup).items():
-        try:
-            row[f"{path}_us"] = time_layers(op, args.layers)
-        except Exception as exc:  # one failing path must not lose the rest
-            row[f"{path}_error"] = repr(exc)
-            print(f"{name} {path}: {exc!r}", flush=True)
+    time_paths(name, layer_paths(setup), args.layers, row)
+    if args.sweep and name in (*TARGETS_US, "t64_n8_r16"):
+        row["sweep"] = run_sweep(setup, args.layers, time_layers)
+        tuned = best_configs(row["sweep"])
+        row["tuned"] = {f"{m}.{op}": cfg._asdict() for (m, op), cfg in tuned.items()}
+        time_paths(name, layer_paths(setup, tuned), args.layers, row)
     base = row.get("base_us", 0.0)
-    for path in ("rows", "rows_exact_info", "rows_unfused_act", "slot_two_op",
+    for path in ("rows", "rows_tuned", "rows_exact_info", "rows_unfused_act", "slot_two_op",
                  "slot_two_op_exact", "slot_stacked", "slot_stacked_exact"):  # fmt: skip
         if f"{path}_us" in row:
             row[f"{path}_lora_us"] = row[f"{path}_us"] - base
-    if args.sweep and name in TARGETS_US:
-        row["sweep"] = run_sweep(setup, args.layers, time_layers)
     print(json.dumps({k: round(v, 2) if isinstance(v, float) else v for k, v in row.items()
-                      if k != "sweep"}), flush=True)  # fmt: skip
+                      if k not in ("sweep", "tuned")}), flush=True)  # fmt: skip
     del setup
     if device == "cuda":
         torch.cuda.empty_cache()
     return row
+
+
+def time_paths(case: str, paths: dict[str, LayerOp], num_layers: int, row: dict) -> None:
+    for path, op in paths.items():
+        try:
+            row[f"{path}_us"] = time_layers(op, num_layers)
+        except Exception as exc:  # one failing path must not lose the rest
+            row[f"{path}_error"] = repr(exc)
+            print(f"{case} {path}: {exc!r}", flush=True)
 
 
 def main() -> int:
@@ -203,13 +222,19 @@ def main() -> int:
     result["check_failures"] = failures
     bandwidth = copy_bandwidth()
     result["copy_bandwidth_gbps"] = bandwidth / 1e9
-    rows = [run_case(name, CASES[name], args, bandwidth) for name in args.cases]
-    result["cases"] = rows
-    for row in rows:
-        if "rows_lora_us" in row:
-            result[f"lora_layer_us_{row['case']}"] = round(row["rows_lora_us"], 1)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1))
+    result["cases"] = []
+    for name in args.cases:  # results written after each case: a late failure loses nothing
+        try:
+            row = run_case(name, CASES[name], args, bandwidth)
+        except Exception as exc:
+            print(f"{name}: {exc!r}", flush=True)
+            row = {"case": name, "error": repr(exc), "floor_us": float("nan")}
+        result["cases"].append(row)
+        key = "rows_tuned_lora_us" if "rows_tuned_lora_us" in row else "rows_lora_us"
+        if key in row:
+            result[f"lora_layer_us_{name}"] = round(row[key], 1)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=1))
     print_table(result)
     return 1 if failures else 0
 
@@ -217,7 +242,14 @@ def main() -> int:
 def print_table(result: dict) -> None:
     checks = result["check_failures"] or "OK"
     print(f"\n{result['device']}, copy {result['copy_bandwidth_gbps']:.0f} GB/s; checks: {checks}")
-    cols = ["rows", "rows_unfused_act", "slot_two_op", "slot_stacked", "slot_stacked_exact"]
+    cols = [
+        "rows",
+        "rows_tuned",
+        "rows_unfused_act",
+        "slot_two_op",
+        "slot_stacked",
+        "slot_stacked_exact",
+    ]
     print(f"{'case (LoRA us/layer)':20} {'floor':>6} " + " ".join(f"{c[:12]:>12}" for c in cols))
     for row in result["cases"]:
         cells = " ".join(f"{row.get(f'{c}_lora_us', float('nan')):>12.1f}" for c in cols)

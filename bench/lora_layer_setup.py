@@ -97,7 +97,8 @@ def _arena(case: Case, modules: Modules, num_layers: int, device: str,
     max_rows = sum(ranks) + 64
     arena = torch.empty(max_rows, num_layers * layer_elems, dtype=torch.bfloat16, device=device)
     arena.normal_(generator=gen).mul_(0.02)
-    perm = torch.randperm(max_rows, generator=gen, device="cpu").tolist()
+    host_gen = torch.Generator().manual_seed(int(gen.initial_seed()))
+    perm = torch.randperm(max_rows, generator=host_gen).tolist()
     rows, used = [], 0
     for rank in ranks:
         rows.append(perm[used : used + rank])

@@ -38,6 +38,7 @@ EXPAND: dict[str, ExpandConfig] = {
     "pps16": ExpandConfig(programs_per_sm=16),
     "stages3": ExpandConfig(num_stages=3),
     "n256_w8": ExpandConfig(block_n=256, num_warps=8),
+    "bf16_v": ExpandConfig(exact_v=False),  # what the float32 intermediate costs
 }
 ACT: dict[str, ActConfig] = {
     "default": ActConfig(),
@@ -45,6 +46,7 @@ ACT: dict[str, ActConfig] = {
     "r32": ActConfig(block_r=32),
     "pps4": ActConfig(programs_per_sm=4),
     "pps16": ActConfig(programs_per_sm=16),
+    "bf16_v": ActConfig(exact_v=False),
 }
 
 TimeFn = Callable[..., float]
@@ -66,6 +68,20 @@ def run_sweep(setup: Setup, num_layers: int, time_layers: TimeFn) -> list[dict]:
     for name in setup.modules:
         _sweep_module(setup, name, num_layers, time_layers, rows)
     return rows
+
+
+Tuned = dict[tuple[str, str], ShrinkConfig | ExpandConfig | ActConfig]
+
+
+def best_configs(rows: list[dict]) -> Tuned:
+    """Fastest configuration per (module, op), among those that keep the float32 v."""
+    tables = {"shrink": SHRINK, "expand": EXPAND, "act": ACT}
+    best: dict[tuple[str, str], tuple[float, str]] = {}
+    for row in rows:
+        key = (row["module"], row["op"])
+        if "us" in row and row["config"] != "bf16_v" and row["us"] < best.get(key, (1e9, ""))[0]:
+            best[key] = (row["us"], row["config"])
+    return {key: tables[key[1]][name] for key, (_, name) in best.items()}  # type: ignore[misc]
 
 
 def _sweep_module(setup: Setup, name: str, num_layers: int, time_layers: TimeFn,

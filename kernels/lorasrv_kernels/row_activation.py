@@ -32,6 +32,9 @@ class ActConfig(NamedTuple):
     num_programs: int | None = None
     num_warps: int = 4
     num_stages: int = 2
+    # False rounds v to B's dtype before one dot (the slot path's precision), for measuring
+    # what the float32 intermediate costs.
+    exact_v: bool = True
 
 
 @triton.jit
@@ -150,6 +153,7 @@ def lora_silu_mul(
         return out
     num_programs = cfg.num_programs or cfg.programs_per_sm * num_sms(gate_up.device)
     split_v, precision = dot_flags(bt_rows.dtype)
+    split_v = split_v and cfg.exact_v
     _lora_silu_mul_kernel[(min(num_programs, max_work),)](
         gate_up, v, bt_rows, out,
         info.seg_indptr, info.seg_rank, info.seg_row_start, info.seg_scaling, info.row_index,

@@ -34,6 +34,9 @@ class ExpandConfig(NamedTuple):
     num_programs: int | None = None
     num_warps: int = 4
     num_stages: int = 2
+    # False rounds v to B's dtype before one dot (the slot path's precision), for measuring
+    # what the float32 intermediate costs.
+    exact_v: bool = True
 
 
 @triton.jit
@@ -45,8 +48,10 @@ def rank_dot(acc, v_tile, b_tile, SPLIT_V: tl.constexpr, DOT_PRECISION: tl.const
         lo = (v_tile - hi.to(tl.float32)).to(b_tile.dtype)
         acc = tl.dot(hi, b_tile, acc)
         acc = tl.dot(lo, b_tile, acc)
-    else:
+    elif b_tile.dtype == tl.float32:
         acc = tl.dot(v_tile, b_tile, acc, input_precision=DOT_PRECISION)
+    else:  # v rounded to B's dtype (ExpandConfig.exact_v=False: measurement only)
+        acc = tl.dot(v_tile.to(b_tile.dtype), b_tile, acc)
     return acc
 
 
@@ -180,6 +185,7 @@ def lora_expand(
     num_programs = cfg.num_programs or cfg.programs_per_sm * num_sms(y.device)
     offs = list(slice_offsets) + [slice_offsets[-1]] * (MAX_SLICES + 1 - len(slice_offsets))
     split_v, precision = dot_flags(bt_rows.dtype)
+    split_v = split_v and cfg.exact_v
     _lora_expand_kernel[(min(num_programs, max_work),)](
         v, bt_rows, y,
         info.seg_indptr, info.seg_rank, info.seg_row_start, info.seg_scaling, info.row_index,
