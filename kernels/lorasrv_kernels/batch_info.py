@@ -252,8 +252,11 @@ class LoraBatchBuffers:
         # NOTE: zeros = no segments, so the kernels do nothing until the first fill.
         self._buffer = torch.zeros(size, dtype=torch.int32, device=device)
         self._counters = torch.zeros(NUM_COUNTERS, dtype=torch.int32, device=device)
-        self._staging = torch.zeros(size, dtype=torch.int32, pin_memory=device.type == "cuda")
-        self._copy_done: torch.cuda.Event | None = None
+        pinned = device.type == "cuda"
+        # Two staging buffers, used in turn: filling step n waits for step n-2's copy only.
+        self._staging = [torch.zeros(size, dtype=torch.int32, pin_memory=pinned) for _ in "ab"]
+        self._copy_done: list[torch.cuda.Event | None] = [None, None]
+        self._turn = 0
 
     def info(self, max_tokens: int) -> LoraBatchInfo:
         """Views for steps of at most `max_tokens` tokens (a bucket): same tensors, that
@@ -278,11 +281,15 @@ class LoraBatchBuffers:
         if sum(seg_lens) > self.max_tokens:
             raise ValueError(f"{sum(seg_lens)} tokens > capacity {self.max_tokens}")
         packed = _pack(self.layout, seg_lens, seg_rows, seg_scaling)
-        if self._copy_done is not None:
-            # NOTE: the previous step's copy may still be reading the staging buffer.
-            self._copy_done.synchronize()
-        self._staging.copy_(torch.from_numpy(packed.buffer))
+        turn, self._turn = self._turn, 1 - self._turn
+        done = self._copy_done[turn]
+        if done is not None:
+            # NOTE: the copy of two steps ago may still be reading this staging buffer.
+            done.synchronize()
+        staging = self._staging[turn]
+        staging.copy_(torch.from_numpy(packed.buffer))
         non_blocking = self.device.type == "cuda"
-        self._buffer.copy_(self._staging, non_blocking=non_blocking)
+        # Stream-ordered after the previous step's kernels, which still read the buffer.
+        self._buffer.copy_(staging, non_blocking=non_blocking)
         if non_blocking:
-            self._copy_done = torch.cuda.current_stream(self.device).record_event()
+            self._copy_done[turn] = torch.cuda.current_stream(self.device).record_event()

@@ -26,7 +26,12 @@ MAX_SLICES = 3
 
 
 class ExpandConfig(NamedTuple):
-    """Launch parameters; the defaults are the tuned ones (bench/lora_layer.py)."""
+    """Launch parameters. Measured in CUDA graphs on an H100 (bench/lora_layer.py, Llama-3-8B,
+    64 and 256 tokens over 64 adapters of ranks 8-64, 64 tokens over 8 of rank 16): these
+    defaults were fastest or within 1.2 us of the fastest for every module; rank steps of 32/64
+    cost 20-100% more (wasted MMA and registers for rank-8/16 adapters), 64-column blocks ~35%.
+    The float32 v (two dots, `exact_v`) cost 0.1-0.6 us per module against v rounded to bf16.
+    """
 
     block_n: int = 128
     block_r: int = 16  # rank step of the inner loop

@@ -21,7 +21,11 @@ _SHRINK_TILES = tl.constexpr(COUNT_SHRINK_TILES)  # where `counts` holds the til
 
 
 class ShrinkConfig(NamedTuple):
-    """Launch parameters; the defaults are the tuned ones (bench/lora_layer.py)."""
+    """Launch parameters. Measured in CUDA graphs on an H100 (bench/lora_layer.py, Llama-3-8B,
+    64 and 256 tokens over 64 adapters of ranks 8-64, 64 tokens over 8 of rank 16): these
+    defaults were fastest or within 1 us of the fastest for every module. Splitting K matters:
+    down_proj 31 us against 50 without it at 64 adapters, 8 against 40 at 8 adapters.
+    """
 
     block_k: int = 128
     # Fixed grid: programs_per_sm * SMs (or num_programs). A step's (tile, slice) units are
