@@ -106,12 +106,14 @@ def commit() -> str:
 
 def runner_kwargs(args: argparse.Namespace, **extra: Any) -> dict[str, Any]:
     pages_per_seq = -(-(args.prompt_len + args.new_tokens + 1) // 16) + 1
+    kv_pages = 2 * args.batch * pages_per_seq
     return {
         "device": str(args.device),
         "dtype": "float32" if args.small else "bfloat16",
         "page_size": 16,
-        "num_kv_pages": 2 * args.batch * pages_per_seq,
-        "lora_num_slots": args.num_adapters,
+        # the arena: that much KV and the adapters' rows
+        "num_kv_pages": bm.arena_pages(args.model_dir, kv_pages, args.num_adapters, args.rank),
+        "enable_lora": True,
         "lora_max_rank": args.rank,
         "lora_target_modules": ("all",),
         "enable_cuda_graph": True,
@@ -134,17 +136,13 @@ def _interpreted_kernels() -> dict[str, Any]:
 def section_decode(args: argparse.Namespace, res: Results, model_dir: Path,
                    adapters: dict[str, Path]) -> None:  # fmt: skip
     """Decode step time through ModelRunner.step vs the HBM floor; graphs on and eager."""
-    from lorasrv.ids import AdapterId, SlotId
-
     # NOTE: the same plan is stepped again and again, so a step launched ahead (lookahead.py)
     # would never be used and would double the time; one step is the same GPU work either way.
     kwargs = runner_kwargs(args, enable_lookahead=False)
     runner = bm.build_runner(model_dir, args.shape.std, **kwargs)
-    load = runner.make_adapter_loader()
-    for slot, path in enumerate(adapters.values()):
-        runner.load_slot(SlotId(slot), AdapterId(slot), load(str(path)))
+    placed = bm.load_adapters(runner, list(adapters.values()))
     context = args.prompt_len + args.new_tokens // 2  # the workload's mean decode position
-    per_adapter = bm.adapter_bytes(runner.pool, args.rank)
+    per_adapter = bm.adapter_bytes(runner, args.rank)
     bandwidth = res.data.get("copy_bandwidth_gbps")
     out: dict[str, Any] = {"context_len": context, "adapter_bytes": per_adapter,
                            "weight_bytes": bm.WEIGHT_STATS.get("decode_weight_bytes")}  # fmt: skip
@@ -155,7 +153,7 @@ def section_decode(args: argparse.Namespace, res: Results, model_dir: Path,
     }
     modes = [("graph", True), ("eager", False)] if runner.decode is not None else [("eager", 0)]
     for name, (rows, slots) in cases.items():
-        first, steady = bm.decode_plans(rows, context, slots, runner.page_size)
+        first, steady = bm.decode_plans(rows, context, slots, runner.page_size, placed)
         runner.step(first)
         for mode, use_graphs in modes:
             if runner.decode is not None:
@@ -324,6 +322,7 @@ def main(argv: list[str] | None = None) -> int:
         res.data["triton"] = triton.__version__
     scratch = bm.scratch_dir()
     model_dir, adapters = scratch / "model", {}
+    args.model_dir = model_dir
     try:
 
         def setup() -> None:

@@ -21,8 +21,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import make_random_model as mrm
 
-from lorasrv.ids import BlockId, SeqId, StepId
-from lorasrv.messages import NewSeq, SamplingParams, StepPlan
+from lorasrv.ids import AdapterId, BlockId, SeqId, StepId
+from lorasrv.messages import AdapterRows, HostCopyReady, NewSeq, SamplingParams, StepPlan
 
 GREEDY = SamplingParams(temperature=0.0, max_new_tokens=1 << 20, ignore_eos=True)
 WEIGHT_STATS: dict[str, int] = {}  # filled by the patched loader: bytes read per decode step
@@ -99,10 +99,32 @@ def build_runner(model_dir: Path, std: float, **kwargs: Any) -> Any:
         return ModelRunner(model_path=str(model_dir), **kwargs)
 
 
+def load_adapters(runner: Any, paths: list[Path]) -> tuple[AdapterRows, ...]:
+    """Hand the runner each adapter's host copy; returns each one's rows, taken from the top of
+    the arena down (their pages never hold KV: `decode_plans` hands out pages from the bottom)."""
+    load = runner.make_adapter_loader()
+    placed, next_row = [], runner.ready().lora_max_rows
+    for i, path in enumerate(paths):
+        host = load(str(path))
+        copy = HostCopyReady(
+            adapter_id=AdapterId(i), weights=host, rank=host.rank, scaling=host.scaling
+        )
+        runner.add_host_copy(copy)
+        next_row -= host.rank
+        placed.append(AdapterRows(AdapterId(i), tuple(range(next_row, next_row + host.rank))))
+    return tuple(placed)
+
+
 def decode_plans(
-    num_rows: int, context_len: int, slots: list[int], page_size: int, step_id: int = 0
+    num_rows: int,
+    context_len: int,
+    adapters: list[int],
+    page_size: int,
+    placed: tuple[AdapterRows, ...] = (),
+    step_id: int = 0,
 ) -> tuple[StepPlan, StepPlan]:
-    """(first plan registering the seqs, steady plan): every row decodes at `context_len`."""
+    """(first plan registering the seqs and uploading `placed`, steady plan): every row decodes
+    at `context_len`; `adapters[r]` is row r's index into `placed` (-1 = base)."""
     pages = context_len // page_size + 1
     tables = tuple(tuple(BlockId(r * pages + j) for j in range(pages)) for r in range(num_rows))
     common: dict[str, Any] = {
@@ -111,11 +133,12 @@ def decode_plans(
         "query_lens": (1,) * num_rows,
         "context_lens": (context_len,) * num_rows,
         "block_tables": tables,
-        "lora_slots": tuple(sorted(slots)),
+        "lora_adapters": tuple(sorted(adapters)),
+        "adapters": placed if any(a >= 0 for a in adapters) else (),
         "sample_rows": (True,) * num_rows,
     }
     new = tuple(NewSeq(seq_id=SeqId(r), params=GREEDY, prompt_ids=(1,)) for r in range(num_rows))
-    first = StepPlan(step_id=StepId(step_id), new_seqs=new, **common)
+    first = StepPlan(step_id=StepId(step_id), new_seqs=new, uploads=placed, **common)
     return first, StepPlan(step_id=StepId(step_id + 1), **common)
 
 
@@ -123,19 +146,27 @@ def free_plan(num_rows: int) -> StepPlan:
     return StepPlan(step_id=StepId(0), freed_seq_ids=tuple(SeqId(r) for r in range(num_rows)))
 
 
-def adapter_bytes(pool: Any, rank: int) -> int:
-    """Bytes of one adapter's A `[slices * rank, in]` and B `[out, rank]` over all layers."""
-    element = next(iter(pool.a.values())).element_size() if pool.a else 0
-    total = 0
-    for _, name in pool.a:
-        shape = pool.shapes[name]
-        total += (shape.num_slices * shape.in_features + shape.out_features) * rank
-    return total * element
+def arena_pages(model_dir: Path, num_kv_pages: int, num_adapters: int, rank: int) -> int:
+    """`num_kv_pages` of KV plus room for `num_adapters` adapters of `rank` in LoRA rows (all
+    seven modules): the arena holds both, so the workload's KV never has to give way."""
+    from lorasrv.model.arch import read_arch
+    from lorasrv.model.lora_layout import row_layout
+    from lorasrv.model.startup import kv_geometry
+
+    arch = read_arch(str(model_dir))
+    row_elems = row_layout(arch, tuple(mrm.ALL_MODULES)).row_elems
+    page_elems = kv_geometry(arch, 16).page_elems
+    return num_kv_pages + -(-num_adapters * rank * row_elems // page_elems) + 1
+
+
+def adapter_bytes(runner: Any, rank: int) -> int:
+    """Bytes of one rank-`rank` adapter in the arena: `rank` rows (A and B of every module)."""
+    return rank * runner.ready().lora_row_bytes
 
 
 def kv_bytes(runner: Any, num_rows: int, kv_len: int) -> int:
     arch = runner.arch
-    element = runner.kv_cache.buffer.element_size()
+    element = runner.arena.geometry.element_size
     return num_rows * kv_len * arch.num_layers * 2 * arch.num_kv_heads * arch.head_dim * element
 
 

@@ -19,20 +19,23 @@ def _store_kv_kernel(
     # pointers
     k_ptr,  # [num_tokens, num_kv_heads, head_dim]
     v_ptr,  # [num_tokens, num_kv_heads, head_dim]
-    k_cache_ptr,  # [num_pages * page_size, num_kv_heads, head_dim] (flattened pages)
+    k_cache_ptr,  # [num_pages, page_size, num_kv_heads, head_dim], any page stride
     v_cache_ptr,
     slot_ptr,  # [num_tokens] int32/int64, page * page_size + offset; < 0 = skip
     # sizes
     num_kv_heads,
     head_dim,
+    page_size,
     # strides
     stride_kt,
     stride_kh,
     stride_vt,
     stride_vh,
-    stride_ckt,
+    stride_ckp,
+    stride_cks,
     stride_ckh,
-    stride_cvt,
+    stride_cvp,
+    stride_cvs,
     stride_cvh,
     # meta
     BLOCK_H: tl.constexpr,
@@ -48,8 +51,12 @@ def _store_kv_kernel(
     src = token.to(tl.int64)
     k = tl.load(k_ptr + src * stride_kt + offs_h[:, None] * stride_kh + offs_d[None, :], mask=mask)
     v = tl.load(v_ptr + src * stride_vt + offs_h[:, None] * stride_vh + offs_d[None, :], mask=mask)
-    k_dst = k_cache_ptr + slot * stride_ckt + offs_h[:, None] * stride_ckh + offs_d[None, :]
-    v_dst = v_cache_ptr + slot * stride_cvt + offs_h[:, None] * stride_cvh + offs_d[None, :]
+    page = slot // page_size
+    in_page = slot % page_size
+    k_dst = k_cache_ptr + page * stride_ckp + in_page * stride_cks
+    v_dst = v_cache_ptr + page * stride_cvp + in_page * stride_cvs
+    k_dst += offs_h[:, None] * stride_ckh + offs_d[None, :]
+    v_dst += offs_h[:, None] * stride_cvh + offs_d[None, :]
     tl.store(k_dst, k.to(k_cache_ptr.dtype.element_ty), mask=mask)
     tl.store(v_dst, v.to(v_cache_ptr.dtype.element_ty), mask=mask)
 
@@ -70,8 +77,8 @@ def store_kv(
     Args:
         k, v: [num_tokens, num_kv_heads, head_dim], any float dtype; last dim contiguous
             (strided views of a fused qkv output are fine).
-        k_cache, v_cache: [num_pages, page_size, num_kv_heads, head_dim], pages contiguous
-            in their first two dims, last dim contiguous.
+        k_cache, v_cache: [num_pages, page_size, num_kv_heads, head_dim], last dim contiguous;
+            any page stride (the arena's page-major views: one page spans every layer).
         slot_mapping: [num_tokens] int32/int64, distinct among non-negative entries.
     """
     num_tokens, num_kv_heads, head_dim = k.shape
@@ -81,16 +88,16 @@ def store_kv(
     assert v_cache.shape == k_cache.shape
     assert k.stride(2) == 1
     assert v.stride(2) == 1
-    for cache in (k_cache, v_cache):
-        assert cache.stride(3) == 1
-        assert cache.stride(0) == cache.shape[1] * cache.stride(1)
+    assert k_cache.stride(3) == 1
+    assert v_cache.stride(3) == 1
     if num_tokens == 0:
         return
     _store_kv_kernel[(num_tokens,)](
         k, v, k_cache, v_cache, slot_mapping,
-        num_kv_heads, head_dim,
+        num_kv_heads, head_dim, k_cache.shape[1],
         k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        k_cache.stride(1), k_cache.stride(2), v_cache.stride(1), v_cache.stride(2),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         BLOCK_H=int(triton.next_power_of_2(num_kv_heads)),
         BLOCK_D=int(triton.next_power_of_2(head_dim)),
         num_warps=4,

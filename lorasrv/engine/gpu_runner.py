@@ -149,7 +149,7 @@ def model_runner_factory(
             kv_cache_bytes=cache.kv_cache_bytes,
             num_kv_pages=cache.num_kv_pages,
             mem_fraction_static=cache.mem_fraction_static,
-            lora_num_slots=pool.num_slots,
+            enable_lora=pool.enabled,
             lora_max_rank=pool.max_rank,
             lora_target_modules=pool.target_modules,
             lora_backend=pool.backend,

@@ -1,6 +1,7 @@
-"""PEFT adapter folder -> AdapterWeights in the pool layout (host tensors, pinned when CUDA exists).
+"""PEFT adapter folder -> AdapterWeights, per fused module (host tensors), checked against the
+base model; `lora_layout.pack_rows` then packs them into the row layout.
 
-CPU only and thread-safe: called off the event loop; never touches the GPU or the slot pool.
+CPU only and thread-safe: called off the event loop; never touches the GPU or the row pool.
 """
 
 from __future__ import annotations
@@ -49,13 +50,8 @@ def load_adapter(
     target_modules: tuple[str, ...],
     allow_pickle: bool = False,
     dtype: torch.dtype = torch.float32,
-    pin_memory: bool | None = None,
 ) -> AdapterWeights:
-    """Read and check one PEFT folder; AdapterLoadError says what is refused, which flag helps.
-
-    `pin_memory`: None = when CUDA exists (pinning creates a CUDA context; TP's coordinator
-    process, which never copies to a device, passes False).
-    """
+    """Read and check one PEFT folder; AdapterLoadError says what is refused, which flag helps."""
     config = read_peft_config(path)
     _check_added_tokens(path, arch)
     pairs = _collect_pairs(_read_tensors(path, allow_pickle), path, arch, target_modules)
@@ -65,11 +61,11 @@ def load_adapter(
             f"adapter {path!r}: rank {rank} exceeds the pool's max LoRA rank {max_rank}; "
             "raise --max-lora-rank"
         )
-    slot_scaling = lora_scaling(config.lora_alpha, config.r, config.use_rslora)
+    scaling = lora_scaling(config.lora_alpha, config.r, config.use_rslora)
     return AdapterWeights(
         rank=rank,
-        scaling=slot_scaling,
-        modules=_pool_layout(pairs, config, arch, rank, slot_scaling, dtype, pin_memory),
+        scaling=scaling,
+        modules=_pool_layout(pairs, config, arch, rank, scaling, dtype),
         target_modules=tuple(m for m in SUPPORTED_LORA_MODULES if any(m == n for _, n in pairs)),
         dtype=dtype,
     )
@@ -175,23 +171,18 @@ def _pool_layout(
     config: PeftConfig,
     arch: ModelArch,
     rank: int,
-    slot_scaling: float,
+    scaling: float,
     dtype: torch.dtype,
-    pin_memory: bool | None,
 ) -> dict[tuple[int, str], LoraModuleWeights]:
-    """Stack each (layer, pool module) into A `[slices*rank, in]`, B `[out, rank]`.
-
-    All of it lives in one host buffer (pinned when CUDA exists), so it pins once.
-    """
+    """Stack each (layer, pool module) into A `[slices*rank, in]`, B `[out, rank]`, views of one
+    host buffer."""
     shapes = pool_module_shapes(arch)
     present = sorted({(layer, MODULE_SLICE[name][0]) for layer, name in pairs})
     sizes = [
         (shapes[m].num_slices * rank * shapes[m].in_features, shapes[m].out_features * rank)
         for _, m in present
     ]
-    if pin_memory is None:
-        pin_memory = torch.cuda.is_available()
-    buffer = torch.zeros(sum(a + b for a, b in sizes), dtype=dtype, pin_memory=pin_memory)
+    buffer = torch.zeros(sum(a + b for a, b in sizes), dtype=dtype)
     modules: dict[tuple[int, str], LoraModuleWeights] = {}
     offset = 0
     for (layer, pool_module), (a_numel, b_numel) in zip(present, sizes, strict=True):
@@ -209,9 +200,9 @@ def _pool_layout(
                     f"adapter {config.path!r}: {module_key} has rank {module_rank} but "
                     f"adapter_config.json implies {config.rank_for(module_key)}"
                 )
-            # The kernels apply one scaling per slot; a module whose rank/alpha pattern gives
+            # The kernels apply one scaling per adapter; a module whose rank/alpha pattern gives
             # another scaling carries the ratio in B (computed in float32, then rounded once).
-            ratio = config.scaling_for(module_key) / slot_scaling
+            ratio = config.scaling_for(module_key) / scaling
             lo, hi = shape.slice_offsets[j], shape.slice_offsets[j + 1]
             a_stack[j * rank : j * rank + module_rank].copy_(a)
             b_stack[lo:hi, :module_rank].copy_(b.float() * ratio if ratio != 1.0 else b)

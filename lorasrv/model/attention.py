@@ -1,7 +1,8 @@
 """Paged KV cache and attention: the cache layout, storing new K/V, and the attention backends.
 
-The reference backend gathers each row's pages into a padded batch for SDPA (CPU, tests); the
-Triton backend reads pages in place (CUDA). Never reads the StepPlan: metadata arrives as tensors.
+The reference backend gathers rows of similar length into padded batches for SDPA (CPU, tests);
+the Triton backend reads pages in place (CUDA). Never reads the StepPlan: metadata arrives as
+tensors.
 """
 
 from __future__ import annotations
@@ -12,45 +13,21 @@ import lorasrv_kernels
 import torch
 import torch.nn.functional as F
 
+from lorasrv.model.arena import Arena
+from lorasrv.model.dense_index import DenseGroup, build_dense_groups
+
 
 class KvCache:
-    """Per layer K and V, each `[num_pages, page_size, num_kv_heads, head_dim]`."""
+    """Per layer K and V: views of the arena's pages, each `[num_pages, page_size, num_kv_heads,
+    head_dim]` with a page stride of one whole page across layers (see arena.py)."""
 
-    def __init__(
-        self,
-        *,
-        num_layers: int,
-        num_pages: int,
-        page_size: int,
-        num_kv_heads: int,
-        head_dim: int,
-        dtype: torch.dtype,
-        device: torch.device,
-    ) -> None:
-        # One allocation: [num_layers, 2, num_pages, page_size, num_kv_heads, head_dim]
-        self.buffer = torch.zeros(
-            num_layers, 2, num_pages, page_size, num_kv_heads, head_dim, dtype=dtype, device=device
-        )
-        self.num_pages = num_pages
-        self.page_size = page_size
+    def __init__(self, arena: Arena) -> None:
+        self.pages = arena.kv  # [num_pages, num_layers, 2, page_size, num_kv_heads, head_dim]
+        self.num_pages = arena.num_pages
+        self.page_size = arena.page_size
 
     def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.buffer[i, 0], self.buffer[i, 1]
-
-    @staticmethod
-    def bytes_per_page(
-        *, num_layers: int, page_size: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype
-    ) -> int:
-        element_size = torch.empty((), dtype=dtype).element_size()
-        return 2 * num_layers * page_size * num_kv_heads * head_dim * element_size
-
-
-class DenseIndex(NamedTuple):
-    """What the reference backend gathers with; the kernel backend never builds it."""
-
-    token_to_padded: torch.Tensor  # [num_tokens] int64, index into [num_rows * max_query_len]
-    kv_index: torch.Tensor  # [num_rows, max_kv_len] int64, flat KV index of each context token
-    mask: torch.Tensor  # [num_rows, 1, max_query_len, max_kv_len] bool, True = attend
+        return self.pages[:, i, 0], self.pages[:, i, 1]
 
 
 class AttentionMetadata(NamedTuple):
@@ -64,7 +41,7 @@ class AttentionMetadata(NamedTuple):
     num_rows: int
     max_query_len: int
     max_kv_len: int  # host upper bound of kv_lens
-    dense: DenseIndex | None  # reference backend only (None when kernels run attention)
+    dense: tuple[DenseGroup, ...] | None  # reference backend only (None for the kernels)
 
 
 def prepare_attention_metadata(
@@ -97,15 +74,11 @@ def prepare_attention_metadata(
     j_of_token = torch.arange(num_tokens, device=device) - query_start.long()[row_of_token]  # [T]
     positions = c_lens[row_of_token] + j_of_token  # [T]
     slot_mapping = tables[row_of_token, positions // page_size] * page_size + positions % page_size
-    index = None
+    groups = None
     if dense:
-        kv = torch.arange(max_kv_len, device=device)  # [max_kv_len]
-        kv_index = tables[:, kv // page_size] * page_size + kv % page_size  # [R, max_kv_len]
-        # Padding query slots copy the row's last real query so no mask row is empty (NaN-free).
-        jq = torch.arange(max_query_len, device=device)[None, :]  # [1, max_q]
-        last_visible = c_lens[:, None] + torch.minimum(jq, q_lens[:, None] - 1)  # [R, max_q]
-        mask = kv[None, None, :] <= last_visible[:, :, None]  # [R, max_q, max_kv]; causal
-        index = DenseIndex(row_of_token * max_query_len + j_of_token, kv_index, mask[:, None])
+        groups = build_dense_groups(
+            query_lens, context_lens, block_tables, query_start, page_size=page_size
+        )
     return AttentionMetadata(
         positions=positions,
         slot_mapping=slot_mapping,
@@ -115,7 +88,7 @@ def prepare_attention_metadata(
         num_rows=num_rows,
         max_query_len=max_query_len,
         max_kv_len=max_kv_len,
-        dense=index,
+        dense=groups,
     )
 
 
@@ -138,9 +111,11 @@ def store_kv(
     keep = slots >= 0
     if not bool(keep.all()):  # a host check: this path never runs on a GPU
         slots, k, v = slots[keep], k[keep], v[keep]
-    num_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
-    k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slots, k)
-    v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slots, v)
+    page_size = k_cache.shape[1]
+    pages, offsets = slots // page_size, slots % page_size
+    # Advanced-index assignment writes through the strided page view into the arena.
+    k_cache[pages, offsets] = k.to(k_cache.dtype)
+    v_cache[pages, offsets] = v.to(v_cache.dtype)
 
 
 class AttentionBackend(Protocol):
@@ -159,9 +134,10 @@ class AttentionBackend(Protocol):
 
 
 class ReferenceAttention:
-    """Gather every row's context into a padded batch and run SDPA with a causal mask.
+    """Gather each group of similar-length rows into a padded batch and run SDPA with a causal
+    mask (`dense_index.py`); padding stays within 2x of each row's lengths.
 
-    Memory grows with num_rows * max_kv_len; fine for CPU and tests, the GPU gets kernels.
+    For CPU and tests; the GPU gets kernels.
     """
 
     def __init__(self, *, scale: float) -> None:
@@ -174,28 +150,42 @@ class ReferenceAttention:
         v_cache: torch.Tensor,
         metadata: AttentionMetadata,
     ) -> torch.Tensor:
-        _, num_heads, head_dim = q.shape
-        num_rows, max_q = metadata.num_rows, metadata.max_query_len
-        index = metadata.dense
-        assert index is not None, (
+        assert metadata.dense is not None, (
             "ReferenceAttention needs dense metadata (StepPreparer dense=True)"
         )
+        out = torch.empty_like(q)
+        for group in metadata.dense:
+            out[group.token_index] = self._group(q, k_cache, v_cache, group)
+        return out
+
+    def _group(
+        self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, group: DenseGroup
+    ) -> torch.Tensor:
+        """The group's tokens' outputs, `[n, num_heads, head_dim]` in group token order."""
+        _, num_heads, head_dim = q.shape
         num_kv_heads = k_cache.shape[2]
+        num_rows, max_q = group.kv_index.shape[0], group.max_query_len
         q_padded = q.new_zeros(num_rows * max_q, num_heads, head_dim)
-        q_padded[index.token_to_padded] = q
+        q_padded[group.token_to_padded] = q[group.token_index]
         q_padded = q_padded.view(num_rows, max_q, num_heads, head_dim).transpose(1, 2)
-        k = k_cache.view(-1, num_kv_heads, head_dim)[index.kv_index]  # [R, max_kv, kv_h, d]
-        v = v_cache.view(-1, num_kv_heads, head_dim)[index.kv_index]
+        # NOTE: the mask alone is not enough: SDPA multiplies masked positions' V by a zero
+        # weight, and 0 x NaN = NaN, so stale NaN past a row's length must never reach it.
+        page_size = k_cache.shape[1]
+        pages, offsets = group.kv_index // page_size, group.kv_index % page_size
+        k = k_cache[pages, offsets]  # [g, max_kv, kv_h, d]; pages are strided arena views
+        k = k.masked_fill(~group.kv_valid, 0.0)
+        v = v_cache[pages, offsets]
+        v = v.masked_fill(~group.kv_valid, 0.0)
         out = F.scaled_dot_product_attention(
-            q_padded,  # [R, num_heads, max_q, head_dim]
-            k.transpose(1, 2),  # [R, num_kv_heads, max_kv, head_dim]
+            q_padded,  # [g, num_heads, max_q, head_dim]
+            k.transpose(1, 2),  # [g, num_kv_heads, max_kv, head_dim]
             v.transpose(1, 2),
-            attn_mask=index.mask,
+            attn_mask=group.mask,
             scale=self.scale,
             enable_gqa=num_kv_heads != num_heads,
-        )  # [R, num_heads, max_q, head_dim]
+        )  # [g, num_heads, max_q, head_dim]
         out = out.transpose(1, 2).reshape(num_rows * max_q, num_heads, head_dim)
-        return out[index.token_to_padded]  # [num_tokens, num_heads, head_dim]
+        return out[group.token_to_padded]
 
 
 class TritonAttention:

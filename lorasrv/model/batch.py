@@ -1,4 +1,5 @@
-"""Host-side step preparation: StepPlan -> device tensors in one packed int32 upload.
+"""Host-side step preparation: StepPlan -> attention and sampling tensors in one packed int32
+upload (the LoRA backend builds the step's LoRA metadata itself).
 
 Vectorized over rows (CPU tensor ops, no per-row Python loops over tensors); never runs the model.
 """
@@ -20,10 +21,6 @@ class StepBatch(NamedTuple):
     metadata: AttentionMetadata
     sample_index: torch.Tensor  # [num_sampled] int64, token index of each sampled row's last token
     sampled_seq_ids: list[SeqId]
-    # LoRA segments (runs of rows sharing a slot), None when no row has an adapter
-    seg_indptr: torch.Tensor | None  # [num_segments + 1] int32 token offsets
-    seg_slot: torch.Tensor | None  # [num_segments] int32, -1 = base rows
-    max_seg_len: int
 
 
 class StepPreparer:
@@ -55,11 +52,8 @@ class StepPreparer:
         torch.cumsum(query_lens, 0, out=cu_query[1:])
         sampled = torch.tensor(plan.sample_rows, dtype=torch.bool)  # [R]
         sample_index = cu_query[1:][sampled] - 1  # [S]
-        seg_indptr, seg_slot, max_seg_len = _lora_segments(plan, cu_query)
         parts = [torch.tensor(plan.input_ids, dtype=torch.int32), query_lens, context_lens]
         parts += [sample_index, tables.view(-1), cu_query, kv_lens]
-        if seg_indptr is not None and seg_slot is not None:
-            parts += [seg_indptr, seg_slot]
         views = self._upload(parts)
         metadata = prepare_attention_metadata(
             views[1],
@@ -73,15 +67,11 @@ class StepPreparer:
             page_size=self.page_size,
             dense=self.dense_metadata,
         )
-        has_lora = seg_indptr is not None
         return StepBatch(
             input_ids=views[0],
             metadata=metadata,
             sample_index=views[3].long(),
             sampled_seq_ids=list(itertools.compress(plan.seq_ids, plan.sample_rows)),
-            seg_indptr=views[7] if has_lora else None,
-            seg_slot=views[8] if has_lora else None,
-            max_seg_len=max_seg_len,
         )
 
     def _upload(self, parts: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -124,20 +114,3 @@ def _pad_block_tables(
     tables = torch.zeros(num_rows, num_cols, dtype=torch.int32)
     tables[row[keep], col[keep]] = flat[keep]
     return tables
-
-
-def _lora_segments(
-    plan: StepPlan, cu_query: torch.Tensor
-) -> tuple[torch.Tensor | None, torch.Tensor | None, int]:
-    """Runs of consecutive rows with one slot -> token offsets and slots; None if all base."""
-    slots = torch.tensor(plan.lora_slots, dtype=torch.int32)  # [R]
-    if not bool((slots >= 0).any()):
-        return None, None, 0
-    # Rows arrive sorted by slot, so each adapter is one run; an unsorted plan is still correct,
-    # only with more segments.
-    seg_slot, rows_per_seg = torch.unique_consecutive(slots, return_counts=True)
-    row_bounds = torch.zeros(seg_slot.numel() + 1, dtype=torch.int64)
-    torch.cumsum(rows_per_seg, 0, out=row_bounds[1:])
-    seg_indptr = cu_query[row_bounds]  # [num_segments + 1]
-    max_seg_len = int((seg_indptr[1:] - seg_indptr[:-1]).max())
-    return seg_indptr, seg_slot.to(torch.int32), max_seg_len

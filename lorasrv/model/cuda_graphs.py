@@ -8,16 +8,16 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping
+from typing import NamedTuple
 
 import torch
-from lorasrv_kernels import SlotBatchInfo
 
+from lorasrv.ids import AdapterId
 from lorasrv.messages import StepPlan
 from lorasrv.model.attention import AttentionMetadata, KvCache
-from lorasrv.model.layers import LoraOp, make_lora_step
 from lorasrv.model.llama import LlamaModel
-from lorasrv.model.lora_pool import LoraPool
+from lorasrv.model.lora_backend import AdapterInfo, LoraBackend, LoraStep, lora_segments
 
 logger = logging.getLogger(__name__)
 
@@ -33,26 +33,24 @@ def buckets_up_to(max_batch_size: int) -> tuple[int, ...]:
     return tuple(sorted({b for b in BUCKETS if b < max_batch_size} | {max_batch_size}))
 
 
-def lora_runs(slots: Sequence[int]) -> tuple[list[int], list[int]]:
-    """Runs of equal consecutive slots -> (row offsets, length runs + 1; slot of each run)."""
-    indptr: list[int] = [0]
-    run_slots: list[int] = []
-    for row, slot in enumerate(slots):
-        if not run_slots or slot != run_slots[-1]:
-            if run_slots:
-                indptr.append(row)
-            run_slots.append(slot)
-    indptr.append(len(slots))
-    return indptr, run_slots
+class DecodeLora(NamedTuple):
+    """What decode needs of the runner's LoRA: the backend, each adapter's rank and scaling
+    (the runner's live table), and how many row entries a step can name at most."""
+
+    backend: LoraBackend
+    adapters: Mapping[AdapterId, AdapterInfo]
+    max_row_entries: int
 
 
 class DecodeRunner:
     """Runs decode plans of up to `max_batch_size` rows on static buffers.
 
     A plan of n rows runs in the smallest bucket b >= n; rows n..b-1 are padding (token 0,
-    one context token, slot -1 so they store no K/V, no LoRA segment). LoRA segments are padded
-    to `min(b, num_slots + 1)` with empty base segments and sized for `max_seg_len = b`, so one
-    graph serves any adapter mix and rank. Two graphs per bucket: with and without LoRA kernels.
+    one context token, slot -1 so they store no K/V, in no LoRA segment). The LoRA metadata
+    lives in static buffers sized for the worst case (every row its own adapter of the largest
+    rank) and holds the step's exact segments and work lists, so one graph serves any mix of
+    adapters and ranks and the kernels do only the step's work. Two graphs per bucket: with
+    and without LoRA kernels.
     """
 
     def __init__(
@@ -60,22 +58,25 @@ class DecodeRunner:
         *,
         model: LlamaModel,
         kv_cache: KvCache,
-        pool: LoraPool | None,
-        lora_op: LoraOp,
+        lora: DecodeLora | None,
         max_batch_size: int,
         max_pages_per_seq: int,
         device: torch.device,
     ) -> None:
-        self.model, self.kv_cache, self.pool, self.lora_op = model, kv_cache, pool, lora_op
+        self.model, self.kv_cache, self.lora = model, kv_cache, lora
         self.device = device
         self.page_size = kv_cache.page_size
         self.num_pages = kv_cache.num_pages
         self.buckets = buckets_up_to(max_batch_size)
         self.max_pages = max_pages_per_seq
         b_max = self.buckets[-1]
-        self.max_segments = min(b_max, pool.num_slots + 1) if pool is not None else 0
-        # One int32 buffer, one upload: ids | positions | slots | kv_lens | seg_indptr | seg_slot
-        self._header_len = 4 * b_max + 2 * self.max_segments + 1
+        self._lora_buffers = None
+        if lora is not None:
+            self._lora_buffers = lora.backend.static_buffers(
+                max_tokens=b_max, max_row_entries=lora.max_row_entries, device=device
+            )
+        # One int32 buffer, one upload: ids | positions | slot mapping | kv_lens
+        self._header_len = 4 * b_max
         self._header = torch.zeros(self._header_len, dtype=torch.int32, device=device)
         self._tables = torch.zeros(b_max, self.max_pages, dtype=torch.int32, device=device)
         self._landing = torch.empty(0, dtype=torch.int32, device=device)  # tables on the way
@@ -90,19 +91,22 @@ class DecodeRunner:
     # ------------------------------------------------------------------ per step
 
     def can_run(self, plan: StepPlan) -> bool:
-        """Decode plan that fits: rows <= the largest bucket, pages, segments, slots."""
+        """Decode plan that fits: rows <= the largest bucket, pages, LoRA row entries."""
         num_rows = len(plan.seq_ids)
         if not is_decode_plan(plan) or num_rows > self.buckets[-1]:
             return False
         if max(plan.context_lens) // self.page_size >= self.max_pages:
             return False
-        has_lora = any(slot >= 0 for slot in plan.lora_slots)
-        if not has_lora:
+        if all(index < 0 for index in plan.lora_adapters):
             return True
-        if self.pool is None:
+        if self.lora is None:
             return False  # the eager path reports the misconfiguration
-        num_runs = len(lora_runs(plan.lora_slots)[1])
-        return num_runs <= min(self._bucket(num_rows), self.max_segments)
+        # Each segment lists its adapter's rows: past the bound only when rows are unsorted.
+        runs = [
+            i for n, i in enumerate(plan.lora_adapters) if n == 0 or i != plan.lora_adapters[n - 1]
+        ]
+        entries = sum(len(plan.adapters[i].rows) for i in runs if i >= 0)
+        return entries <= self.lora.max_row_entries
 
     def run(self, plan: StepPlan, input_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Logits `[num_rows, vocab]` float32 of a decode plan (valid until the next step).
@@ -112,7 +116,7 @@ class DecodeRunner:
         """
         num_rows = len(plan.seq_ids)
         bucket = self._bucket(num_rows)
-        with_lora = any(slot >= 0 for slot in plan.lora_slots)
+        with_lora = self._fill_lora(plan)
         self._upload(plan)
         if input_ids is not None:
             self._views()[0][:num_rows].copy_(input_ids)  # queued after the header upload
@@ -130,7 +134,7 @@ class DecodeRunner:
         """Capture every bucket (largest first, one shared pool); CUDA only."""
         assert self.device.type == "cuda", "CUDA graphs need a CUDA device"
         started = time.monotonic()
-        variants = (False, True) if self.pool is not None else (False,)
+        variants = (False, True) if self.lora is not None else (False,)
         vocab = self.model.lm_head.shape[0]
         self._logits = torch.empty(self.buckets[-1], vocab, dtype=torch.float32, device=self.device)
         mempool = torch.cuda.graph_pool_handle()
@@ -165,12 +169,21 @@ class DecodeRunner:
         return next(b for b in self.buckets if b >= num_rows)
 
     def _views(self) -> tuple[torch.Tensor, ...]:
-        """ids, positions, slot_mapping, kv_lens, seg_indptr, seg_slot (full length)."""
-        b_max, num_segments = self.buckets[-1], self.max_segments
-        return tuple(self._header.split_with_sizes([b_max] * 4 + [num_segments + 1, num_segments]))
+        """ids, positions, slot_mapping, kv_lens (full length)."""
+        return tuple(self._header.split_with_sizes([self.buckets[-1]] * 4))
+
+    def _fill_lora(self, plan: StepPlan) -> bool:
+        """The step's segments into the static LoRA buffers; whether any row has an adapter."""
+        if self.lora is None or self._lora_buffers is None:
+            return False
+        segments = lora_segments(plan, [1] * len(plan.seq_ids), self.lora.adapters)
+        if segments is None:
+            return False
+        self._lora_buffers.fill(segments.seg_lens, segments.seg_rows, segments.seg_scaling)
+        return True
 
     def _forward(self, bucket: int, with_lora: bool) -> torch.Tensor:
-        ids, positions, slots, kv_lens, seg_indptr, seg_slot = self._views()
+        ids, positions, slots, kv_lens = self._views()
         metadata = AttentionMetadata(
             positions=positions[:bucket],
             slot_mapping=slots[:bucket],
@@ -183,26 +196,19 @@ class DecodeRunner:
             dense=None,
         )
         lora = None
-        if with_lora:
-            assert self.pool is not None
-            num_segments = min(bucket, self.max_segments)
-            info = SlotBatchInfo(
-                seg_indptr=seg_indptr[: num_segments + 1],
-                seg_slot=seg_slot[:num_segments],
-                slot_rank=self.pool.slot_rank,
-                slot_scaling=self.pool.slot_scaling,
-                max_seg_len=bucket,  # NOTE: a fixed bound; the kernels mask shorter segments
-            )
-            lora = make_lora_step(info, self.lora_op, bucket)
+        if with_lora and self.lora is not None and self._lora_buffers is not None:
+            # NOTE: the views never move; the grids are sized for the bucket, the work follows
+            # the counts that `_fill_lora` wrote.
+            lora = LoraStep(self.lora.backend, self._lora_buffers.info(bucket))
         return self.model.forward(
             ids[:bucket], metadata, self.kv_cache, lora, self._sample_index[:bucket]
         )
 
     def _fill_padding(self) -> None:
-        """Every row padding: nothing is stored, attention reads one token of page 0."""
+        """Every row padding: nothing is stored, attention reads one token of page 0, no LoRA
+        segment (the LoRA buffers start empty and stay so until a step fills them)."""
         b_max = self.buckets[-1]
         header = [0] * (2 * b_max) + [-1] * b_max + [1] * b_max
-        header += [0] * (self.max_segments + 1) + [-1] * self.max_segments
         self._header.copy_(torch.tensor(header, dtype=torch.int32))
 
     def _upload(self, plan: StepPlan) -> None:
@@ -225,12 +231,6 @@ class DecodeRunner:
             raise ValueError(f"block table page id outside [0, {self.num_pages})")
         header = [*plan.input_ids, *[0] * pad, *context_lens, *[0] * pad]
         header += [*slot_mapping, *[-1] * pad, *(c + 1 for c in context_lens), *[1] * pad]
-        if self.max_segments:
-            indptr, run_slots = lora_runs(plan.lora_slots)
-            extra = self.max_segments - len(run_slots)
-            header += [*indptr, *[num_rows] * extra, *run_slots, *[-1] * extra]
-        else:
-            header.append(0)  # NOTE: the layout keeps seg_indptr's one entry even with no LoRA
         total = self._header_len + len(tables)
         staging = self._staging_for(total)
         staging[:total] = torch.tensor(header + tables, dtype=torch.int32)

@@ -6,95 +6,14 @@ Plain tensors, inference only (no nn.Module, no autograd); numerics follow HF tr
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Protocol
 
 import lorasrv_kernels
 import torch
 import torch.nn.functional as F
-from lorasrv_kernels import (
-    SlotBatchInfo,
-    reference,
-    sgmv_expand_stacked,
-    silu_mul_lora,
-    triton_lora_forward,
-)
 
 from lorasrv.model.arch import ModelArch
-
-
-class LoraOp(Protocol):
-    """`y += LoRA delta` in place; `lorasrv_kernels.reference.lora_forward` or the Triton one."""
-
-    def __call__(
-        self,
-        x: torch.Tensor,
-        y: torch.Tensor,
-        a_stack: torch.Tensor,
-        b_stack: torch.Tensor,
-        info: SlotBatchInfo,
-        slice_offsets: tuple[int, ...],
-    ) -> None: ...
-
-
-class StackedExpandOp(Protocol):
-    """`y += LoRA delta` from every slot's shrink, `v_all` (see `LoraLinear.attach_lora`)."""
-
-    def __call__(
-        self,
-        v_all: torch.Tensor,
-        b_stack: torch.Tensor,
-        y: torch.Tensor,
-        info: SlotBatchInfo,
-        slice_offsets: tuple[int, ...],
-    ) -> None: ...
-
-
-class StackedActOp(Protocol):
-    """`silu(gate) * up` of the stacked gate/up GEMM, its LoRA delta added on the way."""
-
-    def __call__(
-        self,
-        gate_up: torch.Tensor,
-        v_all: torch.Tensor,
-        b_stack: torch.Tensor,
-        info: SlotBatchInfo,
-    ) -> torch.Tensor: ...
-
-
-# Steps of at most this many tokens take the shrink from the base GEMM (`x @ [W; A].T`): at
-# decode sizes the extra rows cost a few percent of the weight's bytes and save one launch per
-# layer and module. Past it the extra columns are real FLOPs for every token, against a shrink
-# over each token's own adapter only. Measured inside CUDA graphs on an H200, 8 adapters, r=16
-# (bench/stacked_sweep.py): still ahead at 2048 tokens (a layer's LoRA 152 against 223 us).
-STACKED_MAX_TOKENS = 2048
-# Up to this many tokens the gate/up delta is added inside the activation kernel; at 2048 the
-# separate expand and activation measured faster (835 against 857 us for gate/up).
-FUSED_ACT_MAX_TOKENS = 512
-_STACKED_EXPAND: dict[object, StackedExpandOp] = {
-    reference.lora_forward: reference.sgmv_expand_stacked,
-    triton_lora_forward: sgmv_expand_stacked,
-}
-_STACKED_ACT: dict[object, StackedActOp] = {triton_lora_forward: silu_mul_lora}
-
-
-class LoraStep(NamedTuple):
-    """What a LoRA-aware layer needs for one step; absent when no row has an adapter."""
-
-    info: SlotBatchInfo
-    op: LoraOp
-    # Set: the stacked path (the shrink comes out of the base GEMM); None: shrink + expand.
-    expand_stacked: StackedExpandOp | None = None
-    # Set: gate/up's stacked delta is added inside this activation kernel (no gate/up expand).
-    silu_mul_stacked: StackedActOp | None = None
-
-
-def make_lora_step(info: SlotBatchInfo, op: LoraOp, num_tokens: int) -> LoraStep:
-    """The step's LoRA: stacked when it is small and the op has a stacked expand; the gate/up
-    delta inside the activation when smaller still and the backend has that kernel (Triton:
-    on CUDA, or in the interpreter for the CPU tests)."""
-    stacked = _STACKED_EXPAND.get(op) if num_tokens <= STACKED_MAX_TOKENS else None
-    act = _STACKED_ACT.get(op) if num_tokens <= FUSED_ACT_MAX_TOKENS else None
-    return LoraStep(info=info, op=op, expand_stacked=stacked, silu_mul_stacked=act)
+from lorasrv.model.lora_backend import LoraStep
+from lorasrv.model.lora_pool import ModuleLora
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -124,9 +43,9 @@ def add_rms_norm(
 
 
 class LoraLinear:
-    """`y = x Wᵀ + b` over fused parts, plus each row's adapter delta from the slot pool."""
+    """`y = x Wᵀ + b` over fused parts, plus each token's adapter delta from the arena's rows."""
 
-    __slots__ = ("a_stack", "b_stack", "bias", "slice_offsets", "stacked", "stacked_bias", "weight")
+    __slots__ = ("bias", "lora", "slice_offsets", "weight")
 
     def __init__(
         self, weight: torch.Tensor, bias: torch.Tensor | None, slice_sizes: tuple[int, ...]
@@ -138,48 +57,13 @@ class LoraLinear:
         for size in slice_sizes:
             offsets.append(offsets[-1] + size)
         self.slice_offsets = tuple(offsets)
-        # Set by LoraPool.attach when this module is a LoRA target; views of the pool's stacks.
-        self.a_stack: torch.Tensor | None = None  # [num_slots, num_slices * max_rank, in]
-        self.b_stack: torch.Tensor | None = None  # [num_slots, out_total, max_rank]
-        # [out_total + num_slots * num_slices * max_rank, in]: the weight, then every A row.
-        self.stacked: torch.Tensor | None = None
-        self.stacked_bias: torch.Tensor | None = None  # the bias, zeros under the A rows
-
-    def attach_lora(self, stacked: torch.Tensor, b_stack: torch.Tensor, num_slots: int) -> None:
-        """Serve LoRA from `stacked` = `[W; A[0]; A[1]; ...]` (the weight's rows copied in by
-        the caller) and `b_stack`; the weight and A stack become views of it."""
-        out_total, in_features = self.weight.shape
-        assert stacked.shape[1] == in_features, "stacked rows must have the weight's width"
-        assert (stacked.shape[0] - out_total) % num_slots == 0, "one A block per slot"
-        self.weight = stacked[:out_total]
-        self.stacked = stacked
-        self.a_stack = stacked[out_total:].view(num_slots, -1, in_features)
-        self.b_stack = b_stack
-        if self.bias is not None:
-            self.stacked_bias = torch.cat(
-                [self.bias, self.bias.new_zeros(stacked.shape[0] - out_total)]
-            )
-
-    def stacked_forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """One GEMM over `[W; A]`: (y, v_all), each token's base output `[num_tokens, out_total]`
-        and its shrink against every slot; strided views. None without stacked weights."""
-        if self.stacked is None:
-            return None
-        wide = F.linear(x, self.stacked, self.stacked_bias)
-        out_total = self.weight.shape[0]
-        return wide[:, :out_total], wide[:, out_total:]
+        # Set by ModelRunner when this module is a LoRA target: views of the arena's rows.
+        self.lora: ModuleLora | None = None
 
     def forward(self, x: torch.Tensor, lora: LoraStep | None) -> torch.Tensor:
-        if lora is None or self.a_stack is None or self.b_stack is None:
-            return F.linear(x, self.weight, self.bias)  # [num_tokens, out_total]
-        expand = lora.expand_stacked
-        parts = self.stacked_forward(x) if expand is not None else None
-        if expand is not None and parts is not None:
-            y, v_all = parts
-            expand(v_all, self.b_stack, y, lora.info, self.slice_offsets)
-            return y
-        y = F.linear(x, self.weight, self.bias)
-        lora.op(x, y, self.a_stack, self.b_stack, lora.info, self.slice_offsets)
+        y = F.linear(x, self.weight, self.bias)  # [num_tokens, out_total]
+        if lora is not None and self.lora is not None:
+            lora.add_delta(x, y, self.lora)
         return y
 
 
@@ -238,12 +122,10 @@ def gated_mlp(
     x: torch.Tensor, gate_up: LoraLinear, down: LoraLinear, lora: LoraStep | None
 ) -> torch.Tensor:
     """`down(silu(gate(x)) * up(x))` with gate and up fused into one matmul."""
-    if lora is not None and lora.silu_mul_stacked is not None:
-        parts = gate_up.stacked_forward(x)
-        if parts is not None and gate_up.b_stack is not None:
-            # The gate/up LoRA delta is added inside the activation kernel: no expand launch.
-            act = lora.silu_mul_stacked(*parts, gate_up.b_stack, lora.info)
-            return down.forward(act, lora)
+    if lora is not None and gate_up.lora is not None and lora.backend.supports_fused_act:
+        # The gate/up delta is added inside the activation kernel: no expand launch.
+        gate_up_base = F.linear(x, gate_up.weight, gate_up.bias)  # [num_tokens, 2 * inter]
+        return down.forward(lora.silu_mul(x, gate_up_base, gate_up.lora), lora)
     gate_up_out = gate_up.forward(x, lora)  # [num_tokens, 2 * intermediate]
     if gate_up_out.is_cuda and gate_up_out.stride(1) == 1:
         return down.forward(lorasrv_kernels.silu_mul(gate_up_out), lora)  # one launch

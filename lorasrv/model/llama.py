@@ -14,13 +14,13 @@ from lorasrv.model.arch import ModelArch
 from lorasrv.model.attention import AttentionBackend, AttentionMetadata, KvCache, store_kv
 from lorasrv.model.layers import (
     LoraLinear,
-    LoraStep,
     Rotary,
     add_rms_norm,
     apply_rotary,
     gated_mlp,
     rms_norm,
 )
+from lorasrv.model.lora_backend import LoraStep
 from lorasrv.model.lora_layout import pool_module_shapes
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 from lorasrv.ids import StepId
-from lorasrv.messages import StepPlan
+from lorasrv.messages import AdapterRows, StepPlan
 from lorasrv.model.pending_sample import PendingSample
 
 # While the scheduler turns step N's tokens into step N+1's plan, the GPU already runs the step
@@ -53,22 +53,30 @@ def next_decode_plan(
         query_lens=(1,) * len(keep),
         context_lens=next_lens,
         block_tables=tables,
-        lora_slots=tuple(plan.lora_slots[i] for i in keep),
+        lora_adapters=tuple(plan.lora_adapters[i] for i in keep),
+        adapters=plan.adapters,  # the same rows; entries no kept row uses are harmless
         sample_rows=(True,) * len(keep),
     )
     return guess, keep
 
 
+def row_adapters(plan: StepPlan) -> tuple[AdapterRows | None, ...]:
+    """Each row's adapter and its rows (None = base): what its LoRA delta was computed from."""
+    return tuple(plan.adapters[i] if i >= 0 else None for i in plan.lora_adapters)
+
+
 def guess_holds(guess: Guess, plan: StepPlan, page_size: int) -> bool:
-    """Whether `plan` is exactly the step `guess` ran (rows, positions, pages, slots, inputs)."""
+    """Whether `plan` is exactly the step `guess` ran (rows, positions, pages, adapters and
+    their rows, inputs). A plan with uploads never is: the guess ran before them."""
     ran = guess.plan
     if (
         plan.new_seqs
+        or plan.uploads
         or plan.seq_ids != ran.seq_ids
         or plan.query_lens != ran.query_lens
         or plan.context_lens != ran.context_lens
-        or plan.lora_slots != ran.lora_slots
         or plan.sample_rows != ran.sample_rows
+        or row_adapters(plan) != row_adapters(ran)
     ):
         return False
     for new, old, ctx in zip(plan.block_tables, ran.block_tables, ran.context_lens, strict=True):

@@ -6,28 +6,21 @@ Runs inside one worker process per rank; the collectives are torch.distributed (
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from lorasrv_kernels import reference, sgmv_expand, sgmv_shrink, triton_lora_forward
 
 from lorasrv.model.arch import ModelArch
 from lorasrv.model.attention import AttentionBackend
-from lorasrv.model.layers import LoraLinear, LoraOp, LoraStep
+from lorasrv.model.layers import LoraLinear
 from lorasrv.model.llama import LlamaModel
+from lorasrv.model.lora_backend import LoraStep
 from lorasrv.model.sharding import Shard, shard_arch, vocab_range
 
-_Shrink = Callable[..., torch.Tensor]
-_Expand = Callable[..., None]
-# The row-parallel LoRA path needs shrink and expand apart, to all-reduce between them.
-_SPLIT_OPS: dict[object, tuple[_Shrink, _Expand]] = {
-    reference.lora_forward: (reference.sgmv_shrink, reference.sgmv_expand),
-    triton_lora_forward: (sgmv_shrink, sgmv_expand),
-}
 # torch >= 2.13 renames all_gather_into_tensor; same arguments.
 _all_gather_single: Any = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
@@ -66,19 +59,13 @@ class TpGroup:
         return int(t.item())
 
 
-def split_lora_op(op: LoraOp) -> tuple[_Shrink, _Expand]:
-    pair = _SPLIT_OPS.get(op)
-    if pair is None:
-        raise ValueError(f"LoRA op {op!r} has no separate shrink/expand for tensor parallelism")
-    return pair
-
-
 class RowParallelLoraLinear(LoraLinear):
     """o/down: this rank's input columns; partial outputs are summed by one all-reduce.
 
     LoRA (S-LoRA): A is split by input columns like the weight, so `x·Aᵀ` is partial too; the
-    small `[tokens, max_rank]` intermediate is all-reduced, then rank 0 alone adds `v·Bᵀ` to its
-    partial output before the output all-reduce: no extra full-width communication.
+    small `[tokens, max_rank]` intermediate is all-reduced (the backend's shrink and expand run
+    apart for it), then rank 0 alone adds `v·Bᵀ` to its partial output before the output
+    all-reduce: no extra full-width communication.
     """
 
     __slots__ = ("tp",)
@@ -89,13 +76,12 @@ class RowParallelLoraLinear(LoraLinear):
 
     def forward(self, x: torch.Tensor, lora: LoraStep | None) -> torch.Tensor:
         y = F.linear(x, self.weight, self.bias)  # [num_tokens, out], this rank's partial sum
-        if lora is not None and self.a_stack is not None and self.b_stack is not None:
-            shrink, expand = split_lora_op(lora.op)
-            v = shrink(x, self.a_stack, lora.info, 1).contiguous()  # [tokens, max_rank], partial
+        if lora is not None and self.lora is not None:
+            v = lora.shrink(x, self.lora).contiguous()  # [num_tokens, max_rank], partial
             self.tp.all_reduce(v)
             if self.tp.rank == 0:
                 # NOTE: y is summed over ranks next; a second rank adding it would double it.
-                expand(v, self.b_stack, y, lora.info, self.slice_offsets)
+                lora.expand(v, y, self.lora)
         return self.tp.all_reduce(y)
 
 

@@ -4,17 +4,9 @@ can queue the next step before waiting for this one. Copies only; sampler.py cho
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import torch
 
-from lorasrv.messages import TokenLogprob
-
-
-class SampleResult(NamedTuple):
-    token_ids: list[int]
-    logprobs: list[float]  # empty unless some row asked (params.logprobs or top_logprobs > 0)
-    top_logprobs: list[tuple[TokenLogprob, ...]]  # empty unless some row asked; others get ()
+from lorasrv.messages import StepResult, TokenLogprob
 
 
 class PendingSample:
@@ -34,7 +26,7 @@ class PendingSample:
     ) -> None:
         self.token_ids = token_ids  # [n] int64, device
         self._top_rows, self._top_ks = top_rows, top_ks
-        self._result: SampleResult | None = None
+        self._result: StepResult | None = None
         tensors = [token_ids, *extras]  # chosen logprobs, then top values and ids, if asked
         self._done: torch.cuda.Event | None = None
         if token_ids.is_cuda:
@@ -47,7 +39,7 @@ class PendingSample:
             self._host = tensors
         self._num_rows = num_rows
 
-    def result(self) -> SampleResult:
+    def result(self) -> StepResult:
         if self._result is None:
             if self._done is not None:
                 self._done.synchronize()
@@ -59,5 +51,9 @@ class PendingSample:
                 rows = zip(self._top_rows, self._top_ks, lists[2], lists[3], strict=True)
                 for row, k, values, ids in rows:
                     top_logprobs[row] = tuple(map(TokenLogprob, ids[:k], values[:k]))
-            self._result = SampleResult(token_ids, logprobs, top_logprobs)
+            self._result = StepResult(
+                token_ids=tuple(token_ids),
+                logprobs=tuple(logprobs),
+                top_logprobs=tuple(top_logprobs),
+            )
         return self._result

@@ -9,46 +9,38 @@ import functools
 import logging
 import time
 from collections.abc import Callable
-from typing import NamedTuple
 
 import torch
-from lorasrv_kernels import triton_lora_forward
 
 from lorasrv.hub import resolve_path
-from lorasrv.ids import AdapterId, SeqId, SlotId
-from lorasrv.messages import RunnerReady, StepPlan, TokenLogprob
+from lorasrv.ids import AdapterId, SeqId
+from lorasrv.messages import HostCopyReady, RunnerReady, StepPlan, StepResult
 from lorasrv.model import startup
 from lorasrv.model.adapter_loader import load_adapter
 from lorasrv.model.arch import ModelArch, read_arch
 from lorasrv.model.attention import KvCache, make_attention, needs_dense_metadata
 from lorasrv.model.batch import StepPreparer
-from lorasrv.model.cuda_graphs import DecodeRunner
-from lorasrv.model.layers import make_lora_step
+from lorasrv.model.cuda_graphs import DecodeLora, DecodeRunner
 from lorasrv.model.llama import LlamaModel
 from lorasrv.model.loader import load_model_weights
 from lorasrv.model.lookahead import Guess, guess_holds, next_decode_plan
-from lorasrv.model.lora_layout import AdapterWeights
+from lorasrv.model.lora_backend import LoraStep, lora_segments, make_lora_backend
+from lorasrv.model.lora_layout import HostAdapter, RowLayout, pack_rows, row_layout
 from lorasrv.model.lora_pool import LoraPool
 from lorasrv.model.parallel import TpGroup, TpLlamaModel
 from lorasrv.model.pending_sample import PendingSample
 from lorasrv.model.sampler import Sampler, upload
 from lorasrv.model.sharding import load_sharded_weights, shard_arch
+from lorasrv.model.uploads import Uploader
 
 logger = logging.getLogger(__name__)
 
 _MODEL_FILES = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt"]
 
 
-class StepResult(NamedTuple):
-    """One entry per sampled row of the plan, in row order (matches engine's StepOutput)."""
-
-    token_ids: list[int]
-    logprobs: list[float]  # empty unless some row asked for logprobs
-    top_logprobs: list[tuple[TokenLogprob, ...]]  # empty unless some row asked
-
-
 class ModelRunner:
-    """Loads the base model, sizes the KV cache, and runs StepPlans: plan, forward, sample."""
+    """Loads the base model, sizes the arena (KV pages + LoRA rows), and runs StepPlans: upload,
+    plan, forward, sample."""
 
     def __init__(
         self,
@@ -62,7 +54,7 @@ class ModelRunner:
         kv_cache_bytes: int | None = None,
         num_kv_pages: int | None = None,
         mem_fraction_static: float = 0.85,
-        lora_num_slots: int = 0,
+        enable_lora: bool = False,
         lora_max_rank: int = 0,
         lora_target_modules: tuple[str, ...] = (),
         lora_backend: str = "auto",
@@ -91,27 +83,25 @@ class ModelRunner:
         self.model = self._load_model()
         self.lora_target_modules = startup.lora_target_modules(lora_target_modules)
         self.lora_max_rank = lora_max_rank
-        self.lora_op = startup.lora_op(lora_backend, self.device)
-        self.pool = self._make_pool(lora_num_slots) if lora_num_slots > 0 else None
-        self.num_kv_pages = num_kv_pages or startup.count_kv_pages(
+        self.lora_backend = make_lora_backend(lora_backend, self.device, lora_max_rank)
+        layout = row_layout(self.shard_arch, self.lora_target_modules) if enable_lora else None
+        self.arena = startup.make_arena(
             self.shard_arch,
             page_size=page_size,
+            row_elems=layout.row_elems if layout is not None else 0,
             dtype=self.dtype,
             device=self.device,
             kv_cache_bytes=kv_cache_bytes,
+            num_kv_pages=num_kv_pages,
             mem_fraction_static=mem_fraction_static,
+            min_pages=tp.min_int if tp is not None else None,
         )
-        if tp is not None:  # NOTE: the scheduler's page ids must be valid on every rank
-            self.num_kv_pages = tp.min_int(self.num_kv_pages)
-        self.kv_cache = KvCache(
-            num_layers=self.arch.num_layers,
-            num_pages=self.num_kv_pages,
-            page_size=page_size,
-            num_kv_heads=self.shard_arch.num_kv_heads,
-            head_dim=self.arch.head_dim,
-            dtype=self.dtype,
-            device=self.device,
-        )
+        self.num_kv_pages = self.arena.num_pages
+        self.kv_cache = KvCache(self.arena)
+        self.pool: LoraPool | None = None
+        self.uploader: Uploader | None = None
+        if layout is not None:
+            self._attach_pool(layout)
         self.preparer = StepPreparer(
             page_size=page_size,
             num_pages=self.num_kv_pages,
@@ -126,24 +116,29 @@ class ModelRunner:
         self.num_guesses_used = 0
         self.num_guesses_dropped = 0
         logger.info(
-            "model %s (%s) on %s in %s: %d KV pages of %d tokens, %d LoRA slots, %.1fs",
+            "model %s (%s) on %s in %s: arena of %.2f GiB, %d KV pages of %d tokens, "
+            "%d LoRA rows, %.1fs",
             self.model_path,
             self.arch.architecture,
             self.device,
             self.dtype,
+            self.arena.num_bytes / (1 << 30),
             self.num_kv_pages,
             page_size,
-            lora_num_slots,
+            self.pool.max_rows if self.pool is not None else 0,
             time.monotonic() - started,
         )
 
     # ------------------------------------------------------------------ StepRunner protocol
 
     def ready(self) -> RunnerReady:
+        geometry = self.arena.geometry
         return RunnerReady(
             num_kv_pages=self.num_kv_pages,
             page_size=self.page_size,
-            num_lora_slots=self.pool.num_slots if self.pool is not None else 0,
+            kv_page_bytes=geometry.page_bytes,
+            lora_row_bytes=geometry.row_bytes if self.pool is not None else 0,
+            lora_max_rows=geometry.max_rows if self.pool is not None else 0,
             max_lora_rank=self.lora_max_rank,
             lora_target_modules=self.lora_target_modules,
             vocab_size=self.arch.vocab_size,
@@ -158,10 +153,11 @@ class ModelRunner:
             self.sampler.remove_seq(seq_id)
         for seq in plan.new_seqs:
             self.sampler.add_seq(seq)
+        self._upload(plan)
         guess = self._take_guess()
         if not plan.seq_ids:
             self.num_guesses_dropped += guess is not None
-            return StepResult([], [], [])
+            return StepResult()
         if guess is not None and guess_holds(guess, plan, self.page_size):
             self.num_guesses_used += 1
             pending = guess.pending
@@ -169,44 +165,49 @@ class ModelRunner:
             self.num_guesses_dropped += guess is not None
             logits, seq_ids = self._forward(plan)
             if not seq_ids or (self.tp is not None and self.tp.rank != 0):
-                return StepResult([], [], [])  # with TP, rank 0 alone samples (logits gathered)
+                return StepResult()  # with TP, rank 0 alone samples (logits gathered)
             pending = self.sampler.sample_async(logits, seq_ids)
         self._launch_guess(plan, pending)  # queued behind this step, before waiting for it
-        result = pending.result()
-        return StepResult(result.token_ids, result.logprobs, result.top_logprobs)
+        return pending.result()
 
     def forward(self, plan: StepPlan) -> torch.Tensor:
-        """Logits `[num_sampled, vocab]` float32 of a plan, writing its K/V; for tests/benches."""
+        """Logits `[num_sampled, vocab]` float32 of a plan (its uploads first), writing its K/V;
+        for tests and benches (a `step` of the same plan after it redoes the same writes)."""
+        self._upload(plan)
         return self._forward(plan)[0]
 
-    def load_slot(self, slot_id: SlotId, adapter_id: AdapterId, weights: object) -> None:
-        if self.pool is None:
-            raise RuntimeError("load_slot: this runner has no LoRA slots (lora_num_slots=0)")
-        if not isinstance(weights, AdapterWeights):
-            raise TypeError(f"load_slot: expected AdapterWeights, got {type(weights).__name__}")
-        self.num_guesses_dropped += self._take_guess() is not None  # ran on the old slots
-        self.pool.load_slot(slot_id, adapter_id, weights)
+    def add_host_copy(self, copy: HostCopyReady) -> None:
+        """Keep an adapter's host copy (and its rank, scaling) for the uploads plans ask for."""
+        if self.uploader is None:
+            raise ValueError("add_host_copy: this runner has LoRA off (enable_lora=False)")
+        self.uploader.add(copy.adapter_id, copy.weights, copy.rank, copy.scaling)
 
-    def clear_slot(self, slot_id: SlotId) -> None:
-        if self.pool is not None:
-            self.num_guesses_dropped += self._take_guess() is not None
-            self.pool.clear_slot(slot_id)
+    def drop_host_copy(self, adapter_id: AdapterId) -> None:
+        if self.uploader is not None:
+            self.uploader.drop(adapter_id)
+
+    def on_failure(self, listener: Callable[[str], None]) -> None:
+        """A single-process runner fails only inside a call, which raises: nothing to report."""
 
     def shutdown(self) -> None:
         self._guess = None
-        self.pool = None
+        self.pool = self.uploader = None
         self.decode = None  # its graphs hold their memory pool
-        del self.kv_cache, self.model
+        del self.kv_cache, self.arena, self.model
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
-    def make_adapter_loader(self) -> Callable[[str], AdapterWeights]:
-        """A CPU-only, thread-safe loader of adapter folders (already resolved) for this base."""
+    def make_adapter_loader(self) -> Callable[[str], HostAdapter]:
+        """A CPU-only, thread-safe loader: adapter folder (already resolved) -> its host copy,
+        packed into this runner's row layout (pinned on CUDA)."""
         arch, rank, targets = self.arch, self.lora_max_rank, self.lora_target_modules
         dtype, allow_pickle = self.dtype, self.allow_pickle
+        if self.pool is None:
+            raise RuntimeError("make_adapter_loader: this runner has LoRA off (enable_lora=False)")
+        layout, pin = self.pool.layout, self.device.type == "cuda"
 
-        def load(path: str) -> AdapterWeights:
-            return load_adapter(
+        def load(path: str) -> HostAdapter:
+            weights = load_adapter(
                 path,
                 arch=arch,
                 max_rank=rank,
@@ -214,6 +215,7 @@ class ModelRunner:
                 allow_pickle=allow_pickle,
                 dtype=dtype,
             )
+            return pack_rows(weights, layout, pin_memory=pin)
 
         return load
 
@@ -245,19 +247,51 @@ class ModelRunner:
 
     @torch.inference_mode()
     def _forward(self, plan: StepPlan) -> tuple[torch.Tensor, list[SeqId]]:
+        if self.uploader is not None:
+            self.uploader.check_rows(plan.adapters)
+            self.uploader.wait(plan)
+        elif plan.adapters or any(a >= 0 for a in plan.lora_adapters):
+            raise ValueError("plan has adapter rows but this runner has LoRA off")
         if self.decode is not None and self.decode.can_run(plan):
             return self.decode.run(plan), list(plan.seq_ids)
         batch = self.preparer.prepare(plan)
-        lora = None
-        if self.pool is not None and batch.seg_indptr is not None and batch.seg_slot is not None:
-            info = self.pool.batch_info(batch.seg_indptr, batch.seg_slot, batch.max_seg_len)
-            lora = make_lora_step(info, self.lora_op, int(batch.input_ids.shape[0]))
-        elif batch.seg_indptr is not None:
-            raise ValueError("plan has adapter rows but this runner has no LoRA slots")
         logits = self.model.forward(
-            batch.input_ids, batch.metadata, self.kv_cache, lora, batch.sample_index
+            batch.input_ids,
+            batch.metadata,
+            self.kv_cache,
+            self._lora_step(plan),
+            batch.sample_index,
         )
         return logits, batch.sampled_seq_ids
+
+    def _upload(self, plan: StepPlan) -> None:
+        if self.uploader is not None:
+            self.uploader.upload(plan.uploads)
+        elif plan.uploads:
+            raise ValueError("plan uploads adapters but this runner has LoRA off")
+
+    def _lora_step(self, plan: StepPlan) -> LoraStep | None:
+        if self.uploader is None:
+            return None
+        segments = lora_segments(plan, plan.query_lens, self.uploader.info)
+        if segments is None:
+            return None
+        backend = self.lora_backend
+        return LoraStep(backend, backend.prepare(segments, self.device))
+
+    def _attach_pool(self, layout: RowLayout) -> None:
+        """Row views of the arena for every targeted linear layer, and the uploader."""
+        rows = self.arena.rows
+        if rows is None or self.arena.geometry.max_rows < self.lora_max_rank:
+            raise ValueError(
+                f"the arena ({self.arena.num_bytes} bytes) holds fewer LoRA rows than one adapter "
+                f"of rank {self.lora_max_rank} needs ({layout.row_elems} elements each); give it "
+                "more memory (--mem-fraction-static, --kv-cache-bytes) or lower --max-lora-rank"
+            )
+        self.pool = LoraPool(rows, layout)
+        for layer, name, linear in self.model.lora_linears():
+            linear.lora = self.pool.module(layer, name)
+        self.uploader = Uploader(self.pool, self.device)
 
     def _load_model(self) -> LlamaModel:
         load: Callable[..., dict[str, torch.Tensor]] = load_model_weights
@@ -281,23 +315,27 @@ class ModelRunner:
 
     def _make_decode_runner(self, use_graphs: bool, max_batch_size: int) -> DecodeRunner | None:
         """Static-buffer decode (graphs on CUDA when enabled) when attention and LoRA can run it:
-        kernel attention, Triton LoRA, no TP."""
+        kernel attention, a LoRA backend that supports graphs, no TP."""
         reason = None
         if needs_dense_metadata(self.model.attention):
             reason = "the reference attention backend"
         elif self.tp is not None:
             reason = "tensor parallelism"
-        elif self.pool is not None and self.lora_op is not triton_lora_forward:
-            reason = "the torch LoRA backend (it reads segments back to the host)"
+        elif self.pool is not None and not self.lora_backend.supports_cuda_graphs:
+            reason = f"the {self.lora_backend.name} LoRA backend"
         if reason is not None:
             if use_graphs and self.device.type == "cuda":
                 logger.info("CUDA graphs off: not available with %s", reason)
             return None
+        lora = None
+        if self.pool is not None and self.uploader is not None:
+            # A step names each adapter's rows once (rows sorted): at most every row's worth.
+            entries = min(max_batch_size * self.lora_max_rank, self.pool.max_rows)
+            lora = DecodeLora(self.lora_backend, self.uploader.info, entries)
         decode = DecodeRunner(
             model=self.model,
             kv_cache=self.kv_cache,
-            pool=self.pool,
-            lora_op=self.lora_op,
+            lora=lora,
             max_batch_size=max_batch_size,
             max_pages_per_seq=min(-(-self.context_length // self.page_size), self.num_kv_pages),
             device=self.device,
@@ -305,15 +343,3 @@ class ModelRunner:
         if use_graphs and self.device.type == "cuda":
             decode.capture()
         return decode
-
-    def _make_pool(self, num_slots: int) -> LoraPool:
-        pool = LoraPool(
-            self.shard_arch,
-            num_slots=num_slots,
-            max_rank=self.lora_max_rank,
-            target_modules=self.lora_target_modules,
-            dtype=self.dtype,
-            device=self.device,
-        )
-        pool.attach(self.model)
-        return pool

@@ -13,8 +13,8 @@ from typing import NamedTuple
 import torch
 
 from lorasrv.ids import SeqId
-from lorasrv.messages import NewSeq
-from lorasrv.model.pending_sample import PendingSample, SampleResult
+from lorasrv.messages import NewSeq, StepResult
+from lorasrv.model.pending_sample import PendingSample
 
 # Below this a temperature is greedy: dividing float32 logits by it would overflow (vLLM's value).
 GREEDY_TEMPERATURE = 1e-5
@@ -151,7 +151,7 @@ class Sampler:
         if state is not None and state.penalty_slot >= 0:
             self._free_slots.append(state.penalty_slot)
 
-    def sample(self, logits: torch.Tensor, seq_ids: Sequence[SeqId]) -> SampleResult:
+    def sample(self, logits: torch.Tensor, seq_ids: Sequence[SeqId]) -> StepResult:
         """One token per row of `logits` [n, vocab] float32, row i belonging to seq_ids[i].
 
         Appends each chosen token to its seq's history (penalty counts), so the next step's

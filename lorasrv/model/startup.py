@@ -1,19 +1,18 @@
-"""Startup decisions of the runner: device, dtype, context length, LoRA targets/backend, KV budget.
+"""Startup decisions of the runner: device, dtype, context length, LoRA targets, the arena's size.
 
-Small pure-ish functions of the config and the machine; they allocate nothing.
+Small pure-ish functions of the config and the machine; only `make_arena` allocates.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import torch
-from lorasrv_kernels import reference, triton_lora_forward
 
 from lorasrv.config import SUPPORTED_LORA_MODULES
 from lorasrv.model.arch import ModelArch
-from lorasrv.model.attention import KvCache
-from lorasrv.model.layers import LoraOp
+from lorasrv.model.arena import Arena, KvGeometry
 
 logger = logging.getLogger(__name__)
 
@@ -63,25 +62,15 @@ def lora_target_modules(modules: tuple[str, ...]) -> tuple[str, ...]:
     return tuple(m for m in SUPPORTED_LORA_MODULES if m in modules)
 
 
-def lora_op(backend: str, device: torch.device) -> LoraOp:
-    """ "torch" = the plain-torch reference (any device), "triton" = the kernels."""
-    if backend == "auto":
-        backend = "triton" if device.type == "cuda" else "torch"
-    op: LoraOp
-    if backend == "torch":
-        op = reference.lora_forward
-    elif backend == "triton":
-        op = triton_lora_forward
-    else:
-        raise ValueError(f"lora_backend {backend!r} not supported; use torch or triton")
-    return op
-
-
 def free_device_bytes(device: torch.device) -> int:
     if device.type != "cuda":
         return 0
     torch.cuda.synchronize(device)
     return torch.cuda.mem_get_info(device)[0]
+
+
+def kv_geometry(arch: ModelArch, page_size: int) -> KvGeometry:
+    return KvGeometry(arch.num_layers, page_size, arch.num_kv_heads, arch.head_dim)
 
 
 def count_kv_pages(
@@ -93,17 +82,12 @@ def count_kv_pages(
     kv_cache_bytes: int | None,
     mem_fraction_static: float,
 ) -> int:
-    """Pages that fit the budget: explicit bytes, else a share of free CUDA memory, else 256 MiB.
+    """Arena pages that fit the budget: explicit bytes, else a share of free CUDA memory, else
+    256 MiB. The arena holds KV pages and LoRA rows alike, so this is its whole size.
 
-    Call it once weights and LoRA stacks are resident, so "free" excludes them.
+    Call it once the weights are resident, so "free" excludes them.
     """
-    per_page = KvCache.bytes_per_page(
-        num_layers=arch.num_layers,
-        page_size=page_size,
-        num_kv_heads=arch.num_kv_heads,
-        head_dim=arch.head_dim,
-        dtype=dtype,
-    )
+    per_page = kv_geometry(arch, page_size).page_elems * torch.empty((), dtype=dtype).element_size()
     if kv_cache_bytes is not None:
         budget = kv_cache_bytes
     elif device.type == "cuda":
@@ -116,3 +100,33 @@ def count_kv_pages(
     if num_pages < 1:
         raise ValueError(f"KV cache budget {budget} bytes holds no page of {per_page} bytes")
     return num_pages
+
+
+def make_arena(
+    arch: ModelArch,
+    *,
+    page_size: int,
+    row_elems: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    kv_cache_bytes: int | None,
+    num_kv_pages: int | None,
+    mem_fraction_static: float,
+    min_pages: Callable[[int], int] | None = None,
+) -> Arena:
+    """The arena sized as the KV cache alone was: `num_kv_pages` if given, else the budget.
+
+    `min_pages` (TP): the smallest count over ranks, so every page and row id is valid on each.
+    """
+    num_pages = num_kv_pages or count_kv_pages(
+        arch,
+        page_size=page_size,
+        dtype=dtype,
+        device=device,
+        kv_cache_bytes=kv_cache_bytes,
+        mem_fraction_static=mem_fraction_static,
+    )
+    if min_pages is not None:  # NOTE: the scheduler's page and row ids must fit every rank
+        num_pages = min_pages(num_pages)
+    geometry = kv_geometry(arch, page_size)
+    return Arena(geometry, num_pages=num_pages, row_elems=row_elems, dtype=dtype, device=device)

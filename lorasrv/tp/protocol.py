@@ -1,4 +1,4 @@
-"""What the coordinator and the TP workers tell each other: commands, results, adapter layouts.
+"""What the coordinator and the TP workers tell each other: commands, results, host-copy headers.
 
 msgspec msgpack bytes, carried by torch.distributed (channel.py). No torch here.
 """
@@ -7,55 +7,34 @@ from __future__ import annotations
 
 import msgspec
 
-from lorasrv.messages import StepPlan, TokenLogprob
-
-
-class ModuleShape(msgspec.Struct, frozen=True, array_like=True):
-    """One (layer, pool module) of a rank's adapter shard, in packing order."""
-
-    layer: int
-    module: str
-    a_shape: tuple[int, int]
-    b_shape: tuple[int, int]
-
-
-class ShardLayout(msgspec.Struct, frozen=True, kw_only=True):
-    """How one rank's flat adapter bytes split into modules; the same for every rank."""
-
-    rank: int
-    scaling: float
-    target_modules: tuple[str, ...]
-    dtype: str  # torch dtype name without the "torch." prefix
-    modules: tuple[ModuleShape, ...]
-    num_bytes: int
+from lorasrv.messages import StepPlan
 
 
 class TpStep(msgspec.Struct, frozen=True, kw_only=True, tag=True):
+    """Run one plan (its uploads first); rank 0 answers with a `messages.StepResult`."""
+
     plan: StepPlan
 
 
-class TpLoadSlot(msgspec.Struct, frozen=True, kw_only=True, tag=True):
-    """Followed by each worker's own shard bytes, sent point to point."""
+class TpAddHostCopy(msgspec.Struct, frozen=True, kw_only=True, tag=True):
+    """An adapter's host copy: followed by each worker's own packed rows, sent point to point
+    (`[rank, row_elems]` of `dtype`, `num_bytes` each; every rank's rows have one size)."""
 
-    slot_id: int
     adapter_id: int
-    layout: ShardLayout
+    rank: int
+    scaling: float
+    dtype: str  # torch dtype name without the "torch." prefix
+    row_elems: int
+    target_modules: tuple[str, ...]
+    num_bytes: int
 
 
-class TpClearSlot(msgspec.Struct, frozen=True, kw_only=True, tag=True):
-    slot_id: int
+class TpDropHostCopy(msgspec.Struct, frozen=True, kw_only=True, tag=True):
+    adapter_id: int
 
 
 class TpShutdown(msgspec.Struct, frozen=True, kw_only=True, tag=True):
     pass
 
 
-TpCommand = TpStep | TpLoadSlot | TpClearSlot | TpShutdown
-
-
-class TpStepResult(msgspec.Struct, frozen=True, kw_only=True):
-    """Rank 0's sampled tokens for one step, one entry per sampled row."""
-
-    token_ids: list[int]
-    logprobs: list[float]
-    top_logprobs: list[tuple[TokenLogprob, ...]]
+TpCommand = TpStep | TpAddHostCopy | TpDropHostCopy | TpShutdown

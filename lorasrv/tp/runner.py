@@ -20,17 +20,16 @@ import torch.multiprocessing as mp
 from torch._C._distributed_c10d import TCPStore  # typed there; same object
 
 from lorasrv.errors import ConfigError
-from lorasrv.ids import AdapterId, SlotId
-from lorasrv.messages import RunnerReady, StepPlan
+from lorasrv.ids import AdapterId
+from lorasrv.messages import HostCopyReady, RunnerReady, StepPlan, StepResult
 from lorasrv.model.adapter_loader import load_adapter
 from lorasrv.model.arch import read_arch
-from lorasrv.model.runner import StepResult
 from lorasrv.model.sharding import check_split
 from lorasrv.model.startup import DTYPES
 from lorasrv.tp.adapter_shards import TpAdapterWeights, pack_shards
 from lorasrv.tp.channel import ControlChannel
 from lorasrv.tp.monitor import TpWorkerError, WorkerMonitor
-from lorasrv.tp.protocol import TpClearSlot, TpLoadSlot, TpShutdown, TpStep, TpStepResult
+from lorasrv.tp.protocol import TpDropHostCopy, TpShutdown, TpStep
 from lorasrv.tp.worker import STORE_HOST, WorkerSpec, error_key, run_worker
 
 logger = logging.getLogger(__name__)
@@ -90,7 +89,7 @@ class TpRunner:
         self._channel: ControlChannel | None = None
         self._is_shut_down = False
         self._encoder = msgspec.msgpack.Encoder()
-        self._result_decoder = msgspec.msgpack.Decoder(TpStepResult)
+        self._result_decoder = msgspec.msgpack.Decoder(StepResult)
         try:
             with self._guard("startup", startup_timeout_s):
                 self._channel = self._call_watched(
@@ -123,22 +122,25 @@ class TpRunner:
             channel = self._live_channel()
             channel.broadcast(self._encoder.encode(TpStep(plan=plan)))
             if not plan.seq_ids:
-                return StepResult([], [], [])
-            result = self._result_decoder.decode(channel.broadcast(None, root=1))
-        return StepResult(result.token_ids, result.logprobs, result.top_logprobs)
+                return StepResult()
+            result: StepResult = self._result_decoder.decode(channel.broadcast(None, root=1))
+        return result
 
-    def load_slot(self, slot_id: SlotId, adapter_id: AdapterId, weights: object) -> None:
+    def add_host_copy(self, copy: HostCopyReady) -> None:
+        """Ship every worker its packed shard now: the workers keep the host copies, so a
+        plan's uploads are local to each rank (nothing crosses gloo at upload time)."""
+        weights = copy.weights
         if not isinstance(weights, TpAdapterWeights):
-            raise TypeError(f"load_slot: expected TpAdapterWeights, got {type(weights).__name__}")
-        with self._guard(f"upload of adapter {adapter_id}", self.step_timeout_s):
+            raise TypeError(f"host copy: expected TpAdapterWeights, got {type(weights).__name__}")
+        with self._guard(f"host copy of adapter {copy.adapter_id}", self.step_timeout_s):
             channel = self._live_channel()
-            command = TpLoadSlot(slot_id=slot_id, adapter_id=adapter_id, layout=weights.layout)
-            channel.broadcast(self._encoder.encode(command))
+            channel.broadcast(self._encoder.encode(weights.header(copy.adapter_id)))
             channel.send_tensors({rank + 1: data for rank, data in enumerate(weights.buffers)})
 
-    def clear_slot(self, slot_id: SlotId) -> None:
-        with self._guard(f"clearing slot {slot_id}", self.step_timeout_s):
-            self._live_channel().broadcast(self._encoder.encode(TpClearSlot(slot_id=slot_id)))
+    def drop_host_copy(self, adapter_id: AdapterId) -> None:
+        with self._guard(f"dropping adapter {adapter_id}", self.step_timeout_s):
+            command = TpDropHostCopy(adapter_id=adapter_id)
+            self._live_channel().broadcast(self._encoder.encode(command))
 
     def shutdown(self) -> None:
         """Ask the workers to stop; kill whichever has not within JOIN_TIMEOUT_S. Idempotent."""
@@ -175,9 +177,9 @@ class TpRunner:
                 target_modules=ready.lora_target_modules,
                 allow_pickle=self._allow_pickle,
                 dtype=dtype,
-                pin_memory=False,  # this process has no device; the workers copy from here
             )
-            return pack_shards(weights, arch, tp_size)
+            # Never pinned here: this process has no device; the workers pin their shards.
+            return pack_shards(weights, arch, tp_size, ready.lora_target_modules)
 
         return load
 

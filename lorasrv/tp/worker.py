@@ -22,19 +22,13 @@ import torch
 import torch.distributed as dist
 from torch._C._distributed_c10d import PrefixStore, TCPStore  # typed there; same objects
 
-from lorasrv.ids import AdapterId, SlotId
+from lorasrv.ids import AdapterId
+from lorasrv.messages import HostCopyReady
 from lorasrv.model.parallel import TpGroup
 from lorasrv.model.runner import ModelRunner
 from lorasrv.tp.adapter_shards import unpack_shard
 from lorasrv.tp.channel import ControlChannel
-from lorasrv.tp.protocol import (
-    TpClearSlot,
-    TpCommand,
-    TpLoadSlot,
-    TpShutdown,
-    TpStep,
-    TpStepResult,
-)
+from lorasrv.tp.protocol import TpAddHostCopy, TpCommand, TpDropHostCopy, TpShutdown, TpStep
 
 logger = logging.getLogger(__name__)
 
@@ -113,20 +107,21 @@ def _serve(spec: WorkerSpec, store: TCPStore) -> None:
         command = decoder.decode(channel.broadcast(None))
         match command:
             case TpStep(plan=plan):
-                out = runner.step(plan)
+                result = runner.step(plan)
                 if plan.seq_ids:  # the coordinator waits for rank 0's tokens
-                    result = TpStepResult(
-                        token_ids=out.token_ids,
-                        logprobs=out.logprobs,
-                        top_logprobs=out.top_logprobs,
-                    )
                     channel.broadcast(encoder.encode(result) if rank == 0 else None, root=1)
-            case TpLoadSlot(slot_id=slot_id, adapter_id=adapter_id, layout=layout):
-                data = channel.recv_tensor(0, layout.num_bytes)
-                weights = unpack_shard(layout, data)
-                runner.load_slot(SlotId(slot_id), AdapterId(adapter_id), weights)
-            case TpClearSlot(slot_id=slot_id):
-                runner.clear_slot(SlotId(slot_id))
+            case TpAddHostCopy() as header:
+                data = channel.recv_tensor(0, header.num_bytes)
+                host = unpack_shard(header, data, pin_memory=device.type == "cuda")
+                copy = HostCopyReady(
+                    adapter_id=AdapterId(header.adapter_id),
+                    weights=host,
+                    rank=header.rank,
+                    scaling=header.scaling,
+                )
+                runner.add_host_copy(copy)
+            case TpDropHostCopy(adapter_id=adapter_id):
+                runner.drop_host_copy(AdapterId(adapter_id))
             case TpShutdown():
                 runner.shutdown()
                 dist.destroy_process_group()

@@ -1,6 +1,9 @@
-"""A minimal scheduler for model tests: page allocation, chunked prefill, decode, via StepPlans.
+"""A minimal scheduler for model tests: page and LoRA-row allocation in one arena, chunked prefill,
+decode, via StepPlans.
 
-Drives `ModelRunner.step` the way the engine's scheduler does, without the engine.
+Drives `ModelRunner.step` (or `TpRunner.step`) the way the engine's scheduler does, without the
+engine: adapters get rows from the arena's top (shuffled, so never contiguous), KV pages come from
+the rest, and an adapter's upload rides in the next plan.
 """
 
 from __future__ import annotations
@@ -11,8 +14,8 @@ from typing import Any
 
 import torch
 
-from lorasrv.ids import BlockId, SeqId, StepId
-from lorasrv.messages import NewSeq, SamplingParams, StepPlan
+from lorasrv.ids import AdapterId, BlockId, SeqId, StepId
+from lorasrv.messages import AdapterRows, HostCopyReady, NewSeq, SamplingParams, StepPlan
 
 GREEDY = SamplingParams(temperature=0.0, max_new_tokens=1 << 20)
 
@@ -21,7 +24,7 @@ GREEDY = SamplingParams(temperature=0.0, max_new_tokens=1 << 20)
 class _Seq:
     seq_id: SeqId
     prompt: list[int]
-    slot: int
+    adapter_id: AdapterId | None
     max_new_tokens: int
     output: list[int] = field(default_factory=list)
     num_cached: int = 0  # tokens whose K/V are in the cache
@@ -37,12 +40,26 @@ class _Seq:
         return len(self.output) >= self.max_new_tokens
 
 
+def rows_pages(runner: Any, rows: list[int]) -> set[int]:
+    """The KV pages that `rows` overlay, from the runner's reported arena geometry."""
+    ready = runner.ready()
+    total = ready.num_kv_pages * ready.kv_page_bytes
+    offset = total - ready.lora_max_rows * ready.lora_row_bytes
+    pages: set[int] = set()
+    for row in rows:
+        start = offset + row * ready.lora_row_bytes
+        end = start + ready.lora_row_bytes
+        pages.update(range(start // ready.kv_page_bytes, (end - 1) // ready.kv_page_bytes + 1))
+    return pages
+
+
 class PlanDriver:
-    """Runs prompts to completion through `runner.step`; pages are handed out shuffled.
+    """Runs prompts to completion through `runner.step`; pages and rows are handed out shuffled.
 
     As the engine's scheduler does, decode steps also hand each row the page of its next token
     (`lookahead_pages`, policy.py) and mark rows whose next token is their last
     (`mark_last_rows`, step_plan.py), so the runner can launch the next step ahead.
+    `lora_rows`: rows set aside for adapters at the arena's top; their pages never hold KV.
     """
 
     def __init__(
@@ -54,34 +71,73 @@ class PlanDriver:
         record_logits: bool = False,
         lookahead_pages: bool = True,
         mark_last_rows: bool = True,
+        lora_rows: int = 0,
     ) -> None:
         self.runner = runner
         self.token_budget = token_budget
         self.lookahead_pages = lookahead_pages
         self.mark_last_rows = mark_last_rows
         self.page_size: int = runner.page_size
-        self.free_pages = list(range(runner.num_kv_pages))
-        random.Random(seed).shuffle(self.free_pages)  # non-contiguous block tables
+        max_rows = runner.ready().lora_max_rows
+        assert lora_rows <= max_rows, f"{lora_rows} LoRA rows asked, the arena has {max_rows}"
+        self.free_rows = list(range(max_rows - lora_rows, max_rows))
+        taken = rows_pages(runner, self.free_rows)
+        self.free_pages = [p for p in range(runner.num_kv_pages) if p not in taken]
+        rng = random.Random(seed)
+        rng.shuffle(self.free_pages)  # non-contiguous block tables
+        rng.shuffle(self.free_rows)  # non-contiguous adapter rows
+        self.adapter_rows: dict[AdapterId, tuple[int, ...]] = {}
+        self.pending_uploads: list[AdapterRows] = []
         self.record_logits = record_logits
         self.first_logits: dict[int, torch.Tensor] = {}  # seq_id -> [vocab] at its first sample
         self.num_steps = 0
         self._next_seq_id = 0
 
+    def add_adapter(
+        self, adapter_id: int, host: Any, rows: list[int] | None = None
+    ) -> tuple[int, ...]:
+        """Hand the runner the host copy and queue its upload into `rows` (default: the next
+        free ones) for the next plan; returns the rows."""
+        adapter = AdapterId(adapter_id)
+        self.runner.add_host_copy(
+            HostCopyReady(adapter_id=adapter, weights=host, rank=host.rank, scaling=host.scaling)
+        )
+        if rows is None:
+            rows = [self.free_rows.pop() for _ in range(host.rank)]
+        else:
+            self.free_rows = [r for r in self.free_rows if r not in rows]
+        self.adapter_rows[adapter] = tuple(rows)
+        self.pending_uploads.append(AdapterRows(adapter, tuple(rows)))
+        return tuple(rows)
+
+    def flush_uploads(self) -> None:
+        """Run the queued uploads now, in a plan of their own (no rows)."""
+        uploads, self.pending_uploads = tuple(self.pending_uploads), []
+        self.runner.step(StepPlan(step_id=StepId(self.num_steps), uploads=uploads))
+        self.num_steps += 1
+
+    def remove_adapter(self, adapter_id: int) -> None:
+        """Its host copy and rows go (nothing running may use it)."""
+        adapter = AdapterId(adapter_id)
+        self.runner.drop_host_copy(adapter)
+        self.free_rows.extend(self.adapter_rows.pop(adapter))
+
     def generate(
         self,
         prompts: list[list[int]],
-        slots: list[int] | None = None,
+        adapters: list[int | None] | None = None,
         max_new_tokens: int | list[int] = 32,
     ) -> list[list[int]]:
-        """Greedy tokens per prompt; `slots[i]` is the LoRA slot of prompt i (-1 = base);
+        """Greedy tokens per prompt; `adapters[i]` is the adapter id of prompt i (None = base);
         `max_new_tokens` for all prompts or one per prompt."""
         seqs = []
         limits = (
             max_new_tokens if isinstance(max_new_tokens, list) else [max_new_tokens] * len(prompts)
         )
-        rows = zip(prompts, slots or [-1] * len(prompts), limits, strict=True)
-        for prompt, slot, limit in rows:
-            seqs.append(_Seq(SeqId(self._next_seq_id), list(prompt), slot, limit))
+        rows = zip(prompts, adapters or [None] * len(prompts), limits, strict=True)
+        for prompt, adapter, limit in rows:
+            adapter_id = AdapterId(adapter) if adapter is not None else None
+            seqs.append(_Seq(SeqId(self._next_seq_id), list(prompt), adapter_id, limit))
             self._next_seq_id += 1
         freed: list[SeqId] = []
         while not all(s.done for s in seqs):
@@ -94,6 +150,7 @@ class PlanDriver:
                     s.pages = []
         if freed:
             self.runner.step(StepPlan(step_id=StepId(self.num_steps), freed_seq_ids=tuple(freed)))
+            self.num_steps += 1
         return [s.output for s in seqs]
 
     def _plan(self, active: list[_Seq], freed: list[SeqId]) -> tuple[StepPlan, list[_Seq]]:
@@ -106,7 +163,10 @@ class PlanDriver:
                 break
             chosen.append((seq, query_len))
             budget -= query_len
-        chosen.sort(key=lambda item: item[0].slot)  # rows sorted by LoRA slot, base first
+        # rows sorted by adapter, base first: each adapter is one segment
+        chosen.sort(key=lambda item: -1 if item[0].adapter_id is None else item[0].adapter_id)
+        used = sorted({s.adapter_id for s, _ in chosen if s.adapter_id is not None})
+        index = {adapter_id: i for i, adapter_id in enumerate(used)}
         new_seqs = []
         is_decode = all(n == 1 and s.num_cached == len(s.tokens) - 1 for s, n in chosen)
         ahead = 1 if self.lookahead_pages and is_decode else 0
@@ -130,7 +190,11 @@ class PlanDriver:
             query_lens=tuple(n for _, n in chosen),
             context_lens=tuple(s.num_cached for s, _ in chosen),
             block_tables=tuple(tuple(BlockId(p) for p in s.pages) for s, _ in chosen),
-            lora_slots=tuple(s.slot for s, _ in chosen),
+            lora_adapters=tuple(
+                -1 if s.adapter_id is None else index[s.adapter_id] for s, _ in chosen
+            ),
+            adapters=tuple(AdapterRows(a, self.adapter_rows[a]) for a in used),
+            uploads=tuple(self.pending_uploads),
             sample_rows=tuple(s.num_cached + n == len(s.tokens) for s, n in chosen),
             # as the scheduler marks them: the row's next token is its last
             last_rows=tuple(
@@ -140,6 +204,7 @@ class PlanDriver:
                 for s, n in chosen
             ),
         )
+        self.pending_uploads = []
         return plan, [s for s, _ in chosen]
 
     def _run(self, plan: StepPlan, rows: list[_Seq]) -> None:

@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from lorasrv.ids import AdapterId, SlotId
 from lorasrv.model.runner import ModelRunner
 from tests.model.checkpoints import ADAPTERS, build_adapter, build_checkpoint
 from tests.model.plan_driver import PlanDriver
@@ -105,18 +104,23 @@ def test_bf16_runner_vs_hf(small_dir: Path) -> None:
     assert rate > 0.5
 
 
-def lora_runner(base: Path, adapters: dict[str, Path], backend: str) -> ModelRunner:
+def lora_driver(
+    base: Path, adapters: dict[str, Path], backend: str = "triton", **kwargs: object
+) -> PlanDriver:
+    """A runner with every adapter's host copy, uploaded into shuffled rows by the first plan."""
     runner = make_runner(
         base,
-        lora_num_slots=3,
+        enable_lora=True,
         lora_max_rank=16,
         lora_target_modules=("all",),
         lora_backend=backend,
+        **kwargs,
     )
+    driver = PlanDriver(runner, token_budget=64, record_logits=True, lora_rows=48)
     load = runner.make_adapter_loader()
-    for slot, path in enumerate(adapters.values()):
-        runner.load_slot(SlotId(slot), AdapterId(slot), load(str(path)))
-    return runner
+    for adapter_id, path in enumerate(adapters.values()):
+        driver.add_adapter(adapter_id, load(str(path)))
+    return driver
 
 
 def test_bf16_triton_lora_vs_peft(small_dir: Path, tmp_path: Path) -> None:
@@ -131,12 +135,11 @@ def test_bf16_triton_lora_vs_peft(small_dir: Path, tmp_path: Path) -> None:
         (PROMPTS[3], "mlp_r16_patterns"),
     ]
     prompts = [p for p, _ in rows]
-    slots = [names.index(a) if a else -1 for _, a in rows]
+    ids: list[int | None] = [names.index(a) if a else None for _, a in rows]
     outputs, firsts = {}, {}
     for backend in ("triton", "torch"):
-        driver = PlanDriver(lora_runner(small_dir, adapters, backend), token_budget=64,
-                            record_logits=True)  # fmt: skip
-        outputs[backend] = driver.generate(prompts, slots, NEW_TOKENS)
+        driver = lora_driver(small_dir, adapters, backend)
+        outputs[backend] = driver.generate(prompts, ids, NEW_TOKENS)
         firsts[backend] = [driver.first_logits[i] for i in range(len(rows))]
     expected, hf_first = hf_bf16(small_dir, [(p, adapters[a] if a else None) for p, a in rows])
     rate = match_rate(outputs["triton"], expected)
@@ -147,10 +150,11 @@ def test_bf16_triton_lora_vs_peft(small_dir: Path, tmp_path: Path) -> None:
         f"first-step max |logit diff| {max_diff:.4f}, min cosine {cosine:.5f}; "
         f"triton vs torch backend token match {backend_rate:.2%}"
     )
-    # Last measured on an H200 (2026-11-28): prefix match 37.5%, max |diff| 0.46, min cosine
-    # 0.9933, backends 75%. These random adapters (PEFT's init_lora_weights=False) give deltas
-    # larger than the base path, so bf16 rounding of the rank-r intermediate (PEFT keeps it in
-    # fp32) dominates; the bounds below catch a wrong slot, scaling or slice (cosine << 0.9).
+    # Last measured on an H200 (2026-11-28, slots, bf16 intermediate): prefix match 37.5%, max
+    # |diff| 0.46, min cosine 0.9933, backends 75%. These random adapters (PEFT's
+    # init_lora_weights=False) give deltas larger than the base path, so the rounding of the
+    # rank-r intermediate dominated; it is float32 now, as in PEFT. The bounds below catch a
+    # wrong row, scaling or slice (cosine << 0.9).
     first_ok = sum(o[0] == e[0] for o, e in zip(outputs["triton"], expected, strict=True))
     assert first_ok >= len(rows) - 1
     assert cosine > 0.98
@@ -162,25 +166,10 @@ def test_kv_pages_sized_from_free_memory(small_dir: Path) -> None:
     runner = ModelRunner(
         model_path=str(small_dir), device="cuda", dtype="bfloat16", mem_fraction_static=0.05
     )
-    buffer = runner.kv_cache.buffer
+    buffer = runner.arena.buffer
     assert runner.ready().num_kv_pages == runner.num_kv_pages > 0
     assert buffer.numel() * buffer.element_size() <= 0.05 * free_before
     runner.shutdown()
-
-
-def slots_runner(base: Path, adapters: dict[str, Path], **kwargs: object) -> ModelRunner:
-    runner = make_runner(
-        base,
-        lora_num_slots=len(adapters),
-        lora_max_rank=16,
-        lora_target_modules=("all",),
-        lora_backend="triton",
-        **kwargs,
-    )
-    load = runner.make_adapter_loader()
-    for slot, name in enumerate(adapters):
-        runner.load_slot(SlotId(slot), AdapterId(slot), load(str(adapters[name])))
-    return runner
 
 
 def test_cuda_graphs_match_eager(small_dir: Path, tmp_path: Path) -> None:
@@ -188,19 +177,24 @@ def test_cuda_graphs_match_eager(small_dir: Path, tmp_path: Path) -> None:
     the generic eager path (no bucket padding) agrees up to bf16 rounding."""
     names = ("qv_r4", "all_r8_rslora", "mlp_r16_patterns")
     adapters = {n: build_adapter(small_dir, tmp_path / n, **ADAPTERS[n]) for n in names}
-    # 7 rows (bucket 8 pads one), base rows and three adapters, then base-only rows.
+    # 7 rows (bucket 8 pads one), base rows and three adapters of ranks 4/8/16, then base rows.
     prompts = [*PROMPTS, list(range(40, 47)), [9] * 12, list(range(500, 517))]
-    slots = [-1, 0, 1, 2, -1, 1, 0]
-    graphed = slots_runner(small_dir, adapters, enable_cuda_graph=True)
-    eager = slots_runner(small_dir, adapters, enable_cuda_graph=False)
-    generic = slots_runner(small_dir, adapters, enable_cuda_graph=False)
-    # the same graphs, each step waited for before the next is launched (no lookahead)
-    stepwise = slots_runner(small_dir, adapters, enable_cuda_graph=True, enable_lookahead=False)
+    ids: list[int | None] = [None, 0, 1, 2, None, 1, 0]
+    drivers = {
+        "graphed": lora_driver(small_dir, adapters, enable_cuda_graph=True),
+        "eager": lora_driver(small_dir, adapters, enable_cuda_graph=False),
+        "generic": lora_driver(small_dir, adapters, enable_cuda_graph=False),
+        # the same graphs, each step waited for before the next is launched (no lookahead)
+        "stepwise": lora_driver(
+            small_dir, adapters, enable_cuda_graph=True, enable_lookahead=False
+        ),
+    }
+    graphed, eager = drivers["graphed"].runner, drivers["eager"].runner
     assert graphed.decode is not None
     assert graphed.decode.use_graphs
     assert eager.decode is not None
     assert not eager.decode.use_graphs
-    generic.decode = None  # every step through StepPreparer, as prefill steps are
+    drivers["generic"].runner.decode = None  # every step through StepPreparer, as prefill is
     hits: list[tuple[int, bool]] = []
 
     class CountingGraphs(dict[tuple[int, bool], torch.cuda.CUDAGraph]):
@@ -209,13 +203,9 @@ def test_cuda_graphs_match_eager(small_dir: Path, tmp_path: Path) -> None:
             return super().get(key, default)
 
     graphed.decode._graphs = CountingGraphs(graphed.decode._graphs)
-    sorted_rows = sorted(zip(slots, prompts, strict=True), key=lambda r: r[0])
-    rows_slots, rows_prompts = [s for s, _ in sorted_rows], [p for _, p in sorted_rows]
     outputs = {}
-    runners = {"graphed": graphed, "eager": eager, "generic": generic, "stepwise": stepwise}
-    for name, runner in runners.items():
-        driver = PlanDriver(runner, token_budget=64)
-        lora_out = driver.generate(rows_prompts, rows_slots, NEW_TOKENS)
+    for name, driver in drivers.items():
+        lora_out = driver.generate(prompts, ids, NEW_TOKENS)
         base_out = driver.generate(prompts[:3], None, NEW_TOKENS)
         outputs[name] = lora_out + base_out
     # decode steps really replayed graphs, with and without the LoRA kernels
@@ -225,8 +215,29 @@ def test_cuda_graphs_match_eager(small_dir: Path, tmp_path: Path) -> None:
     assert outputs["graphed"] == outputs["eager"]
     # steps launched ahead of their plan (lookahead.py) were used, and changed nothing
     assert graphed.num_guesses_used >= NEW_TOKENS // 2
-    assert stepwise.num_guesses_used == 0
+    assert drivers["stepwise"].runner.num_guesses_used == 0
     assert outputs["graphed"] == outputs["stepwise"]
     rate = match_rate(outputs["generic"], outputs["graphed"])
     print(f"bucketed decode vs generic eager path: token match rate {rate:.2%}")
     assert rate > 0.8
+
+
+def test_upload_rides_a_replayed_step(small_dir: Path, tmp_path: Path) -> None:
+    """One-token prompts make the very first step a decode step: the plan that uploads a new
+    adapter (side stream, event) replays a graph that reads it, while another adapter uploaded
+    as a prefetch in an earlier plan is used a step later; eager runs agree."""
+    names = ("qv_r4", "all_r8_rslora", "mlp_r16_patterns")
+    adapters = {n: build_adapter(small_dir, tmp_path / n, **ADAPTERS[n]) for n in names}
+    outputs = []
+    for use_graphs in (True, False):
+        driver = lora_driver(small_dir, {"qv_r4": adapters["qv_r4"]}, enable_cuda_graph=use_graphs)
+        load = driver.runner.make_adapter_loader()
+        first = driver.generate([[5], [6]], [None, 0], 4)
+        driver.add_adapter(1, load(str(adapters["all_r8_rslora"])))
+        driver.add_adapter(2, load(str(adapters["mlp_r16_patterns"])))  # not used next: prefetch
+        second = driver.generate([[7], [8], [9]], [None, 0, 1], 6)
+        third = driver.generate([[10], [11]], [2, 1], 6)
+        outputs.append(first + second + third)
+        assert driver.runner.uploader is not None
+        assert driver.runner.uploader.num_uploads == 3
+    assert outputs[0] == outputs[1]

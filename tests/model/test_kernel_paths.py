@@ -1,7 +1,7 @@
 """The CUDA serving paths, run on CPU: Triton attention (prefill, mixed and decode kernels), the
-static-buffer decode runner (bucket padding, padded LoRA segments) and Triton LoRA, all through
-TRITON_INTERPRET=1 in float32, against the reference runner. Graph capture itself is GPU-only
-(tests/model/test_gpu.py).
+static-buffer decode runner (bucket padding, the step's exact LoRA segments in static buffers)
+and Triton LoRA over arena rows, all through TRITON_INTERPRET=1 in float32, against the reference
+runner. Graph capture itself is GPU-only (tests/model/test_gpu.py).
 """
 
 from __future__ import annotations
@@ -13,9 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from lorasrv.ids import AdapterId, BlockId, SeqId, SlotId, StepId
-from lorasrv.messages import NewSeq, StepPlan
-from lorasrv.model.cuda_graphs import DecodeRunner, buckets_up_to, is_decode_plan, lora_runs
+from lorasrv.ids import AdapterId, BlockId, SeqId, StepId
+from lorasrv.messages import AdapterRows, NewSeq, StepPlan
+from lorasrv.model.cuda_graphs import DecodeLora, DecodeRunner, buckets_up_to, is_decode_plan
+from lorasrv.model.lora_backend import AdapterInfo, make_lora_backend
 from lorasrv.model.runner import ModelRunner
 from tests.model.plan_driver import GREEDY, PlanDriver
 
@@ -26,8 +27,8 @@ pytestmark = pytest.mark.skipif(
 
 ADAPTERS = ("qv_r4", "all_r8_rslora", "mlp_r16_patterns")
 # Odd prompt lengths around the page size (4), a one-token prompt, base and adapter rows.
-ROWS: list[tuple[list[int], int]] = [
-    ([5, 6, 7, 8, 9], -1),
+ROWS: list[tuple[list[int], int | None]] = [
+    ([5, 6, 7, 8, 9], None),
     (list(range(20, 33)), 0),
     ([17], 1),
     (list(range(100, 108)), 1),
@@ -42,8 +43,8 @@ def make_runner(base: Path, kernels: bool, **kwargs: object) -> ModelRunner:
         model_path=str(base),
         device="cpu",
         page_size=4,
-        num_kv_pages=128,
-        lora_num_slots=3,
+        num_kv_pages=256,
+        enable_lora=True,
         lora_max_rank=16,
         lora_target_modules=("all",),
         lora_backend=backend,
@@ -52,16 +53,23 @@ def make_runner(base: Path, kernels: bool, **kwargs: object) -> ModelRunner:
     )
 
 
-def load_adapters(runner: ModelRunner, adapter_dir: Callable[[str], Path]) -> None:
-    load = runner.make_adapter_loader()
-    for slot, name in enumerate(ADAPTERS):
-        runner.load_slot(SlotId(slot), AdapterId(slot), load(str(adapter_dir(name))))
+def load_adapters(driver: PlanDriver, adapter_dir: Callable[[str], Path]) -> None:
+    load = driver.runner.make_adapter_loader()
+    for adapter_id, name in enumerate(ADAPTERS):
+        driver.add_adapter(adapter_id, load(str(adapter_dir(name))))
 
 
-def generate(runner: ModelRunner, token_budget: int) -> tuple[list[list[int]], PlanDriver]:
-    driver = PlanDriver(runner, token_budget=token_budget, record_logits=True)
-    prompts, slots = [p for p, _ in ROWS], [s for _, s in ROWS]
-    return driver.generate(prompts, slots, NEW_TOKENS), driver
+def make_driver(runner: ModelRunner, **kwargs: object) -> PlanDriver:
+    return PlanDriver(runner, lora_rows=40, **kwargs)  # type: ignore[arg-type]
+
+
+def generate(
+    runner: ModelRunner, token_budget: int, adapter_dir: Callable[[str], Path]
+) -> tuple[list[list[int]], PlanDriver]:
+    driver = make_driver(runner, token_budget=token_budget, record_logits=True)
+    load_adapters(driver, adapter_dir)
+    prompts, adapters = [p for p, _ in ROWS], [a for _, a in ROWS]
+    return driver.generate(prompts, adapters, NEW_TOKENS), driver
 
 
 @pytest.mark.parametrize("token_budget", [7, 64])  # chunked + mixed steps; one prefill step
@@ -73,15 +81,13 @@ def test_kernel_runner_matches_reference(
     kernels = make_runner(base, kernels=True)
     assert kernels.decode is not None
     assert reference.decode is None
-    for runner in (reference, kernels):
-        load_adapters(runner, adapter_dir)  # type: ignore[arg-type]
-    expected, ref_driver = generate(reference, token_budget)
+    expected, ref_driver = generate(reference, token_budget, adapter_dir)
     decode_steps = []
     run = kernels.decode.run
     kernels.decode.run = lambda plan, **kw: (
         decode_steps.append(len(plan.seq_ids)) or run(plan, **kw)
     )  # type: ignore[method-assign]
-    tokens, driver = generate(kernels, token_budget)
+    tokens, driver = generate(kernels, token_budget, adapter_dir)
     assert tokens == expected
     assert 5 in decode_steps  # the static decode path ran, all rows in bucket 8
     for seq_id, logits in ref_driver.first_logits.items():
@@ -102,22 +108,25 @@ def test_decode_runner_padding_writes_no_kv(checkpoint_dir: Callable[[str], Path
         query_lens=(1, 1, 1),
         context_lens=(0, 5, 3),
         block_tables=((BlockId(7),), (BlockId(3), BlockId(9)), (BlockId(0),)),
-        lora_slots=(-1, -1, -1),
+        lora_adapters=(-1, -1, -1),
         sample_rows=(True, True, True),
     )
     assert is_decode_plan(plan)
     assert decode.can_run(plan)
-    before = runner.kv_cache.buffer.clone()
+    pages = runner.arena.kv  # [pages, layers, 2, page_size, kv_heads, head_dim]
+    before = pages.clone()
     result = runner.step(plan)
     assert len(result.token_ids) == 3
-    changed = (runner.kv_cache.buffer != before).flatten(4).any(-1)  # [layers, 2, pages, slot]
-    written = {(int(p), int(s)) for p, s in changed.nonzero()[:, 2:].tolist()}
+    changed = (pages != before).transpose(1, 3).flatten(2).any(-1)  # [pages, page_size]
+    written = {(int(p), int(s)) for p, s in changed.nonzero().tolist()}
     assert written == {(7, 0), (9, 1), (0, 3)}
 
 
 def test_decode_runner_can_run() -> None:
-    def plan(slots: tuple[int, ...], query_lens: tuple[int, ...] | None = None) -> StepPlan:
-        n = len(slots)
+    adapters = tuple(AdapterRows(AdapterId(i), tuple(range(10 * i, 10 * i + 4))) for i in range(3))
+
+    def plan(indices: tuple[int, ...], query_lens: tuple[int, ...] | None = None) -> StepPlan:
+        n = len(indices)
         return StepPlan(
             step_id=StepId(0),
             seq_ids=tuple(SeqId(i) for i in range(n)),
@@ -125,24 +134,26 @@ def test_decode_runner_can_run() -> None:
             query_lens=query_lens or (1,) * n,
             context_lens=(3,) * n,
             block_tables=((BlockId(0),),) * n,
-            lora_slots=slots,
+            lora_adapters=indices,
+            adapters=adapters,
             sample_rows=(True,) * n,
         )
 
     decode = DecodeRunner.__new__(DecodeRunner)  # only the host-side checks, no model
     decode.buckets, decode.page_size, decode.max_pages = (1, 2, 4), 4, 2
-    decode.pool, decode.max_segments = object(), 3  # type: ignore[assignment]
+    info = {AdapterId(i): AdapterInfo(4, 1.0) for i in range(3)}
+    decode.lora = DecodeLora(make_lora_backend("torch", torch.device("cpu"), 4), info, 8)
     assert decode.can_run(plan((-1, 0, 0, 1)))
-    assert not decode.can_run(plan((0, 1, 0, 1)))  # unsorted: 4 runs > 3 padded segments
+    assert not decode.can_run(plan((0, 1, 0, 1)))  # unsorted: 4 segments list 16 rows > 8
+    assert not decode.can_run(plan((0, 1, 2)))  # 12 row entries > the buffers' 8
     assert not decode.can_run(plan((0, 1), (2, 1)))  # a prefill row
     assert not decode.can_run(plan((-1,) * 5))  # more rows than the largest bucket
-    decode.pool = None
-    assert not decode.can_run(plan((0,)))  # adapter rows without a pool: the eager path refuses
+    decode.lora = None
+    assert decode.can_run(plan((-1, -1)))
+    assert not decode.can_run(plan((0,)))  # adapter rows without LoRA: the eager path refuses
 
 
-def test_lora_runs_and_buckets() -> None:
-    assert lora_runs([-1, -1, 0, 0, 3]) == ([0, 2, 4, 5], [-1, 0, 3])
-    assert lora_runs([2]) == ([0, 1], [2])
+def test_buckets() -> None:
     assert buckets_up_to(50) == (1, 2, 4, 8, 16, 24, 32, 48, 50)
     assert buckets_up_to(1) == (1,)
 
@@ -184,15 +195,14 @@ def test_lookahead_decode_matches_step_by_step(
     ahead = make_runner(base, kernels=True)
     assert ahead.lookahead
     assert not step_by_step.lookahead
-    for runner in (step_by_step, ahead):
-        load_adapters(runner, adapter_dir)  # type: ignore[arg-type]
-    prompts, slots = [p for p, _ in ROWS], [s for _, s in ROWS]
+    prompts, adapters = [p for p, _ in ROWS], [a for _, a in ROWS]
     limits = [3, 11, 6, 14, 8]
 
     def generate(runner: ModelRunner) -> list[list[int]]:
-        driver = PlanDriver(runner, token_budget=64, lookahead_pages=lookahead_pages,
-                            mark_last_rows=mark_last_rows)  # fmt: skip
-        return driver.generate(prompts, slots, limits)
+        driver = make_driver(runner, token_budget=64, lookahead_pages=lookahead_pages,
+                             mark_last_rows=mark_last_rows)  # fmt: skip
+        load_adapters(driver, adapter_dir)
+        return driver.generate(prompts, adapters, limits)
 
     expected = generate(step_by_step)
     assert generate(ahead) == expected
@@ -216,13 +226,41 @@ def test_lookahead_follows_the_schedulers_hint(
         step_id=StepId(0),
         new_seqs=(NewSeq(seq_id=SeqId(0), params=GREEDY, prompt_ids=(1, 2, 3)),),
         seq_ids=(SeqId(0),), input_ids=(1, 2, 3), query_lens=(3,), context_lens=(0,),
-        block_tables=tables, lora_slots=(-1,), sample_rows=(True,),
+        block_tables=tables, lora_adapters=(-1,), sample_rows=(True,),
     )  # fmt: skip
     token = runner.step(prefill).token_ids[0]
     decode = StepPlan(
         step_id=StepId(1), seq_ids=(SeqId(0),), input_ids=(token,), query_lens=(1,),
-        context_lens=(3,), block_tables=tables, lora_slots=(-1,), sample_rows=(True,),
+        context_lens=(3,), block_tables=tables, lora_adapters=(-1,), sample_rows=(True,),
         expect_next_decode=expect_next_decode,
     )  # fmt: skip
     runner.step(decode)
     assert (runner._guess is not None) == expect_next_decode
+
+
+def test_upload_in_a_static_decode_step(
+    checkpoint_dir: Callable[[str], Path], adapter_dir: Callable[[str], Path]
+) -> None:
+    """One-token prompts: the plan that uploads an adapter is itself a static decode step that
+    reads it; an adapter uploaded ahead (a prefetch) is used by a later plan."""
+    base = checkpoint_dir("llama")
+    outputs = []
+    uploading_decodes: list[int] = []
+    for kernels in (True, False):
+        runner = make_runner(base, kernels=kernels)
+        if runner.decode is not None:
+            run = runner.decode.run
+            runner.decode.run = lambda plan, run=run, **kw: (
+                uploading_decodes.append(len(plan.uploads)) or run(plan, **kw)
+            )  # type: ignore[method-assign]
+        driver = make_driver(runner)
+        load = runner.make_adapter_loader()
+        driver.add_adapter(0, load(str(adapter_dir(ADAPTERS[0]))))
+        first = driver.generate([[5], [6]], [None, 0], 3)
+        driver.add_adapter(1, load(str(adapter_dir(ADAPTERS[1]))))
+        driver.add_adapter(2, load(str(adapter_dir(ADAPTERS[2]))))  # no row uses it next
+        second = driver.generate([[7], [8], [9]], [None, 0, 1], 3)
+        third = driver.generate([[10], [11]], [1, 2], 3)
+        outputs.append(first + second + third)
+    assert outputs[0] == outputs[1]
+    assert [n for n in uploading_decodes if n] == [1, 2]  # both uploads rode decode steps

@@ -1,5 +1,6 @@
 """lookahead.py as plain functions: which plans can be guessed, and that a guess is used only when
-the real plan is exactly the step it ran (rows, positions, pages, slots, inputs)."""
+the real plan is exactly the step it ran (rows, positions, pages, adapters and their rows, inputs),
+and never when the plan uploads adapters."""
 
 from __future__ import annotations
 
@@ -8,21 +9,21 @@ from typing import Any
 import msgspec
 import pytest
 
-from lorasrv.ids import BlockId, SeqId, StepId
-from lorasrv.messages import NewSeq, SamplingParams, StepPlan
+from lorasrv.ids import AdapterId, BlockId, SeqId, StepId
+from lorasrv.messages import AdapterRows, NewSeq, SamplingParams, StepPlan, StepResult
 from lorasrv.model.lookahead import Guess, guess_holds, next_decode_plan
-from lorasrv.model.pending_sample import SampleResult
 
 PAGE = 4
+ADAPTER = AdapterRows(AdapterId(7), (30, 12, 31))
 
 
 class Sampled:
     """A PendingSample stand-in: the parent step's tokens, already on the host."""
 
     def __init__(self, token_ids: list[int]) -> None:
-        self._result = SampleResult(token_ids, [], [])
+        self._result = StepResult(token_ids=tuple(token_ids))
 
-    def result(self) -> SampleResult:
+    def result(self) -> StepResult:
         return self._result
 
 
@@ -34,7 +35,8 @@ def decode_plan(**changes: Any) -> StepPlan:
         query_lens=(1, 1),
         context_lens=(6, 3),  # next tokens at positions 7 (page 1) and 4 (page 1)
         block_tables=((BlockId(8), BlockId(9)), (BlockId(3), BlockId(4))),
-        lora_slots=(-1, 0),
+        lora_adapters=(-1, 0),
+        adapters=(ADAPTER,),
         sample_rows=(True, True),
     )
     return msgspec.structs.replace(plan, **changes)
@@ -65,7 +67,7 @@ def test_next_decode_plan_moves_every_row_one_position() -> None:
             "query_lens": (),
             "context_lens": (),
             "block_tables": (),
-            "lora_slots": (),
+            "lora_adapters": (),
             "sample_rows": (),
         },
     ],
@@ -98,6 +100,10 @@ def test_the_guess_holds_for_the_plan_it_ran() -> None:
     assert guess_holds(make_guess(), real_plan(block_tables=tables), PAGE)
     # rows freed elsewhere in the batch do not matter
     assert guess_holds(make_guess(), real_plan(freed_seq_ids=(SeqId(9),)), PAGE)
+    # nor how the plan lists its adapters: each row's adapter and rows are what count
+    other = AdapterRows(AdapterId(3), (1,))
+    listed = real_plan(adapters=(other, ADAPTER), lora_adapters=(-1, 1))
+    assert guess_holds(make_guess(), listed, PAGE)
 
 
 @pytest.mark.parametrize(
@@ -106,7 +112,12 @@ def test_the_guess_holds_for_the_plan_it_ran() -> None:
         {"input_ids": (21, 99)},  # not the parent's tokens
         {"seq_ids": (SeqId(1), SeqId(3))},
         {"context_lens": (7, 5)},
-        {"lora_slots": (-1, 1)},  # another adapter's slot
+        # another adapter, or the same one in other rows (the guess read the old ones)
+        {"adapters": (AdapterRows(AdapterId(8), (30, 12, 31)),)},
+        {"adapters": (AdapterRows(AdapterId(7), (30, 12, 32)),)},
+        {"lora_adapters": (-1, -1)},
+        # an upload of any adapter, even one no row uses: the guess ran before it
+        {"uploads": (AdapterRows(AdapterId(9), (40,)),)},
         {"block_tables": ((BlockId(8), BlockId(10)), (BlockId(3), BlockId(4)))},  # moved page
         {"new_seqs": (NewSeq(seq_id=SeqId(1), params=SamplingParams(), prompt_ids=(1,)),)},
     ],
@@ -122,12 +133,13 @@ def test_rows_known_to_stop_are_left_out() -> None:
     assert keep == (1,)
     assert guess.seq_ids == (2,)
     assert guess.context_lens == (4,)
-    assert guess.lora_slots == (0,)
+    assert guess.lora_adapters == (0,)
+    assert guess.adapters == (ADAPTER,)
     assert guess.block_tables == ((BlockId(3), BlockId(4)),)
     # the real plan without the stopped row, fed the parent's token of the row that goes on
     without = decode_plan(
         step_id=StepId(6), seq_ids=(SeqId(2),), input_ids=(22,), query_lens=(1,),
-        context_lens=(4,), block_tables=((BlockId(3), BlockId(4)),), lora_slots=(0,),
+        context_lens=(4,), block_tables=((BlockId(3), BlockId(4)),), lora_adapters=(0,),
         sample_rows=(True,),
     )  # fmt: skip
     assert guess_holds(make_guess(last_rows=(True, False)), without, PAGE)
@@ -144,7 +156,7 @@ def test_no_guess_when_every_row_stops() -> None:
 def test_a_row_that_stopped_drops_the_guess() -> None:
     one_row = decode_plan(
         step_id=StepId(6), seq_ids=(SeqId(1),), input_ids=(21,), query_lens=(1,),
-        context_lens=(7,), block_tables=((BlockId(8), BlockId(9)),), lora_slots=(-1,),
+        context_lens=(7,), block_tables=((BlockId(8), BlockId(9)),), lora_adapters=(-1,),
         sample_rows=(True,),
     )  # fmt: skip
     assert not guess_holds(make_guess(), one_row, PAGE)

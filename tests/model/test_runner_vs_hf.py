@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from lorasrv.ids import BlockId, SeqId, StepId
-from lorasrv.messages import StepPlan
+from lorasrv.messages import StepPlan, StepResult
 from lorasrv.model.runner import ModelRunner
 from tests.model.checkpoints import KINDS
 from tests.model.plan_driver import PlanDriver
@@ -82,7 +82,7 @@ def test_kv_pages_from_byte_budget(checkpoint_dir: Callable[[str], Path]) -> Non
 def test_empty_and_free_only_plans(checkpoint_dir: Callable[[str], Path]) -> None:
     runner = make_runner(checkpoint_dir("llama"))
     result = runner.step(StepPlan(step_id=StepId(0)))
-    assert result == ([], [], [])
+    assert result == StepResult()
 
 
 def test_prefill_without_sampling_then_decode(checkpoint_dir: Callable[[str], Path]) -> None:
@@ -105,7 +105,7 @@ def one_row_plan(pages: tuple[int, ...]) -> StepPlan:
         query_lens=(5,),
         context_lens=(0,),
         block_tables=(tuple(BlockId(p) for p in pages),),
-        lora_slots=(-1,),
+        lora_adapters=(-1,),
         sample_rows=(False,),
     )
 

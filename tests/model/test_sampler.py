@@ -73,9 +73,9 @@ def test_greedy_is_argmax(params: dict[str, Any]) -> None:
     seq_ids = [add(sampler, i, **params) for i in range(6)]
     for _ in range(3):
         result = sampler.sample(logits, seq_ids)
-        assert result.token_ids == logits.argmax(dim=-1).tolist()
-        assert result.logprobs == []
-        assert result.top_logprobs == []
+        assert list(result.token_ids) == logits.argmax(dim=-1).tolist()
+        assert result.logprobs == ()
+        assert result.top_logprobs == ()
 
 
 # ----------------------------------------------------------------------------- sampling stages
@@ -166,7 +166,7 @@ def test_penalties_change_greedy_choice(params: dict[str, Any], expected: int) -
     sampler = make_sampler(4)
     seq_id = add(sampler, 1, prompt_ids=(0,), output_ids=(0, 0, 0, 1), temperature=0.0, **params)
     logits = torch.tensor([[2.0, 1.9, 1.8, -5.0]])
-    assert sampler.sample(logits, [seq_id]).token_ids == [expected]
+    assert sampler.sample(logits, [seq_id]).token_ids == (expected,)
 
 
 def test_history_includes_sampled_tokens() -> None:
@@ -176,18 +176,18 @@ def test_history_includes_sampled_tokens() -> None:
     logits = torch.tensor([[1.0, 0.9, 0.8, 0.0]] * 2)
     tokens = [sampler.sample(logits, [seq_id, plain]).token_ids for _ in range(4)]
     # 0 (1.0); 1 (0.9 > 0.85); 0 (0.85 > 0.8 > 0.75); 2 (0.8 > 0.75 > 0.7)
-    assert tokens == [[0, 0], [1, 0], [0, 0], [2, 0]]
+    assert tokens == [(0, 0), (1, 0), (0, 0), (2, 0)]
 
 
 def test_penalty_table_growth_keeps_counts() -> None:
     sampler = make_sampler(4)
     first = add(sampler, 0, temperature=0.0, presence_penalty=1.0)
     logits = torch.tensor([[1.0, 0.5, 0.0, -1.0]])
-    assert sampler.sample(logits, [first]).token_ids == [0]
+    assert sampler.sample(logits, [first]).token_ids == (0,)
     others = [add(sampler, i, temperature=0.0, presence_penalty=1.0) for i in range(1, 20)]
-    assert sampler.sample(logits, [first]).token_ids == [1]
+    assert sampler.sample(logits, [first]).token_ids == (1,)
     batch = logits.expand(len(others), -1)
-    assert sampler.sample(batch, others).token_ids == [0] * len(others)
+    assert sampler.sample(batch, others).token_ids == (0,) * len(others)
 
 
 # ----------------------------------------------------------------------------- seeds, batches
@@ -263,7 +263,7 @@ def test_logprobs_are_log_softmax_of_raw_logits() -> None:
     assert torch.equal(logits, original)
     expected = logits.log_softmax(-1).gather(1, torch.tensor(result.token_ids)[:, None])
     assert result.logprobs == pytest.approx(expected.flatten().tolist(), abs=1e-6)
-    assert result.top_logprobs == []
+    assert result.top_logprobs == ()
 
 
 def test_top_logprobs_sorted_and_sized() -> None:
@@ -290,22 +290,22 @@ def test_remove_then_add_starts_fresh() -> None:
     sampler = make_sampler(4)
     logits = torch.tensor([[1.0, 0.9, 0.0, -1.0]])
     seq_id = add(sampler, 7, temperature=0.0, presence_penalty=0.5)
-    assert sampler.sample(logits, [seq_id]).token_ids == [0]
+    assert sampler.sample(logits, [seq_id]).token_ids == (0,)
     sampler.remove_seq(seq_id)
     sampler.remove_seq(SeqId(12345))  # unknown: ignored
     add(sampler, 7, temperature=0.0, presence_penalty=0.5)  # reuses the freed penalty slot
-    assert sampler.sample(logits, [seq_id]).token_ids == [0]  # a stale count would give 1
-    assert sampler.sample(logits, [seq_id]).token_ids == [1]
+    assert sampler.sample(logits, [seq_id]).token_ids == (0,)  # a stale count would give 1
+    assert sampler.sample(logits, [seq_id]).token_ids == (1,)
 
 
 def test_readded_seq_forgets_old_prompt() -> None:
     sampler = make_sampler(4)
     logits = torch.tensor([[1.0, 0.9, 0.0, -1.0]])
     seq_id = add(sampler, 7, prompt_ids=(0,), temperature=0.0, repetition_penalty=2.0)
-    assert sampler.sample(logits, [seq_id]).token_ids == [1]
+    assert sampler.sample(logits, [seq_id]).token_ids == (1,)
     sampler.remove_seq(seq_id)
     add(sampler, 7, prompt_ids=(2,), temperature=0.0, repetition_penalty=2.0)
-    assert sampler.sample(logits, [seq_id]).token_ids == [0]
+    assert sampler.sample(logits, [seq_id]).token_ids == (0,)
 
 
 def test_readded_seed_restarts_its_stream() -> None:
@@ -346,7 +346,7 @@ def test_pending_sample_keeps_tokens_on_the_device_and_matches_sample() -> None:
     assert pending.token_ids.tolist() == logits.argmax(-1).tolist()
     result = pending.result()
     assert result is pending.result()  # materialized once
-    assert result.token_ids == logits.argmax(-1).tolist()
+    assert list(result.token_ids) == logits.argmax(-1).tolist()
     assert [len(row) for row in result.top_logprobs] == [0, 2, 0]
     assert result.top_logprobs[1][0].token_id == result.token_ids[1]
     assert result == sampler.sample(logits, seq_ids)

@@ -4,7 +4,6 @@ control channel carries payloads larger than one broadcast."""
 
 from __future__ import annotations
 
-import dataclasses
 import datetime
 import itertools
 import threading
@@ -13,8 +12,15 @@ import pytest
 import torch
 from torch.distributed import TCPStore
 
+from lorasrv.config import SUPPORTED_LORA_MODULES
 from lorasrv.model.arch import ModelArch, parse_arch
-from lorasrv.model.lora_layout import AdapterWeights, LoraModuleWeights, pool_module_shapes
+from lorasrv.model.lora_layout import (
+    AdapterWeights,
+    LoraModuleWeights,
+    pool_module_shapes,
+    row_layout,
+    unpack_module,
+)
 from lorasrv.model.sharding import (
     Shard,
     check_split,
@@ -124,25 +130,34 @@ def random_adapter(a: ModelArch, rank: int) -> AdapterWeights:
 
 
 def test_adapter_shards_follow_s_lora_and_survive_packing() -> None:
+    """Each rank's bytes are its S-LoRA shard packed into that rank's rows, and unpack to it."""
     a = arch()
     weights = random_adapter(a, rank=4)
-    packed = pack_shards(weights, a, 2)
-    local = shard_arch(a, Shard(1, 2))
-    shapes = pool_module_shapes(local)
+    targets = SUPPORTED_LORA_MODULES
+    packed = pack_shards(weights, a, 2, targets)
+    layout = row_layout(shard_arch(a, Shard(1, 2)), targets)  # every rank's rows are this wide
+    assert packed.row_elems == layout.row_elems
+    assert (packed.rank, packed.scaling) == (4, 0.5)
     for rank, data in enumerate(packed.buffers):
+        assert layout == row_layout(shard_arch(a, Shard(rank, 2)), targets)
         expected = shard_adapter(weights, a, Shard(rank, 2))
-        got = unpack_shard(packed.layout, data)
-        assert dataclasses.replace(got, modules={}) == dataclasses.replace(expected, modules={})
+        host = unpack_shard(packed.header(7), data, pin_memory=False)
+        assert host.rows.shape == (4, layout.row_elems)
         for key, module in expected.modules.items():
-            assert torch.equal(got.modules[key].a, module.a)
-            assert torch.equal(got.modules[key].b, module.b)
-            shape = shapes[key[1]]
+            got = unpack_module(host, layout.modules[key])
+            assert torch.equal(got.a, module.a)
+            assert torch.equal(got.b, module.b)
+            shape = layout.modules[key].shape
             assert module.a.shape == (shape.num_slices * 4, shape.in_features)
             assert module.b.shape == (shape.out_features, 4)
     # Column-parallel A is whole on every rank; row-parallel B is whole on every rank.
-    rank1 = unpack_shard(packed.layout, packed.buffers[1]).modules
-    assert torch.equal(rank1[0, "qkv_proj"].a, weights.modules[0, "qkv_proj"].a)
-    assert torch.equal(rank1[0, "o_proj"].b, weights.modules[0, "o_proj"].b)
+    host = unpack_shard(packed.header(7), packed.buffers[1], pin_memory=False)
+    assert torch.equal(
+        unpack_module(host, layout.modules[0, "qkv_proj"]).a, weights.modules[0, "qkv_proj"].a
+    )
+    assert torch.equal(
+        unpack_module(host, layout.modules[0, "o_proj"]).b, weights.modules[0, "o_proj"].b
+    )
 
 
 def test_control_channel_carries_payloads_past_one_buffer() -> None:

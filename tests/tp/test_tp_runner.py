@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from lorasrv.ids import AdapterId, SlotId
+from lorasrv.ids import AdapterId
 from lorasrv.model.runner import ModelRunner
 from lorasrv.tp.monitor import TpWorkerError
 from lorasrv.tp.runner import TpRunner
@@ -26,7 +26,7 @@ ODD = {
     "tie_word_embeddings": True,  # the LM head is the vocab-parallel embedding
 }
 PROMPTS = [[5, 9, 20, 7], [11, 40, 23, 7, 99, 100, 3], [7], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]]
-SLOTS = [-1, 0, -1, 0]
+ROW_ADAPTERS = [None, 1, None, 1]
 
 
 @pytest.fixture(scope="module")
@@ -43,8 +43,8 @@ def runner_options(base: Path) -> dict[str, Any]:
         "dtype": "float32",
         "device": "cpu",
         "page_size": 4,
-        "num_kv_pages": 64,
-        "lora_num_slots": 2,
+        "num_kv_pages": 256,  # the arena holds the adapter rows too
+        "enable_lora": True,
         "lora_max_rank": 16,
         "lora_target_modules": ("all",),
         "lora_backend": "torch",
@@ -52,18 +52,29 @@ def runner_options(base: Path) -> dict[str, Any]:
 
 
 def test_odd_shapes_give_tp1_tokens(odd_world: dict[str, Any]) -> None:
+    """Each rank's shard in its own rows (the same row ids on every rank), uploaded by the plan;
+    a dropped host copy leaves the rows in use; new rows for the same adapter re-upload."""
     options = runner_options(odd_world["base"])
     tp1 = ModelRunner(**options)
-    tp1.load_slot(SlotId(0), AdapterId(1), tp1.make_adapter_loader()(str(odd_world["adapter"])))
-    expected = PlanDriver(tp1).generate(PROMPTS, SLOTS, max_new_tokens=8)
+    driver1 = PlanDriver(tp1, lora_rows=16)
+    driver1.add_adapter(1, tp1.make_adapter_loader()(str(odd_world["adapter"])))
+    expected = driver1.generate(PROMPTS, ROW_ADAPTERS, max_new_tokens=8)
+    base_only = driver1.generate(PROMPTS[1:2], [None], max_new_tokens=8)
     tp2 = TpRunner(tp_size=2, **options)
     try:
+        driver2 = PlanDriver(tp2, lora_rows=16)
         weights = tp2.make_adapter_loader()(str(odd_world["adapter"]))
-        tp2.load_slot(SlotId(0), AdapterId(1), weights)
-        assert PlanDriver(tp2).generate(PROMPTS, SLOTS, max_new_tokens=8) == expected
-        tp2.clear_slot(SlotId(0))  # slot 0 is now base-only on every rank
-        base_only = PlanDriver(tp1).generate(PROMPTS[1:2], [-1], max_new_tokens=8)
-        assert PlanDriver(tp2).generate(PROMPTS[1:2], [-1], max_new_tokens=8) == base_only
+        assert weights.num_bytes == 2 * weights.buffers[0].numel()
+        rows = driver2.add_adapter(1, weights)
+        assert driver2.generate(PROMPTS, ROW_ADAPTERS, max_new_tokens=8) == expected
+        tp2.drop_host_copy(AdapterId(1))  # the rows stay resident and usable
+        assert driver2.generate(PROMPTS[1:2], [1], max_new_tokens=8) == expected[1:2]
+        assert driver2.generate(PROMPTS[1:2], [None], max_new_tokens=8) == base_only
+        # the adapter again, into the other rows: a fresh host copy and upload
+        others = [r for r in driver2.free_rows if r not in rows]
+        driver2.remove_adapter(1)
+        driver2.add_adapter(2, weights, rows=others)
+        assert driver2.generate(PROMPTS, [None, 2, None, 2], max_new_tokens=8) == expected
     finally:
         tp2.shutdown()
     assert base_only[0] != expected[1], "the adapter changed nothing: the test would be vacuous"
