@@ -182,6 +182,8 @@ async def _engine_runs(args: argparse.Namespace, model_dir: Path,
     from lorasrv.config import build_config
     from lorasrv.engine.engine import Engine
     from lorasrv.engine.parts import prepare_parts
+    from lorasrv.engine.requests import Submission
+    from lorasrv.messages import SamplingParams
 
     config = build_config({
         "model_path": str(model_dir), "device": str(args.device),
@@ -210,16 +212,19 @@ async def _engine_runs(args: argparse.Namespace, model_dir: Path,
     async with Engine(config, parts=parts) as engine:
         for new_tokens in (4, args.new_tokens):  # warm-up (Triton, adapters into slots), then run
             for mix, loras in mixes.items():
-                params = {"max_new_tokens": new_tokens, "temperature": 0, "ignore_eos": True}
+                params = SamplingParams(max_new_tokens=new_tokens, temperature=0, ignore_eos=True)
                 used, dropped = _guesses(built)
                 started = time.perf_counter()
-                results = await engine.generate(input_ids=prompts, sampling_params=params,
-                                                lora_path=loras)  # fmt: skip
+                handles = [
+                    engine.submit(Submission(input_ids=tuple(p), lora_name=lora, params=params))
+                    for p, lora in zip(prompts, loras, strict=True)
+                ]
+                results = await asyncio.gather(*(handle.result() for handle in handles))
                 wall = time.perf_counter() - started
                 after = _guesses(built)
                 out[f"{mix}_lookahead_used"] = after[0] - used
                 out[f"{mix}_lookahead_dropped"] = after[1] - dropped
-                tokens = sum(r["meta_info"]["completion_tokens"] for r in results)
+                tokens = sum(r.completion_tokens for r in results)
                 out[f"{mix}_tok_s"] = round(tokens / wall, 1)
                 out[f"{mix}_wall_s"] = round(wall, 3)
                 out[f"{mix}_tokens"] = tokens

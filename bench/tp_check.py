@@ -291,22 +291,30 @@ def prompt(rng: random.Random, vocab: int, length: int) -> list[int]:
 async def greedy(
     engine: Any, prompts: list[list[int]], loras: list[str | None], num_new: int
 ) -> list[list[int]]:
-    params = {"max_new_tokens": num_new, "temperature": 0, "ignore_eos": True}
-    results = await engine.generate(
-        input_ids=prompts, lora_path=loras[: len(prompts)], sampling_params=params
-    )
-    return [r["output_ids"] for r in results]
+    from lorasrv.engine.requests import Submission
+    from lorasrv.messages import SamplingParams
+
+    params = SamplingParams(max_new_tokens=num_new, temperature=0, ignore_eos=True)
+    handles = [
+        engine.submit(Submission(input_ids=tuple(p), lora_name=lora, params=params))
+        for p, lora in zip(prompts, loras, strict=False)
+    ]
+    results = await asyncio.gather(*(handle.result() for handle in handles))
+    return [list(r.token_ids) for r in results]
 
 
 async def decode_rate(engine: Any, prompts: list[list[int]], num_new: int) -> dict[str, Any]:
     """All requests start together (one prefill step), so after the last first token every
     step is a decode step of the whole batch: tokens after it / time after it."""
-    params = {"max_new_tokens": num_new, "temperature": 0, "ignore_eos": True}
+    from lorasrv.engine.requests import Submission
+    from lorasrv.messages import SamplingParams
+
+    params = SamplingParams(max_new_tokens=num_new, temperature=0, ignore_eos=True)
 
     async def one(ids: list[int]) -> tuple[float, float, int]:
         first, count = 0.0, 0
-        async for chunk in engine.stream(input_ids=ids, sampling_params=params):
-            count = len(chunk["output_ids"])
+        async for out in engine.submit(Submission(input_ids=tuple(ids), params=params)):
+            count += len(out.token_ids)
             if not first and count:
                 first = time.perf_counter()
         return first, time.perf_counter(), count

@@ -16,34 +16,34 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from lorasrv import Engine
+from lorasrv import Engine, SamplingParams, Submission
 from lorasrv.errors import LorasrvError
 
 ENGINE = web.AppKey("engine", Engine)
-GREEDY = {"max_new_tokens": 24, "temperature": 0}
+GREEDY = SamplingParams(max_new_tokens=24, temperature=0)
 
 
 async def tour(engine: Engine) -> None:
     """The library API in five calls."""
-    out = await engine.generate(text="Once upon a time", lora_path="demo-lora-a",
-                                sampling_params=GREEDY)  # fmt: skip
-    assert isinstance(out, dict)  # one prompt in, one result out (a list in gives a list)
-    print(f"--- generate, demo-lora-a ({out['meta_info']['completion_tokens']} tokens)")
-    print(out["text"])
+    out = await engine.generate(
+        Submission(text="Once upon a time", lora_name="demo-lora-a", params=GREEDY)
+    )
+    print(f"--- generate, demo-lora-a ({out.completion_tokens} tokens, {out.finish_reason})")
+    print(out.text)
 
     print("--- stream, demo-lora-b")
-    printed = 0
-    async for chunk in engine.stream(text="Once upon a time", lora_path="demo-lora-b",
-                                     sampling_params=GREEDY):  # fmt: skip
-        print(chunk["text"][printed:], end="", flush=True)  # chunks are cumulative
-        printed = len(chunk["text"])
+    handle = engine.submit(
+        Submission(text="Once upon a time", lora_name="demo-lora-b", params=GREEDY)
+    )
+    async for delta in handle:  # each output carries the text added since the previous one
+        print(delta.text, end="", flush=True)
     print()
 
     path = {status.name: status.path for status in await engine.describe_adapters()}["demo-lora-b"]
     done = await engine.unload_adapter("demo-lora-b")
     print(f"--- unload demo-lora-b: success={done.success}, loaded={sorted(done.loaded_adapters)}")
     try:
-        await engine.generate(text="hi", lora_path="demo-lora-b")
+        await engine.generate(Submission(text="hi", lora_name="demo-lora-b"))
     except LorasrvError as exc:  # AdapterNotFound (404): unloaded names are gone, not reloaded
         print(f"    then generate -> {exc.status} {exc.code}: {exc}")
     done = await engine.load_adapter("demo-lora-b", path)
@@ -53,14 +53,12 @@ async def tour(engine: Engine) -> None:
 async def ask(request: web.Request) -> web.Response:
     """Your own route, answered by the embedded engine."""
     body: dict[str, Any] = await request.json()
+    submission = Submission(text=body["question"], lora_name=body.get("adapter"), params=GREEDY)
     try:
-        out = await request.app[ENGINE].generate(
-            text=body["question"], lora_path=body.get("adapter"), sampling_params=GREEDY
-        )
+        out = await request.app[ENGINE].generate(submission)
     except LorasrvError as exc:
         return web.json_response({"error": exc.detail}, status=exc.status)
-    assert isinstance(out, dict)
-    return web.json_response({"answer": out["text"]})
+    return web.json_response({"answer": out.text})
 
 
 def build_app(engine: Engine) -> web.Application:

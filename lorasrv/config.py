@@ -62,6 +62,21 @@ class LoraRef(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=T
     pinned: bool = False
 
 
+MAX_ADAPTER_NAME_CHARS = 256
+
+
+def adapter_name_problem(name: str) -> str | None:
+    """Why an adapter name is refused, else None. Names become metric labels and log text, so
+    they are short and printable."""
+    if not name:
+        return "adapter name must not be empty"
+    if len(name) > MAX_ADAPTER_NAME_CHARS:
+        return f"adapter name is {len(name)} characters long; at most {MAX_ADAPTER_NAME_CHARS}"
+    if not name.isprintable():
+        return f"adapter name {name[:40]!r} holds control characters; only printable ones"
+    return None
+
+
 class AdapterConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
     enable_lora: bool = False
     lora_paths: tuple[LoraRef, ...] = ()
@@ -188,6 +203,10 @@ def _check_adapters(cfg: AdapterConfig) -> None:
             f"--max-loras-per-batch ({cfg.max_loras_per_batch})"
         )
     names = [ref.lora_name for ref in cfg.lora_paths]
+    for name in names:
+        problem = adapter_name_problem(name)
+        if problem is not None:
+            raise ConfigError(f"--lora-paths: {problem} (NAME=PATH names a long path)")
     duplicates = sorted({name for name in names if names.count(name) > 1})
     if duplicates:
         raise ConfigError(f"--lora-paths: adapter name given twice: {', '.join(duplicates)}")

@@ -111,14 +111,20 @@ class RequestTracker:
     num_tokens: int = 0
     has_prompt: bool = False
     is_done: bool = False
+    served: bool = False  # a token was generated: the adapter was registered
 
     @property
     def label(self) -> str:
-        return BASE_LABEL if self.lora_name is None else self.lora_name
+        if self.lora_name is None:
+            return BASE_LABEL
+        # NOTE: client-chosen names must not mint label series: a name is a label only once a
+        # token was generated with it (so it was registered), else it counts as unknown.
+        return self.lora_name if self.served else UNKNOWN_LABEL
 
     def observe(self, out: RequestOutput) -> None:
         now = time.monotonic()
         metrics = self.metrics
+        self.served = self.served or bool(out.token_ids)
         if out.error_code is not None:
             self._finish("error", now, error_code=out.error_code)
             return
@@ -152,8 +158,6 @@ class RequestTracker:
         label = self.label
         if error_code is not None:
             self.metrics.request_errors.labels(error_code).inc()
-            if error_code == "adapter_not_found":
-                label = UNKNOWN_LABEL  # NOTE: client-chosen names must not mint label series
         self.metrics.requests.labels(label, reason).inc()
         if error_code is None and reason != "abort":
             self.metrics.e2e.observe(now - self.submitted_s)

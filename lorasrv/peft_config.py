@@ -15,6 +15,7 @@ import msgspec
 
 from lorasrv.config import SUPPORTED_LORA_MODULES
 from lorasrv.hub import resolve_path
+from lorasrv.safe_regex import regex_problem
 
 ADAPTER_CONFIG = "adapter_config.json"
 # What a Hub download fetches: no optimizer states or training checkpoints an adapter repo holds.
@@ -41,6 +42,14 @@ _VARIANTS = {
     "use_bdlora": "block-diagonal LoRA (use_bdlora)",
     "layer_replication": "layer_replication",
 }
+
+
+# The kernels keep each slot's scaling in float32 and its rank in int32.
+FLOAT32_MAX = 3.4028234663852886e38
+FLOAT32_TINY = 1.1754943508222875e-38  # the smallest normal float32
+INT32_MAX = 2**31 - 1
+# Entries of rank_pattern / alpha_pattern: every module key is matched against each.
+MAX_PATTERNS = 2048
 
 
 class AdapterLoadError(ValueError):
@@ -140,23 +149,55 @@ def parse_peft_config(raw: Mapping[str, Any], *, path: str, name: str) -> PeftCo
             raise refuse(f"{what} is not supported; only plain LoRA")
     r = _positive_int(raw.get("r"), "r", refuse)
     rank_pattern = {
-        str(k): _positive_int(v, f"rank_pattern[{k!r}]", refuse)
+        _pattern(k, "rank_pattern", refuse): _positive_int(v, f"rank_pattern[{k!r}]", refuse)
         for k, v in _mapping(raw.get("rank_pattern"), "rank_pattern", refuse).items()
     }
     alpha_pattern = {
-        str(k): _number(v, f"alpha_pattern[{k!r}]", refuse)
+        _pattern(k, "alpha_pattern", refuse): _number(v, f"alpha_pattern[{k!r}]", refuse)
         for k, v in _mapping(raw.get("alpha_pattern"), "alpha_pattern", refuse).items()
     }
-    return PeftConfig(
+    use_rslora = raw.get("use_rslora", False)
+    if not isinstance(use_rslora, bool):
+        raise refuse(f"use_rslora must be true or false, got {use_rslora!r}")
+    config = PeftConfig(
         path=path,
         r=r,
         lora_alpha=_number(raw.get("lora_alpha", 8), "lora_alpha", refuse),
-        use_rslora=bool(raw.get("use_rslora", False)),
+        use_rslora=use_rslora,
         target_modules=normalize_target_modules(raw.get("target_modules"), refuse),
         rank_pattern=rank_pattern,
         alpha_pattern=alpha_pattern,
         max_rank=max([r, *rank_pattern.values()]),
     )
+    check_scalings(config, refuse)
+    return config
+
+
+def check_scalings(config: PeftConfig, refuse: _Refuse = AdapterLoadError) -> None:
+    """Every scaling a module can get, and its ratio to the slot's (folded into B), must be a
+    float32 number; the slot's own must also be non-zero (the ratios divide by it)."""
+    if config.lora_alpha == 0:
+        raise refuse("lora_alpha must not be 0 (the adapter would change nothing)")
+    base = lora_scaling(config.lora_alpha, config.r, config.use_rslora)
+    if not FLOAT32_TINY <= abs(base) <= FLOAT32_MAX:
+        raise refuse(
+            f"lora_alpha {config.lora_alpha:g} with r {config.r} gives the scaling {base:g}, "
+            "not representable in float32"
+        )
+    # distinct values only, each with the first field that holds it
+    alphas = {v: f"alpha_pattern[{k!r}]" for k, v in reversed(config.alpha_pattern.items())}
+    alphas[config.lora_alpha] = "lora_alpha"
+    ranks = {v: f"rank_pattern[{k!r}]" for k, v in reversed(config.rank_pattern.items())}
+    ranks[config.r] = "r"
+    for alpha, alpha_field in alphas.items():
+        for rank, rank_field in ranks.items():
+            scaling = lora_scaling(alpha, rank, config.use_rslora)
+            if not abs(scaling / base) <= FLOAT32_MAX:
+                raise refuse(
+                    f"{alpha_field} = {alpha:g} with {rank_field} = {rank} gives the scaling "
+                    f"{scaling:g}, {scaling / base:g} times the adapter's: not representable "
+                    "in float32"
+                )
 
 
 def normalize_target_modules(target: object, refuse: _Refuse = AdapterLoadError) -> tuple[str, ...]:
@@ -166,6 +207,7 @@ def normalize_target_modules(target: object, refuse: _Refuse = AdapterLoadError)
     if target == "all-linear":
         return SUPPORTED_LORA_MODULES
     if isinstance(target, str):
+        _pattern(target, "target_modules", refuse)
         if any(re.fullmatch(target, key) for key in _EMBEDDING_KEYS):
             raise refuse(f"target_modules {target!r} matches embedding/lm_head; not supported")
         found = {
@@ -179,6 +221,8 @@ def normalize_target_modules(target: object, refuse: _Refuse = AdapterLoadError)
         return tuple(m for m in SUPPORTED_LORA_MODULES if m in found)
     if not isinstance(target, list | tuple) or not all(isinstance(t, str) for t in target):
         raise refuse(f"target_modules must be a list of names or a string, got {target!r}")
+    if not target:
+        raise refuse("target_modules is empty: the adapter would change nothing")
     names = {t.rsplit(".", 1)[-1] for t in target}
     embedding = sorted(names & set(_EMBEDDING_MODULES))
     if embedding:
@@ -196,17 +240,32 @@ def _mapping(value: object, field: str, refuse: _Refuse) -> Mapping[str, Any]:
     if value is None:
         return {}
     if not isinstance(value, dict):
-        raise refuse(f"{field} must be an object, got {value!r}")
+        raise refuse(f"{field} must be an object, got {value!r:.80}")
+    if len(value) > MAX_PATTERNS:
+        raise refuse(f"{field} has {len(value)} entries; at most {MAX_PATTERNS}")
     return value
 
 
+def _pattern(key: object, field: str, refuse: _Refuse) -> str:
+    key = str(key)
+    problem = regex_problem(key)
+    if problem is not None:
+        raise refuse(f"{field} pattern {key[:80]!r}: {problem}")
+    return key
+
+
 def _positive_int(value: object, field: str, refuse: _Refuse) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise refuse(f"{field} must be a positive integer, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= INT32_MAX:
+        raise refuse(f"{field} must be a positive integer up to {INT32_MAX}, got {value!r:.80}")
     return value
 
 
 def _number(value: object, field: str, refuse: _Refuse) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float):
-        raise refuse(f"{field} must be a number, got {value!r}")
-    return float(value)
+        raise refuse(f"{field} must be a number, got {value!r:.80}")
+    if isinstance(value, int) and abs(value) > FLOAT32_MAX:
+        raise refuse(f"{field} is too large: not representable in float32")
+    number = float(value)
+    if not math.isfinite(number) or abs(number) > FLOAT32_MAX:
+        raise refuse(f"{field} {number:g} is not representable in float32 (finite, <= 3.4e38)")
+    return number

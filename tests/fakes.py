@@ -5,12 +5,13 @@ in the row's slot, so wrong page bookkeeping or a wrong slot shows up as a wrong
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Sequence
 
 from lorasrv.engine.step_runner import StepOutput
 from lorasrv.ids import AdapterId, SlotId
-from lorasrv.messages import ChatMessage, RunnerReady, StepPlan, TokenLogprob
+from lorasrv.messages import ChatMessage, NewSeq, RunnerReady, StepPlan, TokenLogprob
 
 FAKE_VOCAB = 128
 FAKE_EOS = 127
@@ -60,6 +61,12 @@ class FakeRunner:
         self.plans: list[StepPlan] = []
         self.num_loads = 0
         self.step_delay_s = 0.0  # simulated GPU time per step (runs on the runner thread)
+        # Cleared: each step waits on the runner thread until it is set again (a busy GPU, as
+        # long as a test needs one); `num_steps_started` says a step is waiting on it.
+        self.gate = threading.Event()
+        self.gate.set()
+        self.num_steps_started = 0
+        self.fail_at_step: int | None = None  # the step with this number raises (a crash)
 
     def ready(self) -> RunnerReady:
         return self.ready_info
@@ -75,9 +82,18 @@ class FakeRunner:
         self.slot_adapter.pop(slot_id, None)
 
     def shutdown(self) -> None:
-        pass
+        self.gate.set()  # never leave the runner thread waiting
+
+    def new_seqs(self) -> list[NewSeq]:
+        """Every sequence the runner was given, in order: its prompt and sampling params."""
+        return [new for plan in self.plans for new in plan.new_seqs]
 
     def step(self, plan: StepPlan) -> StepOutput:
+        self.num_steps_started += 1
+        if self.num_steps_started == self.fail_at_step:
+            raise RuntimeError(f"fake GPU failure at step {self.num_steps_started}")
+        if not self.gate.wait(timeout=30):
+            raise TimeoutError("FakeRunner.gate stayed closed for 30 s")
         if self.step_delay_s:
             time.sleep(self.step_delay_s)
         self.plans.append(plan)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable
 
-from lorasrv.config import AdapterConfig
+from lorasrv.config import AdapterConfig, adapter_name_problem
 from lorasrv.engine.adapter_state import (
     CAN_SERVE,
     AdapterEntry,
@@ -81,7 +81,10 @@ class AdapterRegistry:
     # ------------------------------------------------------------------ admin operations
 
     def begin_load(self, op_id: OpId, name: str, path: str, pinned: bool) -> list[Effect]:
-        if name in self.by_name:
+        problem = adapter_name_problem(name)
+        if problem is not None:
+            self._op_done(op_id, problem)
+        elif name in self.by_name:
             self._op_done(op_id, f"adapter {name!r} is already loaded; unload it first")
         # Draining pinned adapters count too: they keep their slot until released.
         elif pinned and sum(e.pinned for e in self.entries.values()) >= self.max_pinned:

@@ -1,5 +1,6 @@
-"""Engine: wires and supervises the actors; the submit/abort/stream API that http/ and embedding
-apps use. Owns the per-request output queues and admin-operation futures, nothing else.
+"""Engine: wires and supervises the actors; the typed API (submit / abort / generate,
+load_adapter / unload_adapter) that http/ and embedding apps use. Owns the per-request output
+queues and admin-operation futures, nothing else; speaks no wire format.
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ import itertools
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Self
 
 from lorasrv.config import ServerConfig, build_config, lora_enabled
@@ -18,24 +19,22 @@ from lorasrv.engine.gpu_runner import GpuRunnerActor
 from lorasrv.engine.hf_tokenizer import Detokenizer
 from lorasrv.engine.parts import EngineParts, prepare_parts
 from lorasrv.engine.request_handle import RequestHandle
-from lorasrv.engine.requests import GenerateBatch, normalize_generate
-from lorasrv.engine.results import ResultBuilder
+from lorasrv.engine.requests import Submission
+from lorasrv.engine.results import RequestResult
 from lorasrv.engine.scheduler import SchedulerActor
 from lorasrv.engine.stats import SchedulerStats
 from lorasrv.engine.tokenizer import TokenizerActor
-from lorasrv.engine.validation import check_sampling
+from lorasrv.engine.validation import Limits, check_submission
 from lorasrv.errors import BadRequest, EngineDead, LorasrvError, Overloaded
 from lorasrv.ids import OpId, RequestId
 from lorasrv.messages import (
     Abort,
     AdapterOpDone,
     AdapterStatus,
-    ChatMessage,
     DescribeAdapters,
     LoadAdapter,
     RequestOutput,
     RunnerReady,
-    SamplingParams,
     Tokenize,
     UnloadAdapter,
 )
@@ -45,7 +44,7 @@ logger = logging.getLogger(__name__)
 
 
 class Engine:
-    """`async with Engine(config) as engine:` then generate / stream / load_adapter / ..."""
+    """`async with Engine(config) as engine:` then submit / generate / load_adapter / ..."""
 
     def __init__(self, config: ServerConfig, *, parts: EngineParts | None = None) -> None:
         self.config = config
@@ -173,54 +172,66 @@ class Engine:
 
     # ------------------------------------------------------------------ requests
 
-    def submit(
-        self,
-        *,
-        params: SamplingParams,
-        text: str | None = None,
-        input_ids: list[int] | tuple[int, ...] | None = None,
-        messages: list[ChatMessage] | tuple[ChatMessage, ...] | None = None,
-        lora_name: str | None = None,
-        request_id: str | None = None,
-    ) -> RequestHandle:
-        """Validate and enqueue one request; bad input raises a LorasrvError at once."""
+    @property
+    def limits(self) -> Limits:
+        ready = self.ready_info
+        return Limits(
+            vocab_size=ready.vocab_size,
+            context_length=ready.context_length,
+            lora_enabled=lora_enabled(self.config.adapters),
+        )
+
+    def submit(self, submission: Submission) -> RequestHandle:
+        """Check and enqueue one request; bad input raises a LorasrvError at once."""
         if not self.is_healthy() or self._tokenizer_actor is None:
             raise EngineDead(self.failure or "the engine is not running")
-        ready = self.ready_info
-        check_sampling(params, vocab_size=ready.vocab_size, context_length=ready.context_length)
-        if lora_name is not None and not lora_enabled(self.config.adapters):
-            raise BadRequest(
-                f"adapter {lora_name!r} requested but LoRA is off (start with --enable-lora)"
-            )
+        check_submission(submission, self.limits)
         if len(self._outputs) >= self._max_in_flight:
             raise Overloaded(f"{len(self._outputs)} requests in flight; try again later")
-        rid = RequestId(request_id or uuid.uuid4().hex)
+        rid = RequestId(submission.request_id or uuid.uuid4().hex)
         if rid in self._outputs:
             raise BadRequest(f"request id {rid!r} is already in use")
         queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
         self._outputs[rid] = queue
+        input_ids = submission.input_ids
+        messages = submission.messages
         self._tokenizer_actor.send(
             Tokenize(
                 request_id=rid,
-                text=text,
+                text=submission.text,
                 input_ids=tuple(input_ids) if input_ids is not None else None,
                 messages=tuple(messages) if messages is not None else None,
-                lora_name=lora_name,
-                params=params,
+                lora_name=submission.lora_name,
+                params=submission.params,
                 arrival_s=time.monotonic(),
             )
         )
-        return RequestHandle(self, rid, queue, self.metrics.track(rid, lora_name))
+        return RequestHandle(self, rid, queue, self.metrics.track(rid, submission.lora_name))
+
+    async def generate(self, submission: Submission) -> RequestResult:
+        """Submit and wait for the whole result; cancelling the wait aborts the request."""
+        return await self.submit(submission).result()
 
     @property
     def _max_in_flight(self) -> int:
         cfg = self.config.scheduler
         return cfg.max_queued_requests + cfg.max_running_requests
 
+    def request_ids(self) -> tuple[str, ...]:
+        """The requests in flight (submitted, not yet finished or aborted)."""
+        return tuple(self._outputs)
+
     def abort(self, request_id: str) -> None:
-        """Free everything the request holds; unknown or finished ids are ignored."""
+        """Free everything the request holds; its reader gets a last output with finish reason
+        "abort". Unknown or finished ids are ignored."""
         rid = RequestId(request_id)
-        if self._outputs.pop(rid, None) is not None and self._tokenizer_actor is not None:
+        queue = self._outputs.pop(rid, None)
+        if queue is not None and self._tokenizer_actor is not None:
+            queue.put_nowait(
+                RequestOutput(
+                    request_id=rid, text="", token_ids=(), finished=True, finish_reason="abort"
+                )
+            )
             self._tokenizer_actor.send(Abort(request_id=rid))
 
     def forget(self, request_id: RequestId) -> None:
@@ -241,50 +252,6 @@ class Engine:
     def scheduler_stats(self, stats: SchedulerStats) -> None:
         self.last_stats = stats
 
-    # ------------------------------------------------------------------ /generate
-
-    async def generate(self, **request: Any) -> dict[str, Any] | list[dict[str, Any]]:
-        """SGLang's /generate: text or input_ids (one or a batch), sampling_params, lora_path."""
-        batch = normalize_generate(**request)
-        handles = self._submit_batch(batch)
-        try:
-            results = await asyncio.gather(*(self._collect(h, batch) for h in handles))
-        finally:
-            for handle in handles:
-                handle.abort()  # no-op for finished ones; frees the rest on error or cancel
-        return results if batch.is_batch else results[0]
-
-    def _submit_batch(self, batch: GenerateBatch) -> list[RequestHandle]:
-        handles: list[RequestHandle] = []
-        try:
-            for item in batch.items:
-                handles.append(self.submit(**item._asdict()))
-        except BaseException:
-            for handle in handles:
-                handle.abort()
-            raise
-        return handles
-
-    async def _collect(self, handle: RequestHandle, batch: GenerateBatch) -> dict[str, Any]:
-        builder = ResultBuilder(handle.request_id, want_logprobs=batch.want_logprobs)
-        async for out in handle:
-            builder.add(out)
-        return builder.to_dict()
-
-    async def stream(self, **request: Any) -> AsyncIterator[dict[str, Any]]:
-        """One request; yields cumulative /generate dicts. Closing early aborts the request."""
-        batch = normalize_generate(**request)
-        if batch.is_batch:
-            raise BadRequest("streaming takes one prompt, not a batch")
-        handle = self._submit_batch(batch)[0]
-        builder = ResultBuilder(handle.request_id, want_logprobs=batch.want_logprobs)
-        try:
-            async for out in handle:
-                builder.add(out)
-                yield builder.to_dict()
-        finally:
-            handle.abort()
-
     # ------------------------------------------------------------------ adapters
 
     async def _op(self, make: Callable[[OpId], Any]) -> AdapterOpDone:
@@ -301,7 +268,9 @@ class Engine:
     ) -> AdapterOpDone:
         if not lora_enabled(self.config.adapters):
             return AdapterOpDone(
-                op_id=OpId(0), success=False, error_message="LoRA is off (start with --enable-lora)"
+                op_id=OpId(0),
+                success=False,
+                error_message="LoRA is not enabled on this server (start it with --enable-lora)",
             )
         return await self._op(
             lambda op: LoadAdapter(
@@ -317,42 +286,27 @@ class Engine:
             return ()
         return (await self._op(lambda op: DescribeAdapters(op_id=op))).adapters
 
-    # ------------------------------------------------------------------ token strings
+    # ------------------------------------------------------------------ tokens
 
     def decode_tokens(self, ids: Sequence[int]) -> list[str]:
         """Each id's own text, special tokens kept: the `token` of OpenAI logprobs."""
-        if self._tokenizer is None:
-            raise EngineDead("the engine has not started")
-        decode = self._tokenizer.decode
+        decode = self._require_tokenizer().decode
         return [decode([token_id], skip_special_tokens=False) for token_id in ids]
 
-    # ------------------------------------------------------------------ info
+    def tokenize(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
+        return self._require_tokenizer().encode(text, add_special_tokens=add_special_tokens)
 
-    def model_info(self) -> dict[str, Any]:
-        ready = self.ready_info
-        return {
-            "model_path": self.model_path,
-            "served_model_name": self.served_model_name,
-            "tokenizer_path": self.config.model.tokenizer_path or self.model_path,
-            "is_generation": True,
-            "context_length": ready.context_length,
-            "vocab_size": ready.vocab_size,
-            "dtype": ready.dtype,
-            "device": ready.device,
-        }
+    def detokenize(self, ids: Sequence[int], *, skip_special_tokens: bool = True) -> str:
+        vocab_size = self.ready_info.vocab_size
+        bad = [i for i in ids if not 0 <= i < vocab_size]
+        if bad:
+            raise BadRequest(f"token id {bad[0]} is outside the vocabulary [0, {vocab_size})")
+        return self._require_tokenizer().decode(ids, skip_special_tokens=skip_special_tokens)
 
-    async def server_info(self) -> dict[str, Any]:
-        import msgspec
-
-        adapters = await self.describe_adapters()
-        return {
-            "config": msgspec.to_builtins(self.config),
-            "runner": msgspec.to_builtins(self.ready_info),
-            "scheduler": self.last_stats._asdict(),
-            "adapters": [msgspec.to_builtins(a) for a in adapters],
-            "uptime_s": time.time() - self.started_s,
-            "healthy": self.is_healthy(),
-        }
+    def _require_tokenizer(self) -> Detokenizer:
+        if self._tokenizer is None:
+            raise EngineDead("the engine has not started")
+        return self._tokenizer
 
 
 class _Late:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 from typing import Protocol, Self
 
+from lorasrv.engine.results import RequestResult, ResultBuilder
 from lorasrv.errors import error_for_code
 from lorasrv.ids import RequestId
 from lorasrv.messages import RequestOutput
@@ -22,7 +23,8 @@ class RequestOwner(Protocol):
 
 
 class RequestHandle:
-    """Async iterator over one request's output deltas; raises the request's error, if any."""
+    """Async iterator over one request's output deltas (`RequestOutput`); raises the request's
+    error, if any. `result()` waits for all of it; `abort()` frees the request early."""
 
     def __init__(
         self,
@@ -51,6 +53,16 @@ class RequestHandle:
             if out.error_code is not None:
                 raise error_for_code(out.error_code, out.error_detail or out.error_code)
         return out
+
+    async def result(self) -> RequestResult:
+        """Every output folded into one result; leaving early (error, cancel) aborts."""
+        builder = ResultBuilder(self.request_id)
+        try:
+            async for out in self:
+                builder.add(out)
+        finally:
+            self.abort()  # no-op once finished
+        return builder.result()
 
     def abort(self) -> None:
         if not self.finished:

@@ -1,77 +1,72 @@
-"""Folds a request's output deltas into SGLang's /generate result dict. Pure."""
+"""RequestResult: what one request produced, folded from its output deltas. Pure and typed; the
+SGLang and OpenAI response dicts are built from it in `lorasrv.http`.
+"""
 
 from __future__ import annotations
 
-import time
-from typing import Any
+from dataclasses import dataclass, field
 
-from lorasrv.messages import RequestOutput
+import msgspec
+
+from lorasrv.messages import RequestOutput, TokenLogprob
 
 
+class RequestResult(msgspec.Struct, frozen=True, kw_only=True):
+    """Cumulative text and ids; `finish_reason` is None until the request ends."""
+
+    request_id: str
+    text: str
+    token_ids: tuple[int, ...]
+    logprobs: tuple[float, ...] = ()  # one per token when the request asked for logprobs
+    top_logprobs: tuple[tuple[TokenLogprob, ...], ...] = ()
+    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    matched_stop: int | str | None = None  # the stop token id or stop string that ended it
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+
+
+@dataclass(slots=True)
 class ResultBuilder:
-    """Accumulates deltas; `to_dict()` is the /generate item (cumulative text and ids)."""
+    """Accumulates one request's deltas (`add`); `result()` is a snapshot of what came so far."""
 
-    __slots__ = (
-        "_finish",
-        "_logprobs",
-        "_matched",
-        "_started_s",
-        "cached_tokens",
-        "completion_tokens",
-        "output_ids",
-        "prompt_tokens",
-        "request_id",
-        "text",
-        "want_logprobs",
-    )
-
-    def __init__(self, request_id: str, *, want_logprobs: bool = False) -> None:
-        self.request_id = request_id
-        self.want_logprobs = want_logprobs
-        self.text = ""
-        self.output_ids: list[int] = []
-        self._logprobs: list[list[Any]] = []
-        self.prompt_tokens = 0
-        self.completion_tokens = 0
-        self.cached_tokens = 0
-        self._finish: str | None = None
-        self._matched: int | str | None = None
-        self._started_s = time.monotonic()
+    request_id: str = ""
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    top_logprobs: list[tuple[TokenLogprob, ...]] = field(default_factory=list)
+    finish_reason: str | None = None
+    matched_stop: int | str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
 
     @property
     def finished(self) -> bool:
-        return self._finish is not None
+        return self.finish_reason is not None
 
     def add(self, out: RequestOutput) -> None:
         self.text += out.text
-        self.output_ids.extend(out.token_ids)
-        if self.want_logprobs:
-            for i, (token_id, logprob) in enumerate(zip(out.token_ids, out.logprobs, strict=False)):
-                top = out.top_logprobs[i] if i < len(out.top_logprobs) else ()
-                self._logprobs.append([logprob, token_id, [[t.logprob, t.token_id] for t in top]])
+        self.token_ids.extend(out.token_ids)
+        self.logprobs.extend(out.logprobs)
+        self.top_logprobs.extend(out.top_logprobs)
         self.prompt_tokens = out.prompt_tokens or self.prompt_tokens
         self.completion_tokens = out.completion_tokens or self.completion_tokens
         self.cached_tokens = out.cached_tokens or self.cached_tokens
         if out.finished:
-            self._finish = out.finish_reason
-            self._matched = out.matched_stop
+            self.finish_reason = out.finish_reason
+            self.matched_stop = out.matched_stop
 
-    def to_dict(self) -> dict[str, Any]:
-        finish: dict[str, Any] | None = None
-        if self._finish is not None:
-            finish = {"type": self._finish}
-            if self._finish == "stop":
-                finish["matched"] = self._matched
-            elif self._finish == "length":
-                finish["length"] = self.completion_tokens
-        meta: dict[str, Any] = {
-            "id": self.request_id,
-            "prompt_tokens": self.prompt_tokens,
-            "completion_tokens": self.completion_tokens,
-            "cached_tokens": self.cached_tokens,
-            "finish_reason": finish,
-            "e2e_latency": time.monotonic() - self._started_s,
-        }
-        if self.want_logprobs:
-            meta["output_token_logprobs"] = self._logprobs
-        return {"text": self.text, "output_ids": list(self.output_ids), "meta_info": meta}
+    def result(self) -> RequestResult:
+        return RequestResult(
+            request_id=self.request_id,
+            text=self.text,
+            token_ids=tuple(self.token_ids),
+            logprobs=tuple(self.logprobs),
+            top_logprobs=tuple(self.top_logprobs),
+            finish_reason=self.finish_reason,
+            matched_stop=self.matched_stop,
+            prompt_tokens=self.prompt_tokens,
+            completion_tokens=self.completion_tokens,
+            cached_tokens=self.cached_tokens,
+        )

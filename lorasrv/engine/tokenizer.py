@@ -100,12 +100,16 @@ class TokenizerActor(Actor[TokenizerInbox]):
         elif msg.text is not None:
             ids = self._tokenizer.encode(msg.text)
         else:
-            ids = list(msg.input_ids or ())
+            return list(msg.input_ids or ())  # checked by Engine.submit
+        # What the tokenizer made of the text (the request itself was checked by Engine.submit).
         if not ids:
-            raise ValueError("the prompt is empty: give non-empty text or input_ids")
+            raise ValueError("the text encodes to no tokens: give a prompt with some content")
         bad = [i for i in ids if not 0 <= i < self._vocab_size]
         if bad:
-            raise ValueError(f"token id {bad[0]} is outside the vocabulary [0, {self._vocab_size})")
+            raise ValueError(
+                f"the tokenizer produced token id {bad[0]}, outside the model's vocabulary "
+                f"[0, {self._vocab_size}): the tokenizer does not match the model"
+            )
         return ids
 
     def _emit(self, msg: EmitTokens) -> None:

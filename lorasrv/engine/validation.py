@@ -1,37 +1,49 @@
-"""Request checks the type system cannot express: ranges, lengths, vocabulary. Pure.
+"""Request checks the type system cannot express: the prompt, ranges, lengths, vocabulary. Pure.
 
-Each failure is a BadRequest whose message names the field, so clients can fix the call.
+The one place a submission's values are checked, whatever wire format it came in (SGLang, OpenAI,
+an embedding app): `Engine.submit` calls `check_submission`. Each failure is a BadRequest whose
+message names the field, so clients can fix the call. Shapes (types, which fields exist) are the
+wire schemas' business, in `lorasrv.http`.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Final, NamedTuple
 
-import msgspec
-
+from lorasrv.engine.requests import Submission
 from lorasrv.errors import BadRequest
 from lorasrv.messages import SamplingParams
 
-MAX_TOP_LOGPROBS = 20
-MAX_STOP_STRINGS = 32
+MAX_TOP_LOGPROBS: Final = 20
+MAX_STOP_STRINGS: Final = 32
+EMPTY_PROMPT: Final = "the prompt is empty: give non-empty text or input_ids"
 
 
-def to_sampling_params(raw: dict[str, Any] | SamplingParams | None) -> SamplingParams:
-    if raw is None:
-        return SamplingParams()
-    if isinstance(raw, SamplingParams):
-        return raw
-    if not isinstance(raw, dict):
-        raise BadRequest(f"sampling_params must be an object, got {type(raw).__name__}")
-    raw = dict(raw)
-    stop = raw.get("stop")
-    if isinstance(stop, str):
-        raw["stop"] = [stop]  # SGLang accepts one string or a list
-    try:
-        return msgspec.convert(raw, SamplingParams)
-    except msgspec.ValidationError as exc:
-        raise BadRequest(f"sampling_params: {exc}") from None
+class Limits(NamedTuple):
+    """What the running engine allows: measured at startup, or set by config."""
+
+    vocab_size: int
+    context_length: int
+    lora_enabled: bool
+
+
+def check_submission(sub: Submission, limits: Limits) -> None:
+    prompts = [p for p in (sub.text, sub.input_ids, sub.messages) if p is not None]
+    _require(len(prompts) == 1, "give exactly one of text, input_ids or messages")
+    _require(len(prompts[0]) > 0, EMPTY_PROMPT if sub.messages is None else "messages is empty")
+    if sub.input_ids is not None:
+        bad = [i for i in sub.input_ids if not 0 <= i < limits.vocab_size]
+        if bad:
+            raise BadRequest(
+                f"input_ids: token id {bad[0]} is outside the vocabulary [0, {limits.vocab_size})"
+            )
+    if sub.lora_name is not None and not limits.lora_enabled:
+        raise BadRequest(
+            f"adapter {sub.lora_name!r} requested, but LoRA is not enabled on this server "
+            "(start it with --enable-lora or --lora-paths)"
+        )
+    check_sampling(sub.params, vocab_size=limits.vocab_size, context_length=limits.context_length)
 
 
 def check_sampling(params: SamplingParams, *, vocab_size: int, context_length: int) -> None:

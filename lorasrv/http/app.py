@@ -1,6 +1,6 @@
 """The aiohttp application: route table, middlewares, engine lifetime, and `serve()`.
 
-`build_app` wires an EngineLike into routes; it starts/stops the engine only when it owns it.
+`build_app` wires an Engine into routes; it starts/stops the engine only when it owns it.
 """
 
 from __future__ import annotations
@@ -17,10 +17,11 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from lorasrv.config import ServerConfig
+from lorasrv.engine.engine import Engine
 from lorasrv.http import handlers, openai
 from lorasrv.http.metrics import count_requests, metrics
 from lorasrv.http.middleware import Access, auth_middleware, error_middleware
-from lorasrv.http.state import CONFIG_KEY, CREATED_KEY, ENGINE_KEY, EngineLike
+from lorasrv.http.state import CONFIG_KEY, CREATED_KEY, ENGINE_KEY
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +49,7 @@ ROUTES: Final[tuple[tuple[str, str, Handler, Access], ...]] = (
 
 def build_app(
     config: ServerConfig,
-    engine: EngineLike,
+    engine: Engine,
     *,
     manage_engine: bool = True,
     client_max_size: int = MAX_BODY_BYTES,
@@ -93,7 +94,7 @@ def make_runner(app: web.Application, *, access_log: bool = True) -> web.AppRunn
     )
 
 
-async def serve_async(config: ServerConfig, engine: EngineLike) -> int:
+async def serve_async(config: ServerConfig, engine: Engine) -> int:
     """Serve until SIGINT/SIGTERM (0) or until the engine dies (1); always stops the engine."""
     runner = make_runner(build_app(config, engine, manage_engine=True))
     await runner.setup()  # starts the engine
@@ -108,7 +109,7 @@ async def serve_async(config: ServerConfig, engine: EngineLike) -> int:
         await runner.cleanup()  # stops the engine
 
 
-async def _wait_for_exit(engine: EngineLike) -> int:
+async def _wait_for_exit(engine: Engine) -> int:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
@@ -128,7 +129,7 @@ async def _wait_for_exit(engine: EngineLike) -> int:
             loop.remove_signal_handler(signum)
 
 
-def serve(config: ServerConfig, make_engine: Callable[[], EngineLike]) -> int:
+def serve(config: ServerConfig, make_engine: Callable[[], Engine]) -> int:
     """Run the server on a fresh event loop (uvloop when installed); returns the exit status.
 
     The engine is built inside the loop, so whatever it creates binds to that loop.

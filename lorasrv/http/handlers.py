@@ -7,13 +7,22 @@ runs with `handler_cancellation=True` so a waiting non-streaming handler is canc
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import time
+from collections.abc import AsyncIterator
 from typing import Any, Final, TypeVar
 
 import msgspec
 from aiohttp import web
 
+from lorasrv.engine.engine import Engine
+from lorasrv.engine.request_handle import RequestHandle
+from lorasrv.engine.requests import Submission
+from lorasrv.engine.results import ResultBuilder
 from lorasrv.errors import BadRequest, EngineDead, LorasrvError
+from lorasrv.http import sglang
+from lorasrv.http.outputs import abort_all, collect, merged, submit_all
 from lorasrv.http.responses import error_response, json_response
 from lorasrv.http.schemas import (
     AdapterOpResponse,
@@ -24,8 +33,8 @@ from lorasrv.http.schemas import (
     UnloadLoraRequest,
 )
 from lorasrv.http.sse import stream_sse
-from lorasrv.http.state import CONFIG_KEY, CREATED_KEY, ENGINE_KEY, EngineLike, SamplingArg
-from lorasrv.messages import AdapterOpDone
+from lorasrv.http.state import CONFIG_KEY, CREATED_KEY, ENGINE_KEY
+from lorasrv.messages import AdapterOpDone, SamplingParams
 
 log = logging.getLogger(__name__)
 
@@ -54,84 +63,35 @@ async def decode_body(request: web.Request, cls: type[_T]) -> _T:
 async def generate(request: web.Request) -> web.StreamResponse:
     engine = request.app[ENGINE_KEY]
     body = await decode_body(request, GenerateRequest)
-    params = merge_logprob_fields(body)
-    single_ids, batch_ids = split_input_ids(body.input_ids)
-    if body.stream:
-        if batch_ids is not None:
-            raise BadRequest("stream: input_ids is a batch; stream one prompt per request")
-        chunks = engine.stream(
-            text=_not_batch("text", body.text),
-            input_ids=single_ids,
-            sampling_params=_not_batch("sampling_params", params),
-            lora_path=_not_batch("lora_path", body.lora_path),
-            rid=_not_batch("rid", body.rid),
-        )
-        return await stream_sse(request, chunks)
-    result = await engine.generate(
-        text=body.text,
-        input_ids=single_ids if batch_ids is None else batch_ids,
-        sampling_params=params,
-        lora_path=body.lora_path,
-        rid=body.rid,
-    )
-    return json_response(result)
+    batch = sglang.parse_generate(body)
+    started_s = time.monotonic()
+    handles = submit_all(engine, batch.submissions)
+    try:
+        if body.stream:
+            return await stream_sse(request, _chunks(handles, batch, started_s))
+        builders = await collect(handles)
+        items = [
+            sglang.generate_item(b.result(), started_s, want_logprobs=batch.want_logprobs[i])
+            for i, b in enumerate(builders)
+        ]
+        return json_response(items if batch.is_batch else items[0])
+    finally:
+        abort_all(handles)  # no-op for finished ones; frees the rest on error or disconnect
 
 
-def _not_batch(field: str, value: _T | list[Any]) -> _T:
-    if isinstance(value, list):
-        raise BadRequest(f"stream: {field} is a list; stream one prompt per request")
-    return value
-
-
-def split_input_ids(
-    raw: list[int | list[int]] | None,
-) -> tuple[list[int] | None, list[list[int]] | None]:
-    """`input_ids` as (one prompt, None) or (None, a batch); a mix of both is a 400."""
-    if raw is None:
-        return None, None
-    ids = [item for item in raw if isinstance(item, int)]
-    if len(ids) == len(raw):
-        return ids, None
-    batch = [item for item in raw if isinstance(item, list)]
-    if len(batch) == len(raw):
-        return None, batch
-    raise BadRequest("input_ids: expected a list of token ids or a list of such lists, not a mix")
-
-
-def merge_logprob_fields(body: GenerateRequest) -> SamplingArg:
-    """Fold SGLang's top-level `return_logprob`/`top_logprobs_num` into sampling_params."""
-    starts = body.logprob_start_len
-    if any(start != -1 for start in (starts if isinstance(starts, list) else [starts])):
-        raise BadRequest("logprob_start_len: prompt logprobs are not supported; leave it at -1")
-    fields = (body.sampling_params, body.return_logprob, body.top_logprobs_num)
-    if not any(_item(body.return_logprob, i) for i in range(_len(body.return_logprob))):
-        return body.sampling_params
-    sizes = {len(value) for value in fields if isinstance(value, list)}
-    if len(sizes) > 1:
-        raise BadRequest(
-            "sampling_params, return_logprob and top_logprobs_num: lists of different lengths"
-        )
-    if not sizes:  # all scalars: one dict, as given
-        return _with_logprobs(*(_item(value, 0) for value in fields))
-    return [_with_logprobs(*(_item(value, i) for value in fields)) for i in range(sizes.pop())]
-
-
-def _len(value: object) -> int:
-    return len(value) if isinstance(value, list) else 1
-
-
-def _item(value: Any, index: int) -> Any:
-    return value[index] if isinstance(value, list) else value
-
-
-def _with_logprobs(
-    params: dict[str, Any] | None, return_logprob: bool, top_logprobs_num: int
-) -> dict[str, Any]:
-    merged = dict(params or {})
-    if return_logprob:
-        merged["logprobs"] = True
-        merged["top_logprobs"] = top_logprobs_num
-    return merged
+async def _chunks(
+    handles: list[RequestHandle], batch: sglang.GenerateBatch, started_s: float
+) -> AsyncIterator[dict[str, Any]]:
+    """Cumulative /generate dicts as outputs arrive; a batch's carry their output `index`."""
+    builders = [ResultBuilder(handle.request_id) for handle in handles]
+    async with contextlib.aclosing(merged(handles)) as outputs:
+        async for index, out in outputs:
+            builders[index].add(out)
+            yield sglang.generate_item(
+                builders[index].result(), started_s,
+                want_logprobs=batch.want_logprobs[index],
+                index=index if batch.is_batch else None,
+            )  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- adapters
@@ -168,7 +128,7 @@ def _adapter_result(done: AdapterOpDone) -> web.Response:
     return json_response(body, status=200 if done.success else 400)
 
 
-async def _adapter_failure(engine: EngineLike, exc: LorasrvError) -> web.Response:
+async def _adapter_failure(engine: Engine, exc: LorasrvError) -> web.Response:
     """Admin routes answer failures in their own shape: 400, or the error's 5xx."""
     try:
         loaded = {status.name: status.path for status in await engine.describe_adapters()}
@@ -191,8 +151,7 @@ async def model_cards(request: web.Request) -> list[ModelCard]:
     created = request.app[CREATED_KEY]
     served = engine.served_model_name
     # NOTE: the engine may resolve the model at start (demo model, Hub id), so ask it first.
-    resolved = engine.model_info().get("model_path")
-    root = str(resolved or request.app[CONFIG_KEY].model.model_path or served)
+    root = engine.model_path or request.app[CONFIG_KEY].model.model_path or served
     cards = [ModelCard(id=served, created=created, root=root, parent=None)]
     cards += [
         ModelCard(id=status.name, created=created, root=status.path, parent=served)
@@ -214,7 +173,9 @@ async def health_generate(request: web.Request) -> web.Response:
         return error_response(EngineDead("engine is not running"))
     try:
         async with asyncio.timeout(HEALTH_GENERATE_TIMEOUT_S):
-            await engine.generate(input_ids=[0], sampling_params={"max_new_tokens": 1})
+            await engine.generate(
+                Submission(input_ids=(0,), params=SamplingParams(max_new_tokens=1))
+            )
     except TimeoutError:
         return error_response(EngineDead(f"no token within {HEALTH_GENERATE_TIMEOUT_S:g} s"))
     except LorasrvError as exc:
@@ -223,12 +184,12 @@ async def health_generate(request: web.Request) -> web.Response:
 
 
 async def get_model_info(request: web.Request) -> web.Response:
-    return json_response(request.app[ENGINE_KEY].model_info())
+    return json_response(sglang.model_info(request.app[ENGINE_KEY]))
 
 
 async def get_server_info(request: web.Request) -> web.Response:
-    info = await request.app[ENGINE_KEY].server_info()
-    return json_response(redact(msgspec.to_builtins(info)))
+    info = await sglang.server_info(request.app[ENGINE_KEY])
+    return json_response(redact(info))
 
 
 def redact(value: Any) -> Any:

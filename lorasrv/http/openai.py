@@ -15,6 +15,8 @@ from typing import Any, Final, NamedTuple
 import msgspec
 from aiohttp import web
 
+from lorasrv.engine.engine import Engine
+from lorasrv.engine.requests import Submission
 from lorasrv.errors import BadRequest, ModelNotFound
 from lorasrv.http.handlers import decode_body, model_cards
 from lorasrv.http.openai_format import ChoiceState, chat_logprobs, completion_logprobs, usage_of
@@ -29,9 +31,10 @@ from lorasrv.http.openai_schemas import (
     CompletionRequest,
     SamplingFields,
 )
-from lorasrv.http.openai_stream import Job, collect, stream_choices, submit_all
+from lorasrv.http.openai_stream import Job, collect, stream_choices, submissions
+from lorasrv.http.outputs import abort_all, submit_all
 from lorasrv.http.responses import json_response
-from lorasrv.http.state import ENGINE_KEY, EngineLike
+from lorasrv.http.state import ENGINE_KEY
 from lorasrv.messages import ChatMessage, SamplingParams
 
 log = logging.getLogger(__name__)
@@ -52,7 +55,7 @@ PROMPT_SHAPE: Final = (
 
 class Prompt(NamedTuple):
     text: str | None = None
-    input_ids: list[int] | None = None
+    input_ids: tuple[int, ...] | None = None
 
 
 # ----------------------------------------------------------------------------- routes
@@ -71,11 +74,14 @@ async def completions(request: web.Request) -> web.StreamResponse:
     prompts = completion_prompts(body.prompt)
     max_tokens = body.max_tokens or DEFAULT_COMPLETION_MAX_TOKENS
     num_top = body.logprobs
-    params = sampling_params(body, engine, max_tokens, num_top is not None, num_top or 0)
+    params = sampling_params(body, max_tokens, num_top is not None, num_top or 0)
     lora_name = await resolve_model(engine, body.model, body.lora_path)
     job = _job(body, "cmpl", lora_name, num_top, is_chat=False)
-    submits = [{"text": p.text, "input_ids": p.input_ids} for p in prompts]
-    return await _answer(request, engine, job, submits, params)
+    bases = [
+        Submission(text=p.text, input_ids=p.input_ids, params=params, lora_name=lora_name)
+        for p in prompts
+    ]
+    return await _answer(request, engine, job, bases)
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
@@ -87,17 +93,13 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     if body.top_logprobs is not None and not body.logprobs:
         raise BadRequest("top_logprobs: requires logprobs to be true")
     # No limit given: up to the context length, as OpenAI does.
-    max_tokens = (
-        body.max_completion_tokens
-        or body.max_tokens
-        or _context_length(engine)
-        or SamplingParams().max_new_tokens
-    )
+    max_tokens = body.max_completion_tokens or body.max_tokens or _context_length(engine)
     num_top = (body.top_logprobs or 0) if body.logprobs else None
-    params = sampling_params(body, engine, max_tokens, body.logprobs, num_top or 0)
+    params = sampling_params(body, max_tokens, body.logprobs, num_top or 0)
     lora_name = await resolve_model(engine, body.model, body.lora_path)
     job = _job(body, "chatcmpl", lora_name, num_top, is_chat=True)
-    return await _answer(request, engine, job, [{"messages": messages}], params)
+    base = Submission(messages=tuple(messages), params=params, lora_name=lora_name)
+    return await _answer(request, engine, job, [base])
 
 
 async def retrieve_model(request: web.Request) -> web.Response:
@@ -115,30 +117,25 @@ async def retrieve_model(request: web.Request) -> web.Response:
 
 
 async def _answer(
-    request: web.Request,
-    engine: EngineLike,
-    job: Job,
-    prompts: list[dict[str, Any]],
-    params: SamplingParams,
+    request: web.Request, engine: Engine, job: Job, prompts: list[Submission]
 ) -> web.StreamResponse:
     if len(prompts) * job.n > MAX_CHOICES:
         raise BadRequest(f"{len(prompts)} prompts x n={job.n}: at most {MAX_CHOICES} choices")
     started_s = time.monotonic()
-    handles = submit_all(engine, job, prompts, params)
+    handles = submit_all(engine, submissions(job, prompts))
     try:
         if job.stream:
             states, response = await stream_choices(request, engine, job, handles)
         else:
-            states = await collect(handles, job.n * len(prompts))
+            states = await collect(handles)
             response = json_response(_final(engine, job, states))
     finally:
-        for handle in handles:
-            handle.abort()  # no-op for finished ones; frees the rest on error or disconnect
+        abort_all(handles)  # no-op for finished ones; frees the rest on error or disconnect
     _log_done(job, states, started_s)
     return response
 
 
-def _final(engine: EngineLike, job: Job, states: list[ChoiceState]) -> Completion | ChatCompletion:
+def _final(engine: Engine, job: Job, states: list[ChoiceState]) -> Completion | ChatCompletion:
     usage = usage_of(states, job.n)
     if job.is_chat:
         return ChatCompletion(
@@ -207,7 +204,7 @@ def _job(
 # ----------------------------------------------------------------------------- parsing
 
 
-async def resolve_model(engine: EngineLike, model: str, lora_path: str | None) -> str | None:
+async def resolve_model(engine: Engine, model: str, lora_path: str | None) -> str | None:
     """`model` -> None (the base) or an adapter name; SGLang's `lora_path` may name it instead."""
     served = engine.served_model_name
     names = {status.name for status in await engine.describe_adapters()}
@@ -237,13 +234,13 @@ def completion_prompts(prompt: str | list[Any]) -> list[Prompt]:
     if isinstance(prompt, str):
         return [Prompt(text=prompt)]
     if not prompt:
-        raise BadRequest(f"prompt is empty: {PROMPT_SHAPE}")
+        raise BadRequest("prompt: an empty list; give at least one prompt")
     if all(isinstance(item, str) for item in prompt):
         return [Prompt(text=item) for item in prompt]
     if all(_is_ids(item) for item in prompt):
-        return [Prompt(input_ids=list(prompt))]
-    if all(isinstance(item, list) and item and all(_is_ids(i) for i in item) for item in prompt):
-        return [Prompt(input_ids=list(item)) for item in prompt]
+        return [Prompt(input_ids=tuple(prompt))]
+    if all(isinstance(item, list) and all(_is_ids(i) for i in item) for item in prompt):
+        return [Prompt(input_ids=tuple(item)) for item in prompt]
     raise BadRequest(PROMPT_SHAPE)
 
 
@@ -286,11 +283,9 @@ def _content(where: str, content: str | list[Any] | None) -> str:
 
 
 def sampling_params(
-    body: SamplingFields, engine: EngineLike, max_tokens: int, logprobs: bool, num_top: int
+    body: SamplingFields, max_tokens: int, logprobs: bool, num_top: int
 ) -> SamplingParams:
-    limit = _context_length(engine)
-    if limit is not None and max_tokens > limit:
-        raise BadRequest(f"max_tokens {max_tokens} exceeds the context length {limit}")
+    """OpenAI's fields (and SGLang's extensions) as the engine's; the engine checks the values."""
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or ())
     return SamplingParams(
         max_new_tokens=max_tokens,
@@ -311,9 +306,8 @@ def sampling_params(
     )
 
 
-def _context_length(engine: EngineLike) -> int | None:
-    value = engine.model_info().get("context_length")
-    return value if isinstance(value, int) else None
+def _context_length(engine: Engine) -> int:
+    return engine.ready_info.context_length
 
 
 def _check_common(body: SamplingFields) -> None:

@@ -5,8 +5,9 @@ the legacy completions format and in the chat format. No I/O; token strings come
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
+from lorasrv.engine.results import ResultBuilder
 from lorasrv.http.openai_schemas import (
     ChoiceLogprobs,
     CompletionLogprobs,
@@ -14,35 +15,19 @@ from lorasrv.http.openai_schemas import (
     TopLogprob,
     Usage,
 )
-from lorasrv.messages import RequestOutput, TokenLogprob
+from lorasrv.messages import TokenLogprob
 
 Decode = Callable[[Sequence[int]], list[str]]
 
 
 @dataclass(slots=True)
-class ChoiceState:
-    """One choice (one engine request): what it produced so far."""
+class ChoiceState(ResultBuilder):
+    """One choice (one engine request): what it produced so far, and where its legacy
+    logprobs' `text_offset` stands. NOTE: the engine's "stop" (EOS, stop token or string) and
+    "length" are OpenAI's finish reasons as they are."""
 
-    index: int
-    text: str = ""
-    token_ids: list[int] = field(default_factory=list)
-    logprobs: list[float] = field(default_factory=list)
-    top_logprobs: list[tuple[TokenLogprob, ...]] = field(default_factory=list)
-    finish_reason: str | None = None
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
+    index: int = 0
     num_offset_chars: int = 0  # legacy logprobs: text_offset of the next token
-
-    def add(self, out: RequestOutput) -> None:
-        self.text += out.text
-        self.token_ids.extend(out.token_ids)
-        self.logprobs.extend(out.logprobs)
-        self.top_logprobs.extend(out.top_logprobs)
-        self.prompt_tokens = out.prompt_tokens or self.prompt_tokens
-        self.completion_tokens = out.completion_tokens or self.completion_tokens
-        if out.finished:
-            # NOTE: the engine's "stop" (EOS, stop token or string) and "length" are OpenAI's words.
-            self.finish_reason = out.finish_reason
 
 
 def usage_of(states: Sequence[ChoiceState], n: int) -> Usage:

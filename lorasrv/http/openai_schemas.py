@@ -1,7 +1,9 @@
 """OpenAI API bodies (completions, chat completions, errors) as msgspec Structs.
 
 Requests reject unknown top-level fields (typos fail loudly); message objects accept OpenAI's extra
-fields. Ranges the OpenAI docs fix are constraints here, so errors name the field (`$.n`).
+fields. Limits of OpenAI's own fields are constraints here, so errors name the field (`$.n`);
+sampling values shared with every dialect (temperature, top_p, penalties...) are checked once, by
+the engine.
 """
 
 from typing import Annotated, Any
@@ -13,9 +15,6 @@ MAX_LOGPROBS = 20
 
 Count = Annotated[int, msgspec.Meta(ge=1, le=MAX_N)]
 PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
-Temperature = Annotated[float, msgspec.Meta(ge=0)]
-TopP = Annotated[float, msgspec.Meta(gt=0, le=1)]
-Penalty = Annotated[float, msgspec.Meta(ge=-2, le=2)]
 NumLogprobs = Annotated[int, msgspec.Meta(ge=0, le=MAX_LOGPROBS)]
 
 
@@ -33,15 +32,15 @@ class SamplingFields(_Request, frozen=True, kw_only=True):
 
     model: str
     max_tokens: PositiveInt | None = None
-    temperature: Temperature | None = None
-    top_p: TopP | None = None
+    temperature: float | None = None
+    top_p: float | None = None
     n: Count = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
     seed: int | None = None
-    presence_penalty: Penalty = 0.0
-    frequency_penalty: Penalty = 0.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
     logit_bias: dict[str, float] | None = None
     user: str | None = None
     # SGLang / vLLM extensions
@@ -82,7 +81,7 @@ class ChatCompletionRequest(SamplingFields, frozen=True, kw_only=True):
     messages: list[ChatMessageIn]
     max_completion_tokens: PositiveInt | None = None
     logprobs: bool = False
-    top_logprobs: NumLogprobs | None = None
+    top_logprobs: int | None = None
     tools: list[Any] | None = None
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None

@@ -1,18 +1,20 @@
-"""One engine request per OpenAI choice: submit them, then consume them together, collected for a
-plain answer or as SSE chunks. Closing or cancelling the consumer aborts every request still out.
+"""One engine request per OpenAI choice: their submissions, then their outputs consumed together,
+collected for a plain answer or as SSE chunks. The caller aborts every request still out.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncGenerator, AsyncIterator, Sequence
-from typing import Any, NamedTuple
+from collections.abc import AsyncIterator, Sequence
+from typing import NamedTuple
 
 import msgspec
 from aiohttp import web
 
+from lorasrv.engine.engine import Engine
+from lorasrv.engine.request_handle import RequestHandle
+from lorasrv.engine.requests import Submission
 from lorasrv.errors import LorasrvError
 from lorasrv.http.openai_format import ChoiceState, chat_logprobs, completion_logprobs, usage_of
 from lorasrv.http.openai_schemas import (
@@ -24,10 +26,10 @@ from lorasrv.http.openai_schemas import (
     CompletionChoice,
     Usage,
 )
+from lorasrv.http.outputs import merged
 from lorasrv.http.responses import openai_error_body
 from lorasrv.http.sse import DONE_EVENT, SSE_HEADERS
-from lorasrv.http.state import EngineLike, RequestHandleLike
-from lorasrv.messages import RequestOutput, SamplingParams
+from lorasrv.messages import RequestOutput
 
 log = logging.getLogger(__name__)
 
@@ -48,82 +50,37 @@ class Job(NamedTuple):
     continuous_usage: bool
 
 
-def submit_all(
-    engine: EngineLike, job: Job, prompts: Sequence[dict[str, Any]], params: SamplingParams
-) -> list[RequestHandleLike]:
+def submissions(job: Job, prompts: Sequence[Submission]) -> list[Submission]:
     """Choice p*n+i is prompt p's i-th sample, request id `<job id>-<index>`, seed `seed + i`."""
-    handles: list[RequestHandleLike] = []
-    try:
-        for p, prompt in enumerate(prompts):
-            for i in range(job.n):
-                seeded = params
-                if job.seed is not None and i:
-                    seeded = msgspec.structs.replace(params, seed=job.seed + i)
-                handles.append(
-                    engine.submit(
-                        params=seeded,
-                        lora_name=job.lora_name,
-                        request_id=f"{job.id}-{p * job.n + i}",
-                        **prompt,
-                    )
-                )
-    except BaseException:
-        for handle in handles:
-            handle.abort()
-        raise
-    return handles
+    out = []
+    for p, prompt in enumerate(prompts):
+        for i in range(job.n):
+            params = prompt.params
+            if job.seed is not None and i:
+                params = msgspec.structs.replace(params, seed=job.seed + i)
+            request_id = f"{job.id}-{p * job.n + i}"
+            out.append(msgspec.structs.replace(prompt, params=params, request_id=request_id))
+    return out
 
 
-async def collect(handles: Sequence[RequestHandleLike], num: int) -> list[ChoiceState]:
-    states = [ChoiceState(index=i) for i in range(num)]
+async def collect(handles: Sequence[RequestHandle]) -> list[ChoiceState]:
+    states = [ChoiceState(handle.request_id, index=i) for i, handle in enumerate(handles)]
     async with contextlib.aclosing(merged(handles)) as outputs:
         async for index, out in outputs:
             states[index].add(out)
     return states
 
 
-async def merged(
-    handles: Sequence[RequestHandleLike],
-) -> AsyncGenerator[tuple[int, RequestOutput], None]:
-    """Every handle's outputs as they arrive, tagged with the handle's index; raises the first
-    request error. NOTE: at most one `__anext__` per handle is in flight, so order per choice holds.
-    """
-    pending = {asyncio.ensure_future(_next(handle)): i for i, handle in enumerate(handles)}
-    try:
-        while pending:
-            done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-            for task in sorted(done, key=pending.__getitem__):
-                index = pending.pop(task)
-                out = task.result()
-                if out is not None:
-                    pending[asyncio.ensure_future(_next(handles[index]))] = index
-                    yield index, out
-    finally:
-        for task in pending:
-            if task.done() and not task.cancelled():
-                task.exception()  # retrieved: a second failure is not worth a warning
-            task.cancel()
-        if pending:
-            await asyncio.wait(pending)
-
-
-async def _next(handle: RequestHandleLike) -> RequestOutput | None:
-    try:
-        return await handle.__anext__()
-    except StopAsyncIteration:
-        return None
-
-
 # ----------------------------------------------------------------------------- SSE
 
 
 async def stream_choices(
-    request: web.Request, engine: EngineLike, job: Job, handles: Sequence[RequestHandleLike]
+    request: web.Request, engine: Engine, job: Job, handles: Sequence[RequestHandle]
 ) -> tuple[list[ChoiceState], web.StreamResponse]:
     """SSE chunks, `data: [DONE]` last. The first output is awaited before the response starts,
     so early errors (unknown adapter, prompt too long) keep their HTTP status.
     """
-    states = [ChoiceState(index=i) for i in range(len(handles))]
+    states = [ChoiceState(handle.request_id, index=i) for i, handle in enumerate(handles)]
     async with contextlib.aclosing(merged(handles)) as outputs:
         first = await anext(outputs, None)
         response = web.StreamResponse(headers=SSE_HEADERS)
@@ -137,7 +94,7 @@ async def stream_choices(
 
 async def _pump(
     response: web.StreamResponse,
-    engine: EngineLike,
+    engine: Engine,
     job: Job,
     states: list[ChoiceState],
     first: tuple[int, RequestOutput] | None,
@@ -167,7 +124,7 @@ async def _pump(
 
 async def _send_delta(
     response: web.StreamResponse,
-    engine: EngineLike,
+    engine: Engine,
     job: Job,
     states: list[ChoiceState],
     index: int,

@@ -1,11 +1,32 @@
-"""Public request bodies of the HTTP API as msgspec Structs; unknown fields are rejected (400).
+"""SGLang-side bodies of the HTTP API (and the admin routes') as msgspec Structs: the one
+definition of each wire type; unknown fields are rejected (400).
 
 Shapes only: value checks (lengths, ranges, adapter names) belong to the engine.
 """
 
-from typing import Any
-
 import msgspec
+
+
+class GenerateSamplingParams(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """SGLang's `sampling_params` as lorasrv serves them. A field left out (or null) takes the
+    engine's default. `n` asks for n samples per prompt; `sampling_seed` is SGLang's name for
+    `seed`."""
+
+    max_new_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool | None = None
+    skip_special_tokens: bool | None = None
+    repetition_penalty: float | None = None
+    frequency_penalty: float | None = None
+    presence_penalty: float | None = None
+    seed: int | None = None
+    sampling_seed: int | None = None
+    n: int = 1
 
 
 class GenerateRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -13,7 +34,7 @@ class GenerateRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
 
     text: str | list[str] | None = None
     input_ids: list[int | list[int]] | None = None
-    sampling_params: dict[str, Any] | list[dict[str, Any]] | None = None
+    sampling_params: GenerateSamplingParams | list[GenerateSamplingParams] | None = None
     lora_path: str | list[str | None] | None = None
     stream: bool = False
     rid: str | list[str] | None = None

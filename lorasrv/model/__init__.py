@@ -1,4 +1,4 @@
-"""GPU model code: the Llama-family decoder, paged KV cache, LoRA slot pool and the step runner.
+"""GPU model code: the Llama-family decoder, the arena (KV pages and LoRA rows), the step runner.
 
 Imports torch and lorasrv_kernels; never asyncio, never lorasrv.engine.
 """

@@ -6,7 +6,6 @@ CPU only and thread-safe: called off the event loop; never touches the GPU or th
 
 from __future__ import annotations
 
-import json
 import os
 import re
 
@@ -15,6 +14,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from lorasrv.config import SUPPORTED_LORA_MODULES
+from lorasrv.model.adapter_checks import check_added_tokens, check_dtypes, check_packed
 from lorasrv.model.arch import ModelArch
 from lorasrv.model.lora_layout import (
     MODULE_SLICE,
@@ -53,8 +53,10 @@ def load_adapter(
 ) -> AdapterWeights:
     """Read and check one PEFT folder; AdapterLoadError says what is refused, which flag helps."""
     config = read_peft_config(path)
-    _check_added_tokens(path, arch)
-    pairs = _collect_pairs(_read_tensors(path, allow_pickle), path, arch, target_modules)
+    check_added_tokens(path, arch.vocab_size)
+    tensors = _read_tensors(path, allow_pickle)
+    pairs = _collect_pairs(tensors, path, arch, target_modules)
+    check_dtypes(tensors, path)
     rank = max(a.shape[0] for a, _, _ in pairs.values())
     if rank > max_rank:
         raise AdapterLoadError(
@@ -62,13 +64,15 @@ def load_adapter(
             "raise --max-lora-rank"
         )
     scaling = lora_scaling(config.lora_alpha, config.r, config.use_rslora)
-    return AdapterWeights(
+    weights = AdapterWeights(
         rank=rank,
         scaling=scaling,
         modules=_pool_layout(pairs, config, arch, rank, scaling, dtype),
         target_modules=tuple(m for m in SUPPORTED_LORA_MODULES if any(m == n for _, n in pairs)),
         dtype=dtype,
     )
+    check_packed(weights, path)
+    return weights
 
 
 def _read_tensors(path: str, allow_pickle: bool) -> dict[str, torch.Tensor]:
@@ -97,20 +101,6 @@ def _read_tensors(path: str, allow_pickle: bool) -> dict[str, torch.Tensor]:
             raise AdapterLoadError(f"adapter {path!r}: adapter_model.bin is not a state dict")
         return state
     raise AdapterLoadError(f"adapter {path!r}: no adapter_model.safetensors in {path}")
-
-
-def _check_added_tokens(path: str, arch: ModelArch) -> None:
-    added_file = os.path.join(path, "added_tokens.json")
-    if not os.path.isfile(added_file):
-        return
-    with open(added_file) as f:
-        added: dict[str, int] = json.load(f)
-    new = sorted(t for t, i in added.items() if i >= arch.vocab_size)
-    if new:
-        raise AdapterLoadError(
-            f"adapter {path!r}: adds tokens beyond the base vocabulary ({arch.vocab_size}): "
-            f"{new[:5]}; added tokens are not supported"
-        )
 
 
 def _collect_pairs(

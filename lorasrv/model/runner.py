@@ -16,22 +16,20 @@ from lorasrv.hub import resolve_path
 from lorasrv.ids import AdapterId, SeqId
 from lorasrv.messages import HostCopyReady, RunnerReady, StepPlan, StepResult
 from lorasrv.model import startup
-from lorasrv.model.adapter_loader import load_adapter
 from lorasrv.model.arch import ModelArch, read_arch
 from lorasrv.model.attention import KvCache, make_attention, needs_dense_metadata
 from lorasrv.model.batch import StepPreparer
-from lorasrv.model.cuda_graphs import DecodeLora, DecodeRunner
+from lorasrv.model.cuda_graphs import DecodeRunner
 from lorasrv.model.llama import LlamaModel
 from lorasrv.model.loader import load_model_weights
 from lorasrv.model.lookahead import Guess, guess_holds, next_decode_plan
-from lorasrv.model.lora_backend import LoraStep, lora_segments, make_lora_backend
-from lorasrv.model.lora_layout import HostAdapter, RowLayout, pack_rows, row_layout
-from lorasrv.model.lora_pool import LoraPool
+from lorasrv.model.lora_backend import make_lora_backend
+from lorasrv.model.lora_layout import HostAdapter, row_layout
+from lorasrv.model.lora_runtime import LoraRuntime
 from lorasrv.model.parallel import TpGroup, TpLlamaModel
 from lorasrv.model.pending_sample import PendingSample
 from lorasrv.model.sampler import Sampler, upload
 from lorasrv.model.sharding import load_sharded_weights, shard_arch
-from lorasrv.model.uploads import Uploader
 
 logger = logging.getLogger(__name__)
 
@@ -98,10 +96,16 @@ class ModelRunner:
         )
         self.num_kv_pages = self.arena.num_pages
         self.kv_cache = KvCache(self.arena)
-        self.pool: LoraPool | None = None
-        self.uploader: Uploader | None = None
+        self.lora: LoraRuntime | None = None
         if layout is not None:
-            self._attach_pool(layout)
+            self.lora = LoraRuntime(
+                self.arena,
+                layout,
+                self.model,
+                self.lora_backend,
+                max_rank=lora_max_rank,
+                device=self.device,
+            )
         self.preparer = StepPreparer(
             page_size=page_size,
             num_pages=self.num_kv_pages,
@@ -125,7 +129,7 @@ class ModelRunner:
             self.arena.num_bytes / (1 << 30),
             self.num_kv_pages,
             page_size,
-            self.pool.max_rows if self.pool is not None else 0,
+            self.lora.pool.max_rows if self.lora is not None else 0,
             time.monotonic() - started,
         )
 
@@ -137,8 +141,8 @@ class ModelRunner:
             num_kv_pages=self.num_kv_pages,
             page_size=self.page_size,
             kv_page_bytes=geometry.page_bytes,
-            lora_row_bytes=geometry.row_bytes if self.pool is not None else 0,
-            lora_max_rows=geometry.max_rows if self.pool is not None else 0,
+            lora_row_bytes=geometry.row_bytes if self.lora is not None else 0,
+            lora_max_rows=geometry.max_rows if self.lora is not None else 0,
             max_lora_rank=self.lora_max_rank,
             lora_target_modules=self.lora_target_modules,
             vocab_size=self.arch.vocab_size,
@@ -178,20 +182,20 @@ class ModelRunner:
 
     def add_host_copy(self, copy: HostCopyReady) -> None:
         """Keep an adapter's host copy (and its rank, scaling) for the uploads plans ask for."""
-        if self.uploader is None:
+        if self.lora is None:
             raise ValueError("add_host_copy: this runner has LoRA off (enable_lora=False)")
-        self.uploader.add(copy.adapter_id, copy.weights, copy.rank, copy.scaling)
+        self.lora.add_host_copy(copy)
 
     def drop_host_copy(self, adapter_id: AdapterId) -> None:
-        if self.uploader is not None:
-            self.uploader.drop(adapter_id)
+        if self.lora is not None:
+            self.lora.drop_host_copy(adapter_id)
 
     def on_failure(self, listener: Callable[[str], None]) -> None:
         """A single-process runner fails only inside a call, which raises: nothing to report."""
 
     def shutdown(self) -> None:
         self._guess = None
-        self.pool = self.uploader = None
+        self.lora = None
         self.decode = None  # its graphs hold their memory pool
         del self.kv_cache, self.arena, self.model
         if self.device.type == "cuda":
@@ -200,24 +204,11 @@ class ModelRunner:
     def make_adapter_loader(self) -> Callable[[str], HostAdapter]:
         """A CPU-only, thread-safe loader: adapter folder (already resolved) -> its host copy,
         packed into this runner's row layout (pinned on CUDA)."""
-        arch, rank, targets = self.arch, self.lora_max_rank, self.lora_target_modules
-        dtype, allow_pickle = self.dtype, self.allow_pickle
-        if self.pool is None:
+        if self.lora is None:
             raise RuntimeError("make_adapter_loader: this runner has LoRA off (enable_lora=False)")
-        layout, pin = self.pool.layout, self.device.type == "cuda"
-
-        def load(path: str) -> HostAdapter:
-            weights = load_adapter(
-                path,
-                arch=arch,
-                max_rank=rank,
-                target_modules=targets,
-                allow_pickle=allow_pickle,
-                dtype=dtype,
-            )
-            return pack_rows(weights, layout, pin_memory=pin)
-
-        return load
+        return self.lora.make_loader(
+            self.arch, self.lora_target_modules, self.dtype, allow_pickle=self.allow_pickle
+        )
 
     # ------------------------------------------------------------------ internals
 
@@ -247,9 +238,8 @@ class ModelRunner:
 
     @torch.inference_mode()
     def _forward(self, plan: StepPlan) -> tuple[torch.Tensor, list[SeqId]]:
-        if self.uploader is not None:
-            self.uploader.check_rows(plan.adapters)
-            self.uploader.wait(plan)
+        if self.lora is not None:
+            self.lora.before_compute(plan)
         elif plan.adapters or any(a >= 0 for a in plan.lora_adapters):
             raise ValueError("plan has adapter rows but this runner has LoRA off")
         if self.decode is not None and self.decode.can_run(plan):
@@ -259,39 +249,16 @@ class ModelRunner:
             batch.input_ids,
             batch.metadata,
             self.kv_cache,
-            self._lora_step(plan),
+            self.lora.step(plan) if self.lora is not None else None,
             batch.sample_index,
         )
         return logits, batch.sampled_seq_ids
 
     def _upload(self, plan: StepPlan) -> None:
-        if self.uploader is not None:
-            self.uploader.upload(plan.uploads)
+        if self.lora is not None:
+            self.lora.uploader.upload(plan.uploads)
         elif plan.uploads:
             raise ValueError("plan uploads adapters but this runner has LoRA off")
-
-    def _lora_step(self, plan: StepPlan) -> LoraStep | None:
-        if self.uploader is None:
-            return None
-        segments = lora_segments(plan, plan.query_lens, self.uploader.info)
-        if segments is None:
-            return None
-        backend = self.lora_backend
-        return LoraStep(backend, backend.prepare(segments, self.device))
-
-    def _attach_pool(self, layout: RowLayout) -> None:
-        """Row views of the arena for every targeted linear layer, and the uploader."""
-        rows = self.arena.rows
-        if rows is None or self.arena.geometry.max_rows < self.lora_max_rank:
-            raise ValueError(
-                f"the arena ({self.arena.num_bytes} bytes) holds fewer LoRA rows than one adapter "
-                f"of rank {self.lora_max_rank} needs ({layout.row_elems} elements each); give it "
-                "more memory (--mem-fraction-static, --kv-cache-bytes) or lower --max-lora-rank"
-            )
-        self.pool = LoraPool(rows, layout)
-        for layer, name, linear in self.model.lora_linears():
-            linear.lora = self.pool.module(layer, name)
-        self.uploader = Uploader(self.pool, self.device)
 
     def _load_model(self) -> LlamaModel:
         load: Callable[..., dict[str, torch.Tensor]] = load_model_weights
@@ -321,21 +288,16 @@ class ModelRunner:
             reason = "the reference attention backend"
         elif self.tp is not None:
             reason = "tensor parallelism"
-        elif self.pool is not None and not self.lora_backend.supports_cuda_graphs:
+        elif self.lora is not None and not self.lora_backend.supports_cuda_graphs:
             reason = f"the {self.lora_backend.name} LoRA backend"
         if reason is not None:
             if use_graphs and self.device.type == "cuda":
                 logger.info("CUDA graphs off: not available with %s", reason)
             return None
-        lora = None
-        if self.pool is not None and self.uploader is not None:
-            # A step names each adapter's rows once (rows sorted): at most every row's worth.
-            entries = min(max_batch_size * self.lora_max_rank, self.pool.max_rows)
-            lora = DecodeLora(self.lora_backend, self.uploader.info, entries)
         decode = DecodeRunner(
             model=self.model,
             kv_cache=self.kv_cache,
-            lora=lora,
+            lora=self.lora.decode_lora(max_batch_size) if self.lora is not None else None,
             max_batch_size=max_batch_size,
             max_pages_per_seq=min(-(-self.context_length // self.page_size), self.num_kv_pages),
             device=self.device,

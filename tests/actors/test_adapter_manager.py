@@ -377,7 +377,12 @@ async def test_requests_waiting_on_a_failed_first_load_fail_with_its_reason() ->
         h.disk.weight_errors["/resolved/slow"] = ValueError("corrupt adapter_model.safetensors")
         slow_op = h.send_op(lambda op: LoadAdapter(op_id=op, lora_name="slow", lora_path="/slow"))
         h.actor.send(AcquireAdapter(request_id=RequestId("r1"), lora_name="slow"))
-        await asyncio.sleep(0.01)
+
+        def r1_waits() -> bool | None:
+            entry = h.actor.registry.by_name.get("slow")
+            return (entry is not None and RequestId("r1") in entry.waiters) or None
+
+        await h.until(r1_waits)
         gate.set()
         assert not (await h.op_result(slow_op)).success
         failed = await h.until(lambda: h._reply_to("r1"))

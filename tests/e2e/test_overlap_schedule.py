@@ -16,6 +16,8 @@ import pytest
 from lorasrv.config import build_config
 from lorasrv.engine.engine import Engine
 from lorasrv.engine.parts import prepare_parts
+from lorasrv.engine.requests import Submission
+from lorasrv.messages import SamplingParams
 from lorasrv.model.runner import ModelRunner
 from tests.e2e.conftest import PROMPTS, make_adapters, make_checkpoint
 
@@ -62,15 +64,15 @@ async def run(base: Path, adapters: dict[str, Path], overlap: bool) -> tuple[Any
             assert result.success, result.error_message
         outputs = []
         for _ in range(2):  # the second pass finds other adapters in the slots
-            results = await engine.generate(
-                input_ids=[p for p, _, _ in ROWS],
-                lora_path=[n for _, n, _ in ROWS],
-                sampling_params=[
-                    {"max_new_tokens": n, "temperature": 0, "ignore_eos": True} for _, _, n in ROWS
-                ],
-            )
-            assert isinstance(results, list)
-            outputs.append([r["output_ids"] for r in results])
+            handles = [
+                engine.submit(Submission(
+                    input_ids=tuple(p), lora_name=name,
+                    params=SamplingParams(max_new_tokens=n, temperature=0, ignore_eos=True),
+                ))
+                for p, name, n in ROWS
+            ]  # fmt: skip
+            results = await asyncio.gather(*(handle.result() for handle in handles))
+            outputs.append([list(r.token_ids) for r in results])
         evictions = sum(s.num_evictions for s in await engine.describe_adapters())
     return (outputs, evictions), built[0]
 

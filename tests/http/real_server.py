@@ -1,23 +1,18 @@
-"""A real server on a loopback port over a real Engine (every actor) on FakeRunner and the character
-tokenizer: exact, fast, and what the official `openai` client and /metrics tests talk to.
+"""The real Engine (every actor) on FakeRunner and the character tokenizer, behind the real app:
+exact, fast, and what every HTTP test talks to (aiohttp's test client, or a live loopback server
+for the official `openai` client and disconnects).
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
-from collections.abc import AsyncIterator
-from typing import NamedTuple
+from collections.abc import AsyncIterator, Callable
+from typing import Any, NamedTuple
 
 from aiohttp import web
 
-from lorasrv.config import (
-    AdapterConfig,
-    HttpConfig,
-    LoraRef,
-    ModelConfig,
-    SchedulerConfig,
-    ServerConfig,
-)
+from lorasrv.config import LoraRef, ServerConfig, build_config
 from lorasrv.engine.engine import Engine
 from lorasrv.engine.parts import EngineParts
 from lorasrv.http.app import build_app, make_runner
@@ -28,6 +23,8 @@ BASE = "fake-base"
 KEY = "sk-test-key-77"
 ADAPTERS = {"a": "/ad/a", "b": "/ad/b"}
 NUM_KV_PAGES = 128
+CONTEXT_LENGTH = 256  # FakeRunner's
+WAIT_S = 5
 
 
 class Server(NamedTuple):
@@ -47,31 +44,67 @@ def chat_prompt(messages: list[dict[str, str]]) -> str:
     return "".join(f"<{m['role']}>{m['content']}" for m in messages) + "<assistant>"
 
 
-@contextlib.asynccontextmanager
-async def real_server(*, api_key: str | None = KEY) -> AsyncIterator[Server]:
-    fake = FakeRunner(num_kv_pages=NUM_KV_PAGES, page_size=4, num_slots=2)
-    config = ServerConfig(
-        model=ModelConfig(served_model_name=BASE),
-        adapters=AdapterConfig(enable_lora=True, max_loras_per_batch=2),
-        scheduler=SchedulerConfig(chunked_prefill_size=32, max_running_requests=16),
-        http=HttpConfig(api_key=api_key),
+def server_config(**options: Any) -> ServerConfig:
+    """CLI options (snake_case) over the fake server's defaults: adapters a and b, two slots."""
+    defaults: dict[str, Any] = {
+        "served_model_name": BASE,
+        "enable_lora": True,
+        "max_loras_per_batch": 2,
+        "chunked_prefill_size": 32,
+        "max_running_requests": 16,
+    }
+    return build_config({**defaults, **options})
+
+
+def fake_engine(
+    config: ServerConfig, runner: FakeRunner | None = None, *, adapters: bool = True
+) -> Engine:
+    """A real Engine whose parts are fakes: FakeRunner, FakeTokenizer, SALTS as adapter weights."""
+    fake = runner or FakeRunner(num_kv_pages=NUM_KV_PAGES, page_size=4, num_slots=2)
+    refs = config.adapters.lora_paths or (
+        tuple(LoraRef(lora_name=n, lora_path=p) for n, p in ADAPTERS.items()) if adapters else ()
     )
     parts = EngineParts(
         model_path="/fake/model",
         runner_factory=lambda: fake,
         tokenizer=FakeTokenizer(),
         read_adapter_config=read_config,
-        make_adapter_loader=lambda runner: SALTS.__getitem__,
-        initial_adapters=tuple(LoraRef(lora_name=n, lora_path=p) for n, p in ADAPTERS.items()),
+        make_adapter_loader=lambda _runner: SALTS.__getitem__,
+        initial_adapters=refs,
         config=config,
     )
-    engine = Engine(config, parts=parts)
-    runner = make_runner(build_app(config, engine), access_log=False)
-    await runner.setup()  # starts the engine
+    return Engine(config, parts=parts)
+
+
+@contextlib.asynccontextmanager
+async def real_server(
+    *, api_key: str | None = KEY, runner: FakeRunner | None = None, **options: Any
+) -> AsyncIterator[Server]:
+    """The app as `serve` runs it (handler cancellation on) on a free loopback port."""
+    fake = runner or FakeRunner(num_kv_pages=NUM_KV_PAGES, page_size=4, num_slots=2)
+    config = server_config(api_key=api_key, **options)
+    engine = fake_engine(config, fake)
+    app_runner = make_runner(build_app(config, engine), access_log=False)
+    await app_runner.setup()  # starts the engine
     try:
-        site = web.TCPSite(runner, "127.0.0.1", 0)
+        site = web.TCPSite(app_runner, "127.0.0.1", 0)
         await site.start()
-        host, port = runner.addresses[0][:2]
+        host, port = app_runner.addresses[0][:2]
         yield Server(f"http://{host}:{port}", engine, fake)
     finally:
-        await runner.cleanup()
+        fake.gate.set()  # a test that held the runner must not hold the shutdown
+        await app_runner.cleanup()
+
+
+async def wait_until(predicate: Callable[[], bool], what: str, timeout_s: float = WAIT_S) -> None:
+    """Poll observable state (never a fixed sleep) until `predicate()` holds."""
+    try:
+        async with asyncio.timeout(timeout_s):
+            while not predicate():
+                await asyncio.sleep(0.005)
+    except TimeoutError:
+        raise AssertionError(f"not within {timeout_s} s: {what}") from None
+
+
+async def num_refs(engine: Engine, name: str) -> int:
+    return sum(s.num_refs for s in await engine.describe_adapters() if s.name == name)

@@ -1,4 +1,5 @@
-"""API keys: Bearer on every route but /health; the admin key guards adapter load/unload."""
+"""API keys: Bearer on every route but /health; the admin key guards adapter load/unload.
+Over the real engine (FakeRunner)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import pytest
 from tests.http.conftest import MakeClient
 
 KEY, ADMIN = "user-secret-1", "admin-secret-2"
-LOAD = ("/load_lora_adapter", {"lora_name": "x", "lora_path": "/ad/x"})
+LOAD = ("/load_lora_adapter", {"lora_name": "x", "lora_path": "/ad/c"})
 
 
 def bearer(key: str) -> dict[str, str]:

@@ -1,4 +1,5 @@
-"""Error statuses and bodies: each failure is JSON naming the problem; the app keeps serving."""
+"""Error statuses and bodies: each failure is JSON naming the problem; the app keeps serving.
+Over the real engine, so every message is the one a client gets."""
 
 from __future__ import annotations
 
@@ -9,8 +10,8 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
+from lorasrv.engine.engine import Engine
 from tests.http.conftest import MakeClient
-from tests.http.fake_engine import FakeEngine
 
 Client = TestClient[web.Request, web.Application]
 
@@ -56,7 +57,7 @@ async def assert_still_serving(client: Client) -> None:
             b'{"text": "a", "sampling_params": {"max_new_tokens": "ten"}}',
             400,
             "invalid_request",
-            "$.max_new_tokens",
+            "$.sampling_params.max_new_tokens",
         ),
         (
             b'{"text": "a", "sampling_params": {"temprature": 0}}',
@@ -65,7 +66,7 @@ async def assert_still_serving(client: Client) -> None:
             "temprature",
         ),
         (
-            b'{"text": ["a", "b"], "lora_path": ["demo-lora-a"]}',
+            b'{"text": ["a", "b"], "lora_path": ["a"]}',
             400,
             "invalid_request",
             "lora_path has 1 entries for 2 prompt(s)",
@@ -74,10 +75,12 @@ async def assert_still_serving(client: Client) -> None:
             b'{"text": ["a", "b"], "sampling_params": [{}, {}, {}]}',
             400,
             "invalid_request",
-            "sampling_params",
+            "sampling_params has 3 entries for 2 prompt(s)",
         ),
+        (b'{"text": "a", "sampling_params": {"n": 0}}', 400, "invalid_request", "n must be in"),
+        (b'{"text": "a", "rid": ["x", "y"]}', 400, "invalid_request", "rid has 2 entries"),
         (b'{"text": "a", "lora_path": "nope"}', 404, "adapter_not_found", "'nope' is not loaded"),
-        (b'{"text": "' + b"x" * 65 + b'"}', 413, "prompt_too_long", "65 tokens"),
+        (b'{"text": "' + b"x" * 300 + b'"}', 413, "prompt_too_long", "300 tokens"),
     ],
 )
 async def test_bad_generate_requests(
@@ -111,12 +114,12 @@ async def test_body_too_large(make_client: MakeClient) -> None:
 
 
 async def test_unexpected_exception_is_a_500_without_traceback(
-    client: Client, engine: FakeEngine, monkeypatch: pytest.MonkeyPatch, caplog: Any
+    client: Client, engine: Engine, monkeypatch: pytest.MonkeyPatch, caplog: Any
 ) -> None:
-    async def broken(**_: object) -> None:
+    def broken(*_: object) -> None:
         raise RuntimeError("secret internals")
 
-    monkeypatch.setattr(engine, "generate", broken)
+    monkeypatch.setattr(engine, "submit", broken)
     with caplog.at_level(logging.ERROR, logger="lorasrv.http"):
         resp = await client.post("/generate", json={"text": "a"})
     error = await error_of(resp, 500)
@@ -134,7 +137,11 @@ async def test_unexpected_exception_is_a_500_without_traceback(
         ("/load_lora_adapter", b'{"lora_name": "x"}', "missing required field `lora_path`"),
         ("/v1/load_lora_adapter", b'{"lora_name": "x", "lora_path": 3}', "$.lora_path"),
         ("/unload_lora_adapter", b'{"lora_name": "x", "extra": 1}', "unknown field `extra`"),
-        ("/load_lora_adapter", b'{"lora_name": "x", "lora_path": "/missing/x"}', "cannot read"),
+        (
+            "/load_lora_adapter",
+            b'{"lora_name": "x", "lora_path": "/no/x"}',
+            "not an adapter folder",
+        ),
     ],
 )
 async def test_bad_adapter_requests_keep_the_adapter_shape(
@@ -145,5 +152,29 @@ async def test_bad_adapter_requests_keep_the_adapter_shape(
     answer = await resp.json()
     assert answer["success"] is False
     assert needle in answer["error_message"]
-    assert "demo-lora-a" in answer["loaded_adapters"]
+    assert "a" in answer["loaded_adapters"]
     await assert_still_serving(client)
+
+
+@pytest.mark.parametrize(
+    ("generate", "completion"),
+    [
+        ({"text": ""}, {"prompt": ""}),
+        ({"input_ids": []}, {"prompt": [[]]}),
+        ({"text": "a", "sampling_params": {"temperature": -1}}, {"prompt": "a", "temperature": -1}),
+        ({"text": "a", "sampling_params": {"top_p": 0}}, {"prompt": "a", "top_p": 0}),
+        ({"text": "a", "sampling_params": {"presence_penalty": 3}},
+         {"prompt": "a", "presence_penalty": 3}),
+        ({"input_ids": [1, 500]}, {"prompt": [1, 500]}),
+    ],
+)  # fmt: skip
+async def test_a_bad_value_gets_one_message_whatever_the_route(
+    client: Client, generate: dict[str, Any], completion: dict[str, Any]
+) -> None:
+    """Checked once, by the engine: /generate and /v1/completions say the same thing."""
+    sglang = await error_of(await client.post("/generate", json=generate), 400)
+    resp = await client.post("/v1/completions", json={"model": "fake-base", **completion})
+    assert resp.status == 400
+    openai = (await resp.json())["error"]
+    assert sglang["message"] == openai["message"]
+    assert openai["type"] == "invalid_request_error"

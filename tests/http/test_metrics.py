@@ -13,15 +13,24 @@ import aiohttp
 import openai
 import prometheus_client
 import pytest
-from aiohttp import web
-from aiohttp.test_utils import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
 from lorasrv import cli
-from tests.http.fake_engine import FakeEngine
-from tests.http.real_server import BASE, KEY, NUM_KV_PAGES, Server, expect, real_server
+from lorasrv.engine.engine import Engine
+from lorasrv.engine.requests import Submission
+from lorasrv.metrics import ADAPTER_STATES
+from tests.fakes import FakeRunner
+from tests.http.conftest import Client, MakeClient
+from tests.http.real_server import (
+    BASE,
+    KEY,
+    NUM_KV_PAGES,
+    Server,
+    expect,
+    real_server,
+    wait_until,
+)
 
-Client = TestClient[web.Request, web.Application]
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 AUTH = {"Authorization": f"Bearer {KEY}"}
 TIMEOUT_S = 10
@@ -46,47 +55,56 @@ async def scrape(session: aiohttp.ClientSession, url: str) -> Samples:
         return parse(await resp.text())
 
 
-# ----------------------------------------------------------------------------- FakeEngine
+# ----------------------------------------------------------------------------- app client
 
 
-async def test_metrics_parse_with_scrape_time_gauges(client: Client) -> None:
+async def test_metrics_parse_with_scrape_time_gauges(
+    client: Client, engine: Engine, runner: FakeRunner
+) -> None:
+    runner.gate.clear()  # the request's first step waits: it stays running while we scrape
+    handle = engine.submit(Submission(text="hello", lora_name="a"))
+    await wait_until(lambda: engine.last_stats.num_running == 1, "the request is running")
     resp = await client.get("/metrics")
     assert resp.status == 200
     samples = parse(await resp.text())
-    # FakeEngine.last_stats: 1 running, 2 waiting, 4 of 10 KV pages used
+    runner.gate.set()
+    await handle.result()
+    used = engine.last_stats.num_kv_pages_used
     assert value(samples, "lorasrv_num_running_requests") == 1
-    assert value(samples, "lorasrv_num_waiting_requests") == 2
-    assert value(samples, "lorasrv_kv_pages") == 10
-    assert value(samples, "lorasrv_kv_pages_used") == 4
-    assert value(samples, "lorasrv_kv_page_usage_ratio") == pytest.approx(0.4)
+    assert value(samples, "lorasrv_num_waiting_requests") == 0
+    assert value(samples, "lorasrv_kv_pages") == NUM_KV_PAGES
+    pages_used = value(samples, "lorasrv_kv_pages_used")
+    assert pages_used == 2  # "hello" and its first token: 6 tokens in pages of 4
+    assert value(samples, "lorasrv_kv_page_usage_ratio") == pytest.approx(2 / NUM_KV_PAGES)
+    assert used == 0  # and freed once it finished
     assert value(samples, "lorasrv_engine_healthy") == 1
     assert value(samples, "lorasrv_adapters_registered") == 2
-    for name in ("demo-lora-a", "demo-lora-b"):
+    expected = {"a": "gpu_resident", "b": "cpu_loaded"}
+    for name, state in expected.items():
         states = {
             dict(labels)["state"]: v
             for (metric, labels), v in samples.items()
             if metric == "lorasrv_adapter_state" and dict(labels)["adapter"] == name
         }
-        assert states == {
-            "loading": 0, "cpu_loaded": 1, "gpu_resident": 0, "pinned": 0, "evicting": 0,
-            "unloaded": 0,
-        }  # fmt: skip
-        assert value(samples, "lorasrv_adapter_slot", adapter=name) == -1
-        assert value(samples, "lorasrv_adapter_gpu_resident", adapter=name) == 0
+        assert states == {s: float(s == state) for s in ADAPTER_STATES}
+        assert value(samples, "lorasrv_adapter_gpu_resident", adapter=name) == (name == "a")
+        assert (value(samples, "lorasrv_adapter_slot", adapter=name) >= 0) == (name == "a")
+        assert value(samples, "lorasrv_adapter_refs", adapter=name) == (name == "a")
         assert ("lorasrv_adapter_loads_total", frozenset({("adapter", name)})) in samples
 
 
 async def test_request_counters_after_openai_traffic(client: Client) -> None:
-    for model, n in (("demo-lora-a", 2), ("lorasrv-demo", 1)):
+    for model, n in (("a", 2), (BASE, 1)):
         body = {"model": model, "prompt": "abc", "max_tokens": 3, "n": n}
         assert (await client.post("/v1/completions", json=body)).status == 200
-    assert (await client.post("/v1/completions", json={"model": "nope", "prompt": "x"})).status
+    resp = await client.post("/v1/completions", json={"model": "nope", "prompt": "x"})
+    assert resp.status == 404
     samples = parse(await (await client.get("/metrics")).text())
     requests = "lorasrv_requests_total"
-    assert value(samples, requests, adapter="demo-lora-a", finish_reason="length") == 2
+    assert value(samples, requests, adapter="a", finish_reason="length") == 2
     assert value(samples, requests, adapter="", finish_reason="length") == 1
-    assert value(samples, "lorasrv_generation_tokens_total", adapter="demo-lora-a") == 6
-    assert value(samples, "lorasrv_prompt_tokens_total", adapter="demo-lora-a") == 6
+    assert value(samples, "lorasrv_generation_tokens_total", adapter="a") == 6
+    assert value(samples, "lorasrv_prompt_tokens_total", adapter="a") == 6
     assert value(samples, "lorasrv_time_to_first_token_seconds_count", adapter="") == 1
     assert value(samples, "lorasrv_inter_token_latency_seconds_count") == 3 * 2
     http = "lorasrv_http_requests_total"
@@ -95,14 +113,9 @@ async def test_request_counters_after_openai_traffic(client: Client) -> None:
     assert value(samples, http, status="404", **route) == 1
 
 
-async def test_each_app_has_its_own_registry(aiohttp_client: Any) -> None:
-    from lorasrv.config import ServerConfig
-    from lorasrv.http.app import build_app
-
-    one, two = FakeEngine(), FakeEngine()
-    client_one = await aiohttp_client(build_app(ServerConfig(), one))
-    client_two = await aiohttp_client(build_app(ServerConfig(), two))
-    body = {"model": "lorasrv-demo", "prompt": "x", "max_tokens": 2}
+async def test_each_app_has_its_own_registry(make_client: MakeClient) -> None:
+    client_one, client_two = await make_client(), await make_client()
+    body = {"model": BASE, "prompt": "x", "max_tokens": 2}
     assert (await client_one.post("/v1/completions", json=body)).status == 200
     first = parse(await (await client_one.get("/metrics")).text())
     second = parse(await (await client_two.get("/metrics")).text())
@@ -176,14 +189,11 @@ async def test_an_abandoned_stream_counts_as_abort() -> None:
     async with asyncio.timeout(TIMEOUT_S), real_server() as server:
         server.runner.step_delay_s = 0.005
         await _abandon_stream(server)
+        engine = server.engine
+        await wait_until(lambda: engine.last_stats.num_aborted == 1, "the scheduler aborted it")
         async with aiohttp.ClientSession() as session:
-            while True:
-                samples = await scrape(session, server.url)
-                aborted = value(samples, "lorasrv_requests_total", adapter="a",
-                                finish_reason="abort")  # fmt: skip
-                if aborted:
-                    break
-                await asyncio.sleep(0.01)
+            samples = await scrape(session, server.url)
+    aborted = value(samples, "lorasrv_requests_total", adapter="a", finish_reason="abort")
     assert aborted == 1
     assert value(samples, "lorasrv_num_running_requests") == 0
 

@@ -1,6 +1,6 @@
-"""OpenAI routes. Shapes and errors over FakeEngine (aiohttp test client); then the official
-`openai` package (sync client in a thread, and AsyncOpenAI) against a real server on loopback over
-a real Engine on FakeRunner, where every answer is exact.
+"""OpenAI routes over the real engine (FakeRunner), where every answer is exact: shapes and errors
+through aiohttp's test client, then the official `openai` package (sync client in a thread, and
+AsyncOpenAI) against a live server on loopback.
 """
 
 from __future__ import annotations
@@ -13,22 +13,23 @@ from typing import Any
 import aiohttp
 import openai
 import pytest
-from aiohttp import web
-from aiohttp.test_utils import TestClient
 
-from lorasrv.errors import Overloaded
-from lorasrv.messages import ChatMessage
-from tests.http.conftest import MakeClient, sse_events, sse_json
-from tests.http.fake_engine import FakeEngine
-from tests.http.real_server import BASE, KEY, Server, chat_prompt, expect, real_server
+from lorasrv.engine.requests import Submission
+from lorasrv.http.state import ENGINE_KEY
+from tests.fakes import FakeRunner
+from tests.http.conftest import Client, MakeClient, sse_events, sse_json
+from tests.http.real_server import (
+    BASE,
+    CONTEXT_LENGTH,
+    KEY,
+    Server,
+    chat_prompt,
+    expect,
+    real_server,
+    wait_until,
+)
 
-Client = TestClient[web.Request, web.Application]
-FAKE_BASE = "lorasrv-demo"  # FakeEngine's served name
 TIMEOUT_S = 10
-
-
-def submits(engine: FakeEngine) -> list[dict[str, Any]]:
-    return [call for name, call in engine.calls if name == "submit"]
 
 
 async def ok_json(resp: Any) -> dict[str, Any]:
@@ -46,98 +47,102 @@ async def openai_error(resp: Any, status: int) -> dict[str, Any]:
     return error
 
 
-# ----------------------------------------------------------------------------- shapes (FakeEngine)
+# ----------------------------------------------------------------------------- shapes
 
 
-async def test_completion_shape_and_usage(client: Client, engine: FakeEngine) -> None:
-    body = {"model": FAKE_BASE, "prompt": "hello", "max_tokens": 3, "temperature": 0}
+async def test_completion_shape_and_usage(
+    client: Client, runner: FakeRunner, submitted: list[Submission]
+) -> None:
+    body = {"model": BASE, "prompt": "hello", "max_tokens": 3, "temperature": 0}
     answer = await ok_json(await client.post("/v1/completions", json=body))
     assert answer["object"] == "text_completion"
     assert answer["id"].startswith("cmpl-")
-    assert answer["model"] == FAKE_BASE
+    assert answer["model"] == BASE
     assert answer["choices"] == [
-        {"index": 0, "text": " base0 base1 base2", "logprobs": None, "finish_reason": "length"}
+        {"index": 0, "text": expect("hello", None, 3), "logprobs": None, "finish_reason": "length"}
     ]
     assert answer["usage"] == {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8}
-    (call,) = submits(engine)
-    assert call["lora_name"] is None
-    assert call["params"].max_new_tokens == 3
-    assert call["params"].temperature == 0
-    assert call["rid"] == f"{answer['id']}-0"
+    (seq,) = runner.new_seqs()
+    assert (seq.params.max_new_tokens, seq.params.temperature) == (3, 0)
+    (submission,) = submitted
+    assert submission.lora_name is None
+    assert submission.request_id == f"{answer['id']}-0"
 
 
 @pytest.mark.parametrize(
     ("model", "lora_path", "expected"),
     [
-        ("demo-lora-a", None, "demo-lora-a"),
-        (f"{FAKE_BASE}:demo-lora-b", None, "demo-lora-b"),
-        (FAKE_BASE, "demo-lora-b", "demo-lora-b"),  # SGLang's lora_path field
-        (FAKE_BASE, None, None),
+        ("a", None, "a"),
+        (f"{BASE}:b", None, "b"),
+        (BASE, "b", "b"),  # SGLang's lora_path field
+        (BASE, None, None),
     ],
 )
 async def test_model_selects_base_or_adapter(
-    client: Client, engine: FakeEngine, model: str, lora_path: str | None, expected: str | None
+    client: Client, model: str, lora_path: str | None, expected: str | None
 ) -> None:
-    body = {"model": model, "prompt": "x", "max_tokens": 2, "lora_path": lora_path}
+    body = {"model": model, "prompt": "x", "max_tokens": 2, "lora_path": lora_path,
+            "temperature": 0}  # fmt: skip
     answer = await ok_json(await client.post("/v1/completions", json=body))
     assert answer["model"] == model
-    assert answer["choices"][0]["text"] == f" {expected or 'base'}0 {expected or 'base'}1"
-    assert submits(engine)[0]["lora_name"] == expected
+    assert answer["choices"][0]["text"] == expect("x", expected, 2)
 
 
-async def test_n_and_prompt_lists_seed_and_usage(client: Client, engine: FakeEngine) -> None:
-    body = {"model": FAKE_BASE, "prompt": ["ab", "cde"], "n": 2, "max_tokens": 2, "seed": 7}
+async def test_n_and_prompt_lists_seed_and_usage(
+    client: Client, submitted: list[Submission]
+) -> None:
+    body = {"model": BASE, "prompt": ["ab", "cde"], "n": 2, "max_tokens": 2, "seed": 7}
     answer = await ok_json(await client.post("/v1/completions", json=body))
     assert [c["index"] for c in answer["choices"]] == [0, 1, 2, 3]
-    calls = submits(engine)
-    assert [c["text"] for c in calls] == ["ab", "ab", "cde", "cde"]
-    assert [c["params"].seed for c in calls] == [7, 8, 7, 8]
-    assert len({c["rid"] for c in calls}) == 4
+    assert [s.text for s in submitted] == ["ab", "ab", "cde", "cde"]
+    assert [s.params.seed for s in submitted] == [7, 8, 7, 8]
+    assert len({s.request_id for s in submitted}) == 4
     # each prompt counted once, every choice's tokens counted
     assert answer["usage"] == {"prompt_tokens": 5, "completion_tokens": 8, "total_tokens": 13}
 
 
 @pytest.mark.parametrize(
     ("prompt", "expected"),
-    [([1, 2, 3], [[1, 2, 3]]), ([[1, 2], [3]], [[1, 2], [3]])],
+    [([65, 66, 67], [(65, 66, 67)]), ([[65, 66], [67]], [(65, 66), (67,)])],
 )
 async def test_token_id_prompts(
-    client: Client, engine: FakeEngine, prompt: Any, expected: list[list[int]]
+    client: Client, runner: FakeRunner, prompt: Any, expected: list[tuple[int, ...]]
 ) -> None:
-    body = {"model": FAKE_BASE, "prompt": prompt, "max_tokens": 1}
+    body = {"model": BASE, "prompt": prompt, "max_tokens": 1}
     answer = await ok_json(await client.post("/v1/completions", json=body))
     assert len(answer["choices"]) == len(expected)
-    assert [c["input_ids"] for c in submits(engine)] == expected
+    assert sorted(seq.prompt_ids for seq in runner.new_seqs()) == expected
 
 
-async def test_sglang_extensions_reach_the_engine(client: Client, engine: FakeEngine) -> None:
+async def test_sglang_extensions_reach_the_runner(client: Client, runner: FakeRunner) -> None:
     body = {
-        "model": FAKE_BASE, "prompt": "x", "max_tokens": 2, "top_k": 5, "min_p": 0.1,
+        "model": BASE, "prompt": "x", "max_tokens": 2, "top_k": 5, "min_p": 0.1,
         "ignore_eos": True, "stop": "zz", "presence_penalty": 0.5, "frequency_penalty": -0.5,
         "top_p": 0.9, "repetition_penalty": 1.1, "stop_token_ids": [3],
     }  # fmt: skip
     await ok_json(await client.post("/v1/completions", json=body))
-    params = submits(engine)[0]["params"]
+    (seq,) = runner.new_seqs()
+    params = seq.params
     assert (params.top_k, params.min_p, params.ignore_eos, params.stop) == (5, 0.1, True, ("zz",))
     assert (params.presence_penalty, params.frequency_penalty) == (0.5, -0.5)
     assert (params.top_p, params.repetition_penalty, params.stop_token_ids) == (0.9, 1.1, (3,))
 
 
 async def test_completion_logprobs_legacy_format(client: Client) -> None:
-    body = {"model": FAKE_BASE, "prompt": "a", "max_tokens": 2, "logprobs": 2}
+    body = {"model": BASE, "prompt": "a", "max_tokens": 2, "logprobs": 2, "temperature": 0}
     answer = await ok_json(await client.post("/v1/completions", json=body))
     logprobs = answer["choices"][0]["logprobs"]
-    first = ord("a") % 256
-    assert logprobs["tokens"] == [f"<{first}>", f"<{first + 1}>"]
-    assert logprobs["token_logprobs"] == [-0.5, -0.51]
-    assert logprobs["top_logprobs"] == [
-        {f"<{first}>": -0.5, f"<{first + 1}>": -1.5},
-        {f"<{first + 1}>": -0.51, f"<{first + 2}>": -1.51},
-    ]
-    assert logprobs["text_offset"] == [0, len(f"<{first}>")]
+    first, second = expect("a", None, 2)
+    # FakeRunner: logprob -0.5, and the sampled token as the only alternative it reports
+    assert logprobs == {
+        "tokens": [first, second],
+        "token_logprobs": [-0.5, -0.5],
+        "top_logprobs": [{first: -0.5}, {second: -0.5}],
+        "text_offset": [0, 1],
+    }
 
 
-async def test_chat_shape_messages_and_logprobs(client: Client, engine: FakeEngine) -> None:
+async def test_chat_shape_messages_and_logprobs(client: Client, runner: FakeRunner) -> None:
     messages = [
         {"role": "developer", "content": "be brief"},
         {
@@ -147,41 +152,42 @@ async def test_chat_shape_messages_and_logprobs(client: Client, engine: FakeEngi
         {"role": "assistant", "content": "ok", "refusal": None},  # extra OpenAI fields are fine
         {"role": "user", "content": "again"},
     ]
-    body = {"model": "demo-lora-a", "messages": messages, "max_tokens": 2, "logprobs": True,
-            "top_logprobs": 1}  # fmt: skip
+    body = {"model": "a", "messages": messages, "max_tokens": 2, "logprobs": True,
+            "top_logprobs": 1, "temperature": 0}  # fmt: skip
     answer = await ok_json(await client.post("/v1/chat/completions", json=body))
     assert answer["object"] == "chat.completion"
     assert answer["id"].startswith("chatcmpl-")
+    rendered = chat_prompt([
+        {"role": "system", "content": "be brief"}, {"role": "user", "content": "hi\nx"},
+        {"role": "assistant", "content": "ok"}, {"role": "user", "content": "again"},
+    ])  # fmt: skip
     (choice,) = answer["choices"]
-    assert choice["message"] == {"role": "assistant", "content": " demo-lora-a0 demo-lora-a1"}
+    assert choice["message"] == {"role": "assistant", "content": expect(rendered, "a", 2)}
     assert choice["finish_reason"] == "length"
     content = choice["logprobs"]["content"]
-    assert [entry["logprob"] for entry in content] == [-0.5, -0.51]
+    assert [entry["logprob"] for entry in content] == [-0.5, -0.5]
     assert content[0]["bytes"] == list(content[0]["token"].encode())
     assert [len(entry["top_logprobs"]) for entry in content] == [1, 1]
-    (call,) = submits(engine)
-    assert call["messages"] == [
-        ChatMessage(role="system", content="be brief"),
-        ChatMessage(role="user", content="hi\nx"),
-        ChatMessage(role="assistant", content="ok"),
-        ChatMessage(role="user", content="again"),
-    ]
-    assert call["params"].logprobs is True
-    assert call["params"].top_logprobs == 1
+    (seq,) = runner.new_seqs()
+    assert seq.prompt_ids == tuple(ord(c) for c in rendered)
+    assert (seq.params.logprobs, seq.params.top_logprobs) == (True, 1)
 
 
-async def test_chat_without_max_tokens_runs_to_the_engine_default(
-    client: Client, engine: FakeEngine
+async def test_chat_without_max_tokens_runs_to_the_context_length(
+    client: Client, runner: FakeRunner
 ) -> None:
-    body = {"model": FAKE_BASE, "messages": [{"role": "user", "content": "hi"}]}
-    resp = await client.post("/v1/chat/completions", json=body)
-    assert resp.status == 200
-    assert submits(engine)[0]["params"].max_new_tokens >= 16
+    body = {"model": BASE, "messages": [{"role": "user", "content": "hi"}]}
+    answer = await ok_json(await client.post("/v1/chat/completions", json=body))
+    (seq,) = runner.new_seqs()
+    assert seq.params.max_new_tokens == CONTEXT_LENGTH
+    prompt = len(chat_prompt([{"role": "user", "content": "hi"}]))
+    assert answer["usage"]["completion_tokens"] == CONTEXT_LENGTH - prompt
+    assert answer["choices"][0]["finish_reason"] == "length"
 
 
 async def test_completion_stream_with_usage(client: Client) -> None:
-    body = {"model": FAKE_BASE, "prompt": "hey", "max_tokens": 3, "stream": True, "n": 2,
-            "stream_options": {"include_usage": True}}  # fmt: skip
+    body = {"model": BASE, "prompt": "hey", "max_tokens": 3, "stream": True, "n": 2,
+            "temperature": 0, "stream_options": {"include_usage": True}}  # fmt: skip
     resp = await client.post("/v1/completions", json=body)
     assert resp.status == 200
     assert resp.headers["Content-Type"].startswith("text/event-stream")
@@ -191,20 +197,22 @@ async def test_completion_stream_with_usage(client: Client) -> None:
     assert last["usage"] == {"prompt_tokens": 3, "completion_tokens": 6, "total_tokens": 9}
     for index in (0, 1):
         mine = [c["choices"][0] for c in deltas if c["choices"][0]["index"] == index]
-        assert "".join(c["text"] for c in mine) == " base0 base1 base2"
+        assert "".join(c["text"] for c in mine) == expect("hey", None, 3)
         assert [c["finish_reason"] for c in mine] == [None, None, "length"]
     assert all(c["usage"] is None and c["object"] == "text_completion" for c in deltas)
 
 
 async def test_chat_stream_role_first_then_content(client: Client) -> None:
-    body = {"model": "demo-lora-b", "messages": [{"role": "user", "content": "q"}],
-            "max_tokens": 2, "stream": True}  # fmt: skip
+    messages = [{"role": "user", "content": "q"}]
+    body = {"model": "b", "messages": messages, "max_tokens": 2, "stream": True,
+            "temperature": 0}  # fmt: skip
     resp = await client.post("/v1/chat/completions", json=body)
     chunks = sse_json(sse_events(await resp.read()))
+    first, second = expect(chat_prompt(messages), "b", 2)
     assert [c["choices"][0]["delta"] for c in chunks] == [
         {"role": "assistant", "content": ""},
-        {"content": " demo-lora-b0"},
-        {"content": " demo-lora-b1"},
+        {"content": first},
+        {"content": second},
     ]
     assert [c["choices"][0]["finish_reason"] for c in chunks] == [None, None, "length"]
     assert {c["object"] for c in chunks} == {"chat.completion.chunk"}
@@ -212,10 +220,8 @@ async def test_chat_stream_role_first_then_content(client: Client) -> None:
 
 async def test_model_cards(client: Client) -> None:
     listed = await ok_json(await client.get("/v1/models"))
-    assert [m["id"] for m in listed["data"]] == [FAKE_BASE, "demo-lora-a", "demo-lora-b"]
-    for model_id, parent in [
-        (FAKE_BASE, None), ("demo-lora-a", FAKE_BASE), (f"{FAKE_BASE}:demo-lora-b", FAKE_BASE),
-    ]:  # fmt: skip
+    assert [m["id"] for m in listed["data"]] == [BASE, "a", "b"]
+    for model_id, parent in [(BASE, None), ("a", BASE), (f"{BASE}:b", BASE)]:
         card = await ok_json(await client.get(f"/v1/models/{model_id}"))
         assert (card["id"], card["parent"], card["object"]) == (model_id, parent, "model")
     error = await openai_error(await client.get("/v1/models/nope"), 404)
@@ -234,55 +240,56 @@ USER = [{"role": "user", "content": "hi"}]
     ("route", "body", "status", "needle"),
     [
         (COMPLETIONS, {"prompt": "x"}, 400, "missing required field `model`"),
-        (CHAT, {"model": FAKE_BASE}, 400, "missing required field `messages`"),
-        (CHAT, {"model": FAKE_BASE, "messages": "hi"}, 400, "$.messages"),
-        (CHAT, {"model": FAKE_BASE, "messages": []}, 400, "at least one message"),
-        (CHAT, {"model": FAKE_BASE, "messages": [{"content": "x"}]}, 400, "`role`"),
-        (CHAT, {"model": FAKE_BASE, "messages": [{"role": "robot", "content": "x"}]}, 400,
+        (CHAT, {"model": BASE}, 400, "missing required field `messages`"),
+        (CHAT, {"model": BASE, "messages": "hi"}, 400, "$.messages"),
+        (CHAT, {"model": BASE, "messages": []}, 400, "at least one message"),
+        (CHAT, {"model": BASE, "messages": [{"content": "x"}]}, 400, "`role`"),
+        (CHAT, {"model": BASE, "messages": [{"role": "robot", "content": "x"}]}, 400,
          "messages[0].role: 'robot'"),
-        (CHAT, {"model": FAKE_BASE, "messages": [{"role": "user"}]}, 400, "messages[0].content"),
-        (CHAT, {"model": FAKE_BASE, "messages": [{"role": "user", "content": [
+        (CHAT, {"model": BASE, "messages": [{"role": "user"}]}, 400, "messages[0].content"),
+        (CHAT, {"model": BASE, "messages": [{"role": "user", "content": [
             {"type": "text", "text": "a"}, {"type": "image_url", "image_url": {"url": "x"}}]}]},
          400, "messages[0].content[1]: parts of type 'image_url' are not supported"),
-        (CHAT, {"model": FAKE_BASE, "messages": USER, "n": 0}, 400, "$.n"),
-        (CHAT, {"model": FAKE_BASE, "messages": USER, "n": 17}, 400, "<= 16 - at `$.n`"),
-        (COMPLETIONS, {"model": FAKE_BASE, "prompt": "x", "max_tokens": 0}, 400, "$.max_tokens"),
-        (CHAT, {"model": FAKE_BASE, "messages": USER, "max_tokens": -5}, 400, "$.max_tokens"),
-        (CHAT, {"model": FAKE_BASE, "messages": USER, "temperature": -0.1}, 400,
-         "$.temperature"),
-        (CHAT, {"model": FAKE_BASE, "messages": USER, "top_p": 0}, 400, "$.top_p"),
-        (CHAT, {"model": FAKE_BASE, "messages": USER, "top_p": 1.5}, 400, "$.top_p"),
-        (CHAT, {"model": FAKE_BASE, "messages": USER, "presence_penalty": 3}, 400,
-         "$.presence_penalty"),
-        (COMPLETIONS, {"model": FAKE_BASE, "prompt": "x", "logprobs": 21}, 400, "$.logprobs"),
-        (CHAT, {"model": FAKE_BASE, "messages": USER, "logprobs": True, "top_logprobs": 21},
-         400, "$.top_logprobs"),
-        (CHAT, {"model": FAKE_BASE, "messages": USER, "top_logprobs": 2}, 400,
+        (CHAT, {"model": BASE, "messages": USER, "n": 0}, 400, "$.n"),
+        (CHAT, {"model": BASE, "messages": USER, "n": 17}, 400, "<= 16 - at `$.n`"),
+        (COMPLETIONS, {"model": BASE, "prompt": "x", "max_tokens": 0}, 400, "$.max_tokens"),
+        (CHAT, {"model": BASE, "messages": USER, "max_tokens": -5}, 400, "$.max_tokens"),
+        (CHAT, {"model": BASE, "messages": USER, "temperature": -0.1}, 400,
+         "temperature must be >= 0, got -0.1"),
+        (CHAT, {"model": BASE, "messages": USER, "top_p": 0}, 400, "top_p must be in (0, 1]"),
+        (CHAT, {"model": BASE, "messages": USER, "top_p": 1.5}, 400, "top_p must be in (0, 1]"),
+        (CHAT, {"model": BASE, "messages": USER, "presence_penalty": 3}, 400,
+         "presence_penalty must be in [-2, 2], got 3"),
+        (COMPLETIONS, {"model": BASE, "prompt": "x", "logprobs": 21}, 400, "$.logprobs"),
+        (CHAT, {"model": BASE, "messages": USER, "logprobs": True, "top_logprobs": 21},
+         400, "top_logprobs must be in [0, 20], got 21"),
+        (CHAT, {"model": BASE, "messages": USER, "top_logprobs": 2}, 400,
          "requires logprobs"),
-        (CHAT, {"model": FAKE_BASE, "messages": USER, "n": "2"}, 400, "Expected `int`"),
+        (CHAT, {"model": BASE, "messages": USER, "n": "2"}, 400, "Expected `int`"),
         (CHAT, {"model": 5, "messages": USER}, 400, "$.model"),
-        (COMPLETIONS, {"model": FAKE_BASE, "prompt": "x", "stream_options": {
+        (COMPLETIONS, {"model": BASE, "prompt": "x", "stream_options": {
             "include_usage": True}}, 400, "stream_options: only allowed with stream=true"),
-        (COMPLETIONS, {"model": FAKE_BASE, "prompt": "x", "temprature": 0}, 400, "temprature"),
-        (COMPLETIONS, {"model": FAKE_BASE, "prompt": [1, "a"]}, 400, "prompt must be"),
-        (COMPLETIONS, {"model": FAKE_BASE, "prompt": []}, 400, "prompt is empty"),
-        (COMPLETIONS, {"model": FAKE_BASE, "prompt": ""}, 400, "the prompt is empty"),
-        (COMPLETIONS, {"model": FAKE_BASE, "prompt": "x", "echo": True}, 400, "echo"),
-        (COMPLETIONS, {"model": FAKE_BASE, "prompt": "x", "best_of": 3}, 400, "best_of"),
-        (COMPLETIONS, {"model": FAKE_BASE, "prompt": "x", "logit_bias": {"1": 5}}, 400,
+        (COMPLETIONS, {"model": BASE, "prompt": "x", "temprature": 0}, 400, "temprature"),
+        (COMPLETIONS, {"model": BASE, "prompt": [1, "a"]}, 400, "prompt must be"),
+        (COMPLETIONS, {"model": BASE, "prompt": []}, 400, "prompt: an empty list"),
+        (COMPLETIONS, {"model": BASE, "prompt": ""}, 400, "the prompt is empty"),
+        (COMPLETIONS, {"model": BASE, "prompt": "x", "echo": True}, 400, "echo"),
+        (COMPLETIONS, {"model": BASE, "prompt": "x", "best_of": 3}, 400, "best_of"),
+        (COMPLETIONS, {"model": BASE, "prompt": "x", "logit_bias": {"1": 5}}, 400,
          "logit_bias"),
-        (CHAT, {"model": FAKE_BASE, "messages": USER, "tools": [{"type": "function"}]}, 400,
+        (CHAT, {"model": BASE, "messages": USER, "tools": [{"type": "function"}]}, 400,
          "tools"),
-        (CHAT, {"model": FAKE_BASE, "messages": USER, "response_format": {
+        (CHAT, {"model": BASE, "messages": USER, "response_format": {
             "type": "json_object"}}, 400, "response_format"),
-        (COMPLETIONS, {"model": "demo-lora-a", "prompt": "x", "lora_path": "demo-lora-b"}, 400,
-         "conflicts"),
+        (COMPLETIONS, {"model": "a", "prompt": "x", "lora_path": "b"}, 400, "conflicts"),
         (COMPLETIONS, {"model": "nope", "prompt": "x"}, 404, "The model `nope` does not exist"),
-        (CHAT, {"model": f"{FAKE_BASE}:nope", "messages": USER}, 404, "does not exist"),
-        (CHAT, {"model": "demo-lora-a:demo-lora-b", "messages": USER}, 404, "does not exist"),
-        (COMPLETIONS, {"model": FAKE_BASE, "prompt": "x", "lora_path": "nope"}, 404,
+        (CHAT, {"model": f"{BASE}:nope", "messages": USER}, 404, "does not exist"),
+        (CHAT, {"model": "a:b", "messages": USER}, 404, "does not exist"),
+        (COMPLETIONS, {"model": BASE, "prompt": "x", "lora_path": "nope"}, 404,
          "lora_path: adapter 'nope' is not loaded"),
-        (COMPLETIONS, {"model": FAKE_BASE, "prompt": "x" * 65}, 413, "65 tokens"),
+        (COMPLETIONS, {"model": BASE, "prompt": "x", "max_tokens": 300}, 400,
+         "max_new_tokens 300 exceeds the context length 256"),
+        (COMPLETIONS, {"model": BASE, "prompt": "x" * 300}, 413, "300 tokens"),
     ],
 )  # fmt: skip
 async def test_bad_requests_are_4xx_in_openai_shape(
@@ -295,7 +302,7 @@ async def test_bad_requests_are_4xx_in_openai_shape(
     assert error["type"] == expected_type
     if status == 404:
         assert error["code"] == "model_not_found"
-    still = await client.post(COMPLETIONS, json={"model": FAKE_BASE, "prompt": "ok"})
+    still = await client.post(COMPLETIONS, json={"model": BASE, "prompt": "ok"})
     assert still.status == 200
 
 
@@ -306,55 +313,57 @@ async def test_invalid_json_and_wrong_method(client: Client) -> None:
     assert error["type"] == "invalid_request_error"
 
 
-async def test_mid_stream_failure_is_an_error_event(client: Client, engine: FakeEngine) -> None:
-    engine.fail_after_chunks = 2
-    body = {"model": FAKE_BASE, "prompt": "x", "max_tokens": 5, "stream": True}
+async def test_mid_stream_failure_is_an_error_event(client: Client, runner: FakeRunner) -> None:
+    runner.fail_at_step = 3  # prefill (token 1), decode (token 2), then the crash
+    body = {"model": BASE, "prompt": "x", "max_tokens": 5, "stream": True, "temperature": 0}
     resp = await client.post(COMPLETIONS, json=body)
     assert resp.status == 200
     chunks = sse_json(sse_events(await resp.read()))
-    assert [c["choices"][0]["text"] for c in chunks[:-1]] == [" base0", " base1"]
-    assert chunks[-1] == {"error": {"message": "engine stopped mid-request",
-                                    "type": "service_unavailable_error", "param": None,
-                                    "code": "engine_dead"}}  # fmt: skip
+    assert "".join(c["choices"][0]["text"] for c in chunks[:-1]) == expect("x", None, 2)
+    error = chunks[-1]["error"]
+    assert (error["type"], error["param"], error["code"]) == (
+        "service_unavailable_error",
+        None,
+        "engine_dead",
+    )
+    assert "fake GPU failure at step 3" in error["message"]
 
 
 async def test_early_failure_keeps_its_status_when_streaming(
-    client: Client, engine: FakeEngine
+    client: Client, runner: FakeRunner
 ) -> None:
-    engine.fail_after_chunks = 0
-    body = {"model": FAKE_BASE, "messages": USER, "max_tokens": 5, "stream": True}
+    runner.fail_at_step = runner.num_steps_started + 1
+    body = {"model": BASE, "messages": USER, "max_tokens": 5, "stream": True}
     error = await openai_error(await client.post(CHAT, json=body), 503)
     assert error["code"] == "engine_dead"
 
 
-async def test_overload_is_a_503_and_earlier_choices_are_aborted(
-    client: Client, engine: FakeEngine, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    submit = engine.submit
-
-    def third_is_refused(**kwargs: Any) -> Any:
-        if len(submits(engine)) == 2:
-            raise Overloaded("2 requests in flight; try again later")
-        return submit(**kwargs)
-
-    monkeypatch.setattr(engine, "submit", third_is_refused)
-    body = {"model": FAKE_BASE, "prompt": "x", "n": 3, "max_tokens": 2}
+async def test_overload_is_a_503_and_earlier_choices_are_aborted(make_client: MakeClient) -> None:
+    client = await make_client(max_running_requests=1, max_queued_requests=1)
+    engine = client.app[ENGINE_KEY]
+    body = {"model": BASE, "prompt": "x", "n": 3, "max_tokens": 2}
     error = await openai_error(await client.post(COMPLETIONS, json=body), 503)
     assert (error["type"], error["code"]) == ("service_unavailable_error", "overloaded")
-    assert sorted(engine.aborted) == sorted(call["rid"] for call in submits(engine))
+    assert engine.request_ids() == ()
+    await wait_until(lambda: engine.last_stats.num_aborted == 2, "the first two are aborted")
+    assert engine.last_stats.num_finished == 2  # and nothing else ran
 
 
-async def test_disconnect_aborts_every_choice(live_url: str, engine: FakeEngine) -> None:
-    engine.chunk_delay_s = 0.01
-    body = {"model": FAKE_BASE, "prompt": "x", "max_tokens": 500, "n": 3, "stream": True}
-    async with asyncio.timeout(TIMEOUT_S), aiohttp.ClientSession() as session:
-        async with session.post(f"{live_url}{COMPLETIONS}", json=body) as resp:
-            assert resp.status == 200
-            await resp.content.readline()  # the first chunk: requests are running
-        while len(engine.aborted) < 3:
-            await engine.abort_seen.wait()
-            engine.abort_seen.clear()
-    assert sorted(engine.aborted) == sorted(c["rid"] for c in submits(engine))
+async def test_disconnect_aborts_every_choice(server: Server) -> None:
+    engine = server.engine
+    server.runner.step_delay_s = 0.002  # simulated GPU time: 200 tokens take a while
+    body = {"model": BASE, "prompt": "x", "max_tokens": 200, "n": 3, "stream": True,
+            "ignore_eos": True}  # fmt: skip
+    async with (
+        asyncio.timeout(TIMEOUT_S),
+        aiohttp.ClientSession() as session,
+        session.post(f"{server.url}{COMPLETIONS}", json=body) as resp,
+    ):
+        assert resp.status == 200
+        await resp.content.readline()  # the first chunk: requests are running
+    await wait_until(lambda: engine.last_stats.num_aborted == 3, "all three choices aborted")
+    assert engine.request_ids() == ()
+    assert engine.last_stats.num_kv_pages_used == 0
 
 
 async def test_new_routes_need_the_key_which_never_reaches_the_logs(
@@ -362,9 +371,9 @@ async def test_new_routes_need_the_key_which_never_reaches_the_logs(
 ) -> None:
     client = await make_client(api_key=KEY)
     requests: list[tuple[str, str, dict[str, Any] | None]] = [
-        ("POST", COMPLETIONS, {"model": FAKE_BASE, "prompt": "x", "max_tokens": 1}),
-        ("POST", CHAT, {"model": FAKE_BASE, "messages": USER, "max_tokens": 1}),
-        ("GET", f"/v1/models/{FAKE_BASE}", None),
+        ("POST", COMPLETIONS, {"model": BASE, "prompt": "x", "max_tokens": 1}),
+        ("POST", CHAT, {"model": BASE, "messages": USER, "max_tokens": 1}),
+        ("GET", f"/v1/models/{BASE}", None),
         ("GET", "/metrics", None),
     ]
     with caplog.at_level(logging.DEBUG):
@@ -386,7 +395,8 @@ async def test_new_routes_need_the_key_which_never_reaches_the_logs(
 
 
 @pytest.fixture
-async def server() -> AsyncIterator[Server]:
+async def keyed() -> AsyncIterator[Server]:
+    """A live server that wants the API key, for the official `openai` client."""
     async with asyncio.timeout(TIMEOUT_S), real_server() as srv:
         yield srv
 
@@ -408,11 +418,11 @@ async def generate(server: Server, text: str, lora: str | None, num: int) -> dic
             return result
 
 
-async def test_openai_completions_equal_generate(server: Server) -> None:
-    client = async_client(server)
+async def test_openai_completions_equal_generate(keyed: Server) -> None:
+    client = async_client(keyed)
     async with asyncio.timeout(TIMEOUT_S):
         for lora, model in [("a", "a"), ("b", f"{BASE}:b"), (None, BASE)]:
-            reference = await generate(server, "hello there", lora, 12)
+            reference = await generate(keyed, "hello there", lora, 12)
             assert reference["text"] == expect("hello there", lora, 12)
             answer = await client.completions.create(
                 model=model, prompt="hello there", max_tokens=12, temperature=0
@@ -425,9 +435,9 @@ async def test_openai_completions_equal_generate(server: Server) -> None:
             assert answer.usage.total_tokens == len("hello there") + 12
 
 
-async def test_sync_client_in_a_thread(server: Server) -> None:
+async def test_sync_client_in_a_thread(keyed: Server) -> None:
     client = openai.OpenAI(
-        base_url=f"{server.url}/v1", api_key=KEY, max_retries=0, timeout=TIMEOUT_S
+        base_url=f"{keyed.url}/v1", api_key=KEY, max_retries=0, timeout=TIMEOUT_S
     )
     async with asyncio.timeout(TIMEOUT_S):
         answer = await asyncio.to_thread(
@@ -444,8 +454,8 @@ async def test_sync_client_in_a_thread(server: Server) -> None:
     client.close()
 
 
-async def test_chat_stream_concatenates_to_the_plain_answer(server: Server) -> None:
-    client = async_client(server)
+async def test_chat_stream_concatenates_to_the_plain_answer(keyed: Server) -> None:
+    client = async_client(keyed)
     messages = [{"role": "system", "content": "sys"}, {"role": "user", "content": "hi there"}]
     async with asyncio.timeout(TIMEOUT_S):
         plain = await client.chat.completions.create(
@@ -469,8 +479,8 @@ async def test_chat_stream_concatenates_to_the_plain_answer(server: Server) -> N
     assert all(c.usage is None for c in chunks[:-1])
 
 
-async def test_stop_string_and_logprobs_through_the_real_engine(server: Server) -> None:
-    client = async_client(server)
+async def test_stop_string_and_logprobs_through_the_real_engine(keyed: Server) -> None:
+    client = async_client(keyed)
     full = expect("stop here", None, 20)
     stop = full[6:8]
     async with asyncio.timeout(TIMEOUT_S):
@@ -488,8 +498,8 @@ async def test_stop_string_and_logprobs_through_the_real_engine(server: Server) 
     assert answer.usage.completion_tokens == len(choice.logprobs.tokens)
 
 
-async def test_openai_exceptions(server: Server) -> None:
-    client = async_client(server)
+async def test_openai_exceptions(keyed: Server) -> None:
+    client = async_client(keyed)
     async with asyncio.timeout(TIMEOUT_S):
         with pytest.raises(openai.NotFoundError) as not_found:
             await client.completions.create(model="nope", prompt="x", max_tokens=2)
@@ -505,7 +515,7 @@ async def test_openai_exceptions(server: Server) -> None:
             await client.completions.create(model=BASE, prompt="y" * 300, max_tokens=2)
         assert too_long.value.status_code == 413
         with pytest.raises(openai.AuthenticationError):
-            await async_client(server, "wrong").completions.create(model=BASE, prompt="x")
+            await async_client(keyed, "wrong").completions.create(model=BASE, prompt="x")
         with pytest.raises(openai.AuthenticationError):  # no Authorization header at all
             await client.completions.create(
                 model=BASE, prompt="x", extra_headers={"Authorization": openai.omit}
@@ -514,8 +524,8 @@ async def test_openai_exceptions(server: Server) -> None:
     assert ok.choices[0].text == expect("still", None, 1)
 
 
-async def test_stream_errors_raise_in_the_client(server: Server) -> None:
-    client = async_client(server)
+async def test_stream_errors_raise_in_the_client(keyed: Server) -> None:
+    client = async_client(keyed)
     async with asyncio.timeout(TIMEOUT_S):
         with pytest.raises(openai.NotFoundError):
             await client.chat.completions.create(
@@ -531,10 +541,10 @@ async def test_stream_errors_raise_in_the_client(server: Server) -> None:
     assert texts == {0: expect("x", "a", 3), 1: expect("x", "a", 3)}
 
 
-async def test_raw_sse_framing_over_loopback(server: Server) -> None:
+async def test_raw_sse_framing_over_loopback(keyed: Server) -> None:
     body = {"model": "a", "prompt": "raw", "max_tokens": 4, "stream": True}
     headers = {"Authorization": f"Bearer {KEY}"}
-    url = f"{server.url}{COMPLETIONS}"
+    url = f"{keyed.url}{COMPLETIONS}"
     async with (
         asyncio.timeout(TIMEOUT_S),
         aiohttp.ClientSession() as session,

@@ -1,197 +1,206 @@
-"""Happy paths and response shapes of every route, over a FakeEngine."""
+"""Happy paths and response shapes of the SGLang-side routes, over the real engine (FakeRunner):
+answers are exact, and what reached the runner (prompt, sampling params) is checked too."""
 
 from __future__ import annotations
 
 from typing import Any
 
 import pytest
-from aiohttp import web
 from aiohttp.test_utils import TestClient
 
+from lorasrv.engine.engine import Engine
 from lorasrv.http.app import build_app
-from tests.http.conftest import MakeClient
-from tests.http.fake_engine import DEMO_ADAPTERS, FakeEngine
+from tests.actors.test_engine import SALTS
+from tests.fakes import FakeRunner, fake_generate
+from tests.http.conftest import Client, MakeClient
+from tests.http.real_server import (
+    ADAPTERS,
+    BASE,
+    CONTEXT_LENGTH,
+    expect,
+    fake_engine,
+    server_config,
+    wait_until,
+)
 
-Client = TestClient[web.Request, web.Application]
+GREEDY = {"max_new_tokens": 3, "temperature": 0}
 
 
-async def test_generate_single_text(client: Client, engine: FakeEngine) -> None:
-    body = {"text": "hi", "sampling_params": {"max_new_tokens": 3, "temperature": 0}}
-    resp = await client.post("/generate", json=body)
-    assert resp.status == 200
-    assert resp.content_type == "application/json"
-    out = await resp.json()
-    assert out["text"] == " base0 base1 base2"
-    assert len(out["output_ids"]) == 3
+async def ok_json(resp: Any) -> Any:
+    assert resp.status == 200, await resp.text()
+    return await resp.json()
+
+
+async def test_generate_single_text(client: Client, runner: FakeRunner) -> None:
+    body = {"text": "hi", "sampling_params": GREEDY}
+    out = await ok_json(await client.post("/generate", json=body))
+    assert out["text"] == expect("hi", None, 3)
+    assert out["output_ids"] == [ord(c) for c in out["text"]]
     meta = out["meta_info"]
-    assert meta["prompt_tokens"] == 2
-    assert meta["completion_tokens"] == 3
+    assert (meta["prompt_tokens"], meta["completion_tokens"]) == (2, 3)
     assert meta["finish_reason"] == {"type": "length", "length": 3}
-    assert set(meta) >= {"id", "cached_tokens", "e2e_latency"}
-    assert engine.calls == [
-        (
-            "generate",
-            {
-                "text": "hi",
-                "input_ids": None,
-                "sampling_params": {"max_new_tokens": 3, "temperature": 0},
-                "lora_path": None,
-                "rid": None,
-            },
-        )
-    ]
+    assert set(meta) == {"id", "prompt_tokens", "completion_tokens", "cached_tokens",
+                         "finish_reason", "e2e_latency"}  # fmt: skip
+    (seq,) = runner.new_seqs()
+    assert seq.prompt_ids == (ord("h"), ord("i"))
+    assert (seq.params.max_new_tokens, seq.params.temperature) == (3, 0)
 
 
-async def test_generate_batch_with_per_item_lora_path(client: Client, engine: FakeEngine) -> None:
+async def test_generate_batch_with_per_item_lora_path(client: Client) -> None:
     body = {
         "text": ["one", "two", "three"],
-        "sampling_params": {"max_new_tokens": 2},
-        "lora_path": ["demo-lora-a", "demo-lora-b", None],
+        "sampling_params": GREEDY,
+        "lora_path": ["a", "b", None],
         "rid": ["r1", "r2", "r3"],
     }
-    resp = await client.post("/generate", json=body)
-    assert resp.status == 200
-    out = await resp.json()
+    out = await ok_json(await client.post("/generate", json=body))
     assert [item["text"] for item in out] == [
-        " demo-lora-a0 demo-lora-a1",
-        " demo-lora-b0 demo-lora-b1",
-        " base0 base1",
+        expect("one", "a", 3),
+        expect("two", "b", 3),
+        expect("three", None, 3),
     ]
     assert [item["meta_info"]["id"] for item in out] == ["r1", "r2", "r3"]
-    assert engine.calls[0][1]["lora_path"] == ["demo-lora-a", "demo-lora-b", None]
+    assert all("index" not in item for item in out)
 
 
 @pytest.mark.parametrize(
-    ("input_ids", "is_batch"), [([1, 2, 3], False), ([[1, 2], [3], [4, 5, 6]], True)]
+    ("input_ids", "is_batch"), [([65, 66, 67], False), ([[65, 66], [67], [68, 69, 70]], True)]
 )
 async def test_generate_input_ids(
-    client: Client, engine: FakeEngine, input_ids: list[Any], is_batch: bool
+    client: Client, runner: FakeRunner, input_ids: list[Any], is_batch: bool
 ) -> None:
     body = {"input_ids": input_ids, "sampling_params": {"max_new_tokens": 1}}
-    resp = await client.post("/generate", json=body)
-    assert resp.status == 200
-    out = await resp.json()
+    out = await ok_json(await client.post("/generate", json=body))
     assert isinstance(out, list) is is_batch
-    assert engine.calls[0][1]["input_ids"] == input_ids
+    rows = input_ids if is_batch else [input_ids]
+    assert sorted(seq.prompt_ids for seq in runner.new_seqs()) == sorted(map(tuple, rows))
 
 
-async def test_return_logprob_maps_into_sampling_params(client: Client, engine: FakeEngine) -> None:
-    body = {"text": "hi", "sampling_params": {"max_new_tokens": 2}, "return_logprob": True}
-    body["top_logprobs_num"] = 3
-    resp = await client.post("/generate", json=body)
-    assert resp.status == 200
-    assert len((await resp.json())["meta_info"]["output_token_logprobs"]) == 2
-    params = engine.calls[0][1]["sampling_params"]
-    assert params == {"max_new_tokens": 2, "logprobs": True, "top_logprobs": 3}
+async def test_return_logprob_maps_into_sampling_params(client: Client, runner: FakeRunner) -> None:
+    body = {"text": "hi", "sampling_params": {"max_new_tokens": 2}, "return_logprob": True,
+            "top_logprobs_num": 3}  # fmt: skip
+    out = await ok_json(await client.post("/generate", json=body))
+    tokens = out["output_ids"]
+    # FakeRunner: logprob -0.5 for every token, and the sampled token as the only alternative
+    assert out["meta_info"]["output_token_logprobs"] == [[-0.5, t, [[-0.5, t]]] for t in tokens]
+    (seq,) = runner.new_seqs()
+    assert (seq.params.logprobs, seq.params.top_logprobs) == (True, 3)
 
 
-async def test_per_item_return_logprob_expands_sampling_params(
-    client: Client, engine: FakeEngine
-) -> None:
-    body: dict[str, Any] = {"text": ["a", "b"], "sampling_params": {"max_new_tokens": 1}}
-    body["return_logprob"] = [True, False]
-    resp = await client.post("/generate", json=body)
-    assert resp.status == 200
-    assert engine.calls[0][1]["sampling_params"] == [
-        {"max_new_tokens": 1, "logprobs": True, "top_logprobs": 0},
-        {"max_new_tokens": 1},
-    ]
+async def test_per_item_return_logprob(client: Client, runner: FakeRunner) -> None:
+    body: dict[str, Any] = {"text": ["a", "b"], "sampling_params": {"max_new_tokens": 1},
+                            "return_logprob": [True, False]}  # fmt: skip
+    first, second = await ok_json(await client.post("/generate", json=body))
+    assert "output_token_logprobs" in first["meta_info"]
+    assert "output_token_logprobs" not in second["meta_info"]
+    by_prompt = {seq.prompt_ids: seq.params for seq in runner.new_seqs()}
+    assert by_prompt[(ord("a"),)].logprobs is True
+    assert by_prompt[(ord("b"),)].logprobs is False
+
+
+async def test_sglang_sampling_fields_reach_the_runner(client: Client, runner: FakeRunner) -> None:
+    sampling = {"max_new_tokens": 4, "temperature": 0.5, "top_p": 0.9, "top_k": 5, "min_p": 0.1,
+                "stop": "zz", "stop_token_ids": [3], "ignore_eos": True, "sampling_seed": 7,
+                "repetition_penalty": 1.1, "frequency_penalty": 0.5, "presence_penalty": -0.5,
+                "skip_special_tokens": False}  # fmt: skip
+    await ok_json(await client.post("/generate", json={"text": "x", "sampling_params": sampling}))
+    (seq,) = runner.new_seqs()
+    params = seq.params
+    assert (params.temperature, params.top_p, params.top_k, params.min_p) == (0.5, 0.9, 5, 0.1)
+    assert (params.stop, params.stop_token_ids, params.ignore_eos) == (("zz",), (3,), True)
+    assert (params.seed, params.repetition_penalty) == (7, 1.1)
+    assert (params.frequency_penalty, params.presence_penalty) == (0.5, -0.5)
+    assert params.skip_special_tokens is False
 
 
 @pytest.mark.parametrize("prefix", ["", "/v1"])
-async def test_load_and_unload_adapter(client: Client, engine: FakeEngine, prefix: str) -> None:
-    resp = await client.post(
-        f"{prefix}/load_lora_adapter", json={"lora_name": "new", "lora_path": "/ad/new"}
-    )
-    assert resp.status == 200
-    body = await resp.json()
-    assert body == {
-        "success": True,
-        "error_message": "",
-        "loaded_adapters": {**DEMO_ADAPTERS, "new": "/ad/new"},
-    }
-    assert engine.calls[-1] == (
-        "load_adapter",
-        {"lora_name": "new", "lora_path": "/ad/new", "pinned": False},
-    )
+async def test_load_and_unload_adapter(client: Client, prefix: str) -> None:
+    load = {"lora_name": "new", "lora_path": "/ad/c"}
+    body = await ok_json(await client.post(f"{prefix}/load_lora_adapter", json=load))
+    assert body == {"success": True, "error_message": "",
+                    "loaded_adapters": {**ADAPTERS, "new": "/ad/c"}}  # fmt: skip
+    body = {"text": "q", "lora_path": "new", "sampling_params": GREEDY}
+    out = await ok_json(await client.post("/generate", json=body))
+    assert out["text"] == "".join(chr(t) for t in fake_generate([ord("q")], SALTS["/ad/c"], 3))
     resp = await client.post(f"{prefix}/unload_lora_adapter", json={"lora_name": "new"})
-    assert resp.status == 200
-    assert (await resp.json())["loaded_adapters"] == DEMO_ADAPTERS
+    assert (await ok_json(resp))["loaded_adapters"] == ADAPTERS
 
 
 @pytest.mark.parametrize("prefix", ["", "/v1"])
 async def test_adapter_failures_answer_400_in_the_same_shape(client: Client, prefix: str) -> None:
-    resp = await client.post(
-        f"{prefix}/load_lora_adapter", json={"lora_name": "demo-lora-a", "lora_path": "/x"}
-    )
+    load = {"lora_name": "a", "lora_path": "/x"}
+    resp = await client.post(f"{prefix}/load_lora_adapter", json=load)
     assert resp.status == 400
     body = await resp.json()
     assert body["success"] is False
     assert "already loaded" in body["error_message"]
-    assert body["loaded_adapters"] == DEMO_ADAPTERS
+    assert body["loaded_adapters"] == ADAPTERS
     resp = await client.post(f"{prefix}/unload_lora_adapter", json={"lora_name": "nope"})
     assert resp.status == 400
     assert "'nope' is not loaded" in (await resp.json())["error_message"]
 
 
-async def test_load_adapter_pinned_is_passed(client: Client, engine: FakeEngine) -> None:
-    body = {"lora_name": "p", "lora_path": "/ad/p", "pinned": True}
-    resp = await client.post("/load_lora_adapter", json=body)
-    assert resp.status == 200
-    assert engine.calls[-1][1]["pinned"] is True
+async def test_load_adapter_pinned_is_passed(client: Client, engine: Engine) -> None:
+    body = {"lora_name": "p", "lora_path": "/ad/c", "pinned": True}
+    await ok_json(await client.post("/load_lora_adapter", json=body))
+    (status,) = [s for s in await engine.describe_adapters() if s.name == "p"]
+    assert status.pinned
+    assert status.state == "pinned"
 
 
 async def test_v1_models_lists_base_then_adapters(make_client: MakeClient) -> None:
-    client = await make_client(model_path="/models/tiny", served_model_name="tiny")
-    resp = await client.get("/v1/models")
-    assert resp.status == 200
-    body = await resp.json()
+    client = await make_client(served_model_name="tiny")
+    body = await ok_json(await client.get("/v1/models"))
     assert body["object"] == "list"
     base, *adapters = body["data"]
-    assert base["id"] == "tiny"
-    assert base["object"] == "model"
-    assert base["owned_by"] == "lorasrv"
-    assert base["root"] == "/models/tiny"
-    assert base["parent"] is None
+    assert (base["id"], base["object"], base["owned_by"]) == ("tiny", "model", "lorasrv")
+    assert (base["root"], base["parent"]) == ("/fake/model", None)
     assert isinstance(base["created"], int)
     assert [(a["id"], a["root"], a["parent"]) for a in adapters] == [
-        (name, path, "tiny") for name, path in DEMO_ADAPTERS.items()
+        (name, path, "tiny") for name, path in ADAPTERS.items()
     ]
 
 
-async def test_health(client: Client, engine: FakeEngine) -> None:
-    resp = await client.get("/health")
-    assert resp.status == 200
-    engine.healthy = False
+async def test_health_follows_the_engine(
+    client: Client, engine: Engine, runner: FakeRunner
+) -> None:
+    assert (await client.get("/health")).status == 200
+    runner.fail_at_step = runner.num_steps_started + 1  # the next step crashes the engine
+    resp = await client.post("/generate", json={"text": "x"})
+    assert resp.status == 503
+    await wait_until(lambda: not engine.is_healthy(), "the engine is marked dead")
     resp = await client.get("/health")
     assert resp.status == 503
     assert (await resp.json())["error"]["type"] == "engine_dead"
 
 
-async def test_health_generate(client: Client, engine: FakeEngine) -> None:
-    resp = await client.get("/health_generate")
-    assert resp.status == 200
-    assert engine.calls[-1][1]["sampling_params"] == {"max_new_tokens": 1}
+async def test_health_generate_runs_one_token(client: Client, runner: FakeRunner) -> None:
+    assert (await client.get("/health_generate")).status == 200
+    (seq,) = runner.new_seqs()
+    assert (seq.prompt_ids, seq.params.max_new_tokens) == ((0,), 1)
 
 
 async def test_model_and_server_info(client: Client) -> None:
-    resp = await client.get("/get_model_info")
-    assert resp.status == 200
-    assert (await resp.json())["is_generation"] is True
-    resp = await client.get("/get_server_info")
-    assert resp.status == 200
-    info = await resp.json()
-    assert info["config"]["adapters"]["max_loras_per_batch"] == 8
-    assert [a["name"] for a in info["adapters"]] == list(DEMO_ADAPTERS)
+    info = await ok_json(await client.get("/get_model_info"))
+    assert info["is_generation"] is True
+    assert (info["served_model_name"], info["model_path"]) == (BASE, "/fake/model")
+    assert (info["context_length"], info["vocab_size"]) == (CONTEXT_LENGTH, 128)
+    server = await ok_json(await client.get("/get_server_info"))
+    assert server["config"]["adapters"]["max_loras_per_batch"] == 2
+    assert [a["name"] for a in server["adapters"]] == list(ADAPTERS)
+    assert server["scheduler"]["num_running"] == 0
+    assert server["healthy"] is True
 
 
 async def test_app_owns_engine_lifetime_only_when_told(aiohttp_client: Any) -> None:
-    owned, borrowed = FakeEngine(), FakeEngine()
-    client = await aiohttp_client(build_app(owned.config, owned))
-    assert owned.is_started
+    config = server_config()
+    owned, borrowed = fake_engine(config), fake_engine(config)
+    client: TestClient[Any, Any] = await aiohttp_client(build_app(config, owned))
+    assert owned.is_healthy()
     await client.close()
-    assert owned.is_stopped
-    client = await aiohttp_client(build_app(borrowed.config, borrowed, manage_engine=False))
+    assert not owned.is_healthy()
+    assert owned.failure == "engine stopped"
+    client = await aiohttp_client(build_app(config, borrowed, manage_engine=False))
     await client.close()
-    assert not borrowed.is_started
-    assert not borrowed.is_stopped
+    assert not borrowed.is_healthy()
+    assert borrowed.failure is None  # never started, never stopped

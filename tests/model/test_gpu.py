@@ -238,6 +238,6 @@ def test_upload_rides_a_replayed_step(small_dir: Path, tmp_path: Path) -> None:
         second = driver.generate([[7], [8], [9]], [None, 0, 1], 6)
         third = driver.generate([[10], [11]], [2, 1], 6)
         outputs.append(first + second + third)
-        assert driver.runner.uploader is not None
-        assert driver.runner.uploader.num_uploads == 3
+        assert driver.runner.lora is not None
+        assert driver.runner.lora.uploader.num_uploads == 3
     assert outputs[0] == outputs[1]

@@ -39,6 +39,11 @@ class StderrLines:
             time.sleep(0.05)
         raise AssertionError(f"no {pattern!r} within {timeout_s}s:\n{self.text}")
 
+    def wait_closed(self, timeout_s: float) -> None:
+        """Until the stream ends (every process holding it has exited): no line is left out."""
+        self._thread.join(timeout_s)
+        assert not self._thread.is_alive(), "stderr is still open: some process outlived it"
+
     @property
     def text(self) -> str:
         return "".join(self.lines)
@@ -81,7 +86,7 @@ def test_server_exits_nonzero_when_a_worker_is_killed(tp_world: dict[str, Any]) 
         if process.poll() is None:
             process.kill()
             process.wait(10)
-    time.sleep(0.2)  # let the reader thread drain the last lines
+    stderr.wait_closed(EXIT_TIMEOUT_S)
     assert status != 0, stderr.text
     assert re.search(r"tp worker 1 \(pid \d+\) was killed by SIGKILL", stderr.text), stderr.text
     assert not is_running(pids[0]), "worker 0 outlived the server"

@@ -16,12 +16,13 @@ from typing import Any
 import pytest
 
 from lorasrv.engine.engine import Engine
+from lorasrv.engine.requests import Submission
 from lorasrv.errors import ConfigError, EngineDead
 from lorasrv.messages import SamplingParams
 from tests.e2e.conftest import PROMPTS
 from tests.tp.conftest import tp_config
 
-GREEDY = {"max_new_tokens": 8, "temperature": 0, "ignore_eos": True}
+GREEDY = SamplingParams(max_new_tokens=8, temperature=0, ignore_eos=True)
 Rows = list[tuple[list[int], str | None]]
 # Before the dynamic loads: base rows and the adapter given at startup.
 FIRST: Rows = [(PROMPTS[0], None), (PROMPTS[0], "qv_r4"), (PROMPTS[1], None), (PROMPTS[3], "qv_r4")]
@@ -39,11 +40,12 @@ AGAIN: Rows = [(PROMPTS[3], "qv_r4"), (PROMPTS[2], None), (PROMPTS[1], "mlp_r16_
 
 
 async def generate(engine: Engine, rows: Rows) -> list[list[int]]:
-    results = await engine.generate(
-        input_ids=[p for p, _ in rows], lora_path=[n for _, n in rows], sampling_params=GREEDY
-    )
-    assert isinstance(results, list)
-    return [r["output_ids"] for r in results]
+    handles = [
+        engine.submit(Submission(input_ids=tuple(p), lora_name=name, params=GREEDY))
+        for p, name in rows
+    ]
+    results = await asyncio.gather(*(handle.result() for handle in handles))
+    return [list(r.token_ids) for r in results]
 
 
 async def run_scenario(base: Path, adapters: dict[str, Path], tp_size: int) -> dict[str, Any]:
@@ -111,7 +113,7 @@ async def test_killed_worker_makes_the_engine_unhealthy(tp_world: dict[str, Any]
         assert "tp worker 1" in engine.failure
         assert "SIGKILL" in engine.failure
         with pytest.raises(EngineDead):
-            engine.submit(params=SamplingParams(max_new_tokens=2), input_ids=[1, 2, 3])
+            engine.submit(Submission(params=SamplingParams(max_new_tokens=2), input_ids=(1, 2, 3)))
     finally:
         async with asyncio.timeout(30):
             await engine.stop()

@@ -10,6 +10,7 @@ from lorasrv.config import (
     SECTION_OF,
     LoraRef,
     ServerConfig,
+    adapter_name_problem,
     build_config,
     load_config,
     lora_enabled,
@@ -127,6 +128,16 @@ def test_pin_limit_names_the_flag() -> None:
 def test_duplicate_adapter_names() -> None:
     with pytest.raises(ConfigError, match="given twice: a"):
         build_config({"lora_paths": ["a=/x", "a=/y"]})
+
+
+def test_adapter_names_are_short_and_printable() -> None:
+    assert adapter_name_problem("demo-lora-a") is None
+    assert adapter_name_problem("x" * 256) is None
+    assert "at most 256" in (adapter_name_problem("x" * 257) or "")
+    assert "control characters" in (adapter_name_problem("a\nb") or "")
+    assert "empty" in (adapter_name_problem("") or "")
+    with pytest.raises(ConfigError, match="--lora-paths: adapter name is 300 characters"):
+        build_config({"lora_paths": [f"{'n' * 300}=/x"]})
 
 
 def test_target_modules() -> None:
