@@ -52,7 +52,7 @@ async def run(base: Path, adapters: dict[str, Path], overlap: bool) -> tuple[Any
     def build() -> ModelRunner:
         built.append(ModelRunner(
             model_path=str(base), device="cpu", dtype="float32", page_size=4, num_kv_pages=128,
-            lora_num_slots=2, lora_max_rank=16, lora_target_modules=("all",),
+            enable_lora=True, lora_max_rank=16, lora_target_modules=("all",),
             lora_backend="triton", attention_backend="triton", enable_lookahead=overlap,
         ))  # fmt: skip
         return built[-1]

@@ -68,7 +68,21 @@ def test_ready_reports_facts(checkpoint_dir: Callable[[str], Path]) -> None:
     assert ready.context_length == 100
     assert ready.eos_token_ids == (2,)
     assert (ready.device, ready.dtype) == ("cpu", "float32")
-    assert ready.num_lora_slots == 0
+    assert (ready.lora_max_rows, ready.lora_row_bytes) == (0, 0)  # LoRA off: no rows
+    # 2 (K, V) * 2 layers * 4 tokens * 2 kv heads * 16 head_dim * 4 bytes
+    assert ready.kv_page_bytes == 2048
+
+
+def test_ready_reports_the_arena(checkpoint_dir: Callable[[str], Path]) -> None:
+    runner = make_runner(
+        checkpoint_dir("llama"), enable_lora=True, lora_max_rank=8, lora_target_modules=("all",)
+    )
+    ready = runner.ready()
+    # Per layer: q/k/v A 3*64, B 64+32+32; o 64, 64; gate/up 2*64, 2*128; down 128, 64 (x 4 bytes)
+    assert ready.lora_row_bytes == 2 * (192 + 128 + 64 + 64 + 128 + 256 + 128 + 64) * 4
+    arena_bytes = ready.num_kv_pages * ready.kv_page_bytes
+    assert ready.lora_max_rows == arena_bytes // ready.lora_row_bytes
+    assert (ready.max_lora_rank, ready.lora_target_modules[0]) == (8, "q_proj")
 
 
 def test_kv_pages_from_byte_budget(checkpoint_dir: Callable[[str], Path]) -> None:
