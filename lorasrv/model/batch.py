@@ -36,7 +36,9 @@ class StepPreparer:
         self._staging = torch.empty(0, dtype=torch.int32)
         self._upload_done: torch.cuda.Event | None = None  # the last copy out of _staging
 
-    def prepare(self, plan: StepPlan) -> StepBatch:
+    def prepare(self, plan: StepPlan, page_limit: int | None = None) -> StepBatch:
+        """`page_limit`: the lowest page under the LoRA rows this plan names (its pages must lie
+        below it); None without LoRA rows."""
         num_rows = len(plan.seq_ids)
         num_tokens = len(plan.input_ids)
         query_lens = torch.tensor(plan.query_lens, dtype=torch.int32)  # [R]
@@ -46,7 +48,9 @@ class StepPreparer:
         kv_lens = query_lens + context_lens  # [R]
         max_kv_len = int(kv_lens.max())
         num_cols = -(-max_kv_len // self.page_size)
-        tables = _pad_block_tables(plan, num_cols, kv_lens, self.page_size, self.num_pages)
+        tables = _pad_block_tables(
+            plan, num_cols, kv_lens, self.page_size, self.num_pages, page_limit
+        )
 
         cu_query = torch.zeros(num_rows + 1, dtype=torch.int32)
         torch.cumsum(query_lens, 0, out=cu_query[1:])
@@ -95,7 +99,12 @@ class StepPreparer:
 
 
 def _pad_block_tables(
-    plan: StepPlan, num_cols: int, kv_lens: torch.Tensor, page_size: int, num_pages: int
+    plan: StepPlan,
+    num_cols: int,
+    kv_lens: torch.Tensor,
+    page_size: int,
+    num_pages: int,
+    page_limit: int | None,
 ) -> torch.Tensor:
     """`[num_rows, num_cols]` int32, each row's pages then zeros (masked out, never read).
 
@@ -106,11 +115,24 @@ def _pad_block_tables(
     flat = torch.tensor(list(itertools.chain.from_iterable(plan.block_tables)), dtype=torch.int32)
     if bool((lens * page_size < kv_lens).any()):
         raise ValueError("a block table does not cover its row's context + new tokens")
-    if flat.numel() and not 0 <= int(flat.min()) <= int(flat.max()) < num_pages:
-        raise ValueError(f"block table page id outside [0, {num_pages})")
+    if flat.numel():
+        check_pages(int(flat.min()), int(flat.max()), num_pages, page_limit)
     row = torch.repeat_interleave(torch.arange(num_rows), lens)  # [total_pages]
     col = torch.arange(flat.numel()) - torch.repeat_interleave(torch.cumsum(lens, 0) - lens, lens)
     keep = col < num_cols  # tables may hold pages past this step's tokens
     tables = torch.zeros(num_rows, num_cols, dtype=torch.int32)
     tables[row[keep], col[keep]] = flat[keep]
     return tables
+
+
+def check_pages(low: int, high: int, num_pages: int, page_limit: int | None) -> None:
+    """The host check of a step's pages (`low`, `high`: the smallest and largest it uses): a page
+    outside the arena would be a device fault, one under the step's LoRA rows (`page_limit`, the
+    lowest page they cover) would overwrite an adapter."""
+    if not 0 <= low <= high < num_pages:
+        raise ValueError(f"block table page id outside [0, {num_pages})")
+    if page_limit is not None and high >= page_limit:
+        raise ValueError(
+            f"block table page {high} lies under LoRA rows of this step's adapters (their rows "
+            f"start in page {page_limit}): a page holds KV only while no allocated row covers it"
+        )

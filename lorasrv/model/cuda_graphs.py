@@ -16,6 +16,7 @@ import torch
 from lorasrv.ids import AdapterId
 from lorasrv.messages import StepPlan
 from lorasrv.model.attention import AttentionMetadata, KvCache
+from lorasrv.model.batch import check_pages
 from lorasrv.model.llama import LlamaModel
 from lorasrv.model.lora_backend import AdapterInfo, LoraBackend, LoraStep, lora_segments
 
@@ -108,16 +109,22 @@ class DecodeRunner:
         entries = sum(len(plan.adapters[i].rows) for i in runs if i >= 0)
         return entries <= self.lora.max_row_entries
 
-    def run(self, plan: StepPlan, input_ids: torch.Tensor | None = None) -> torch.Tensor:
+    def run(
+        self,
+        plan: StepPlan,
+        input_ids: torch.Tensor | None = None,
+        page_limit: int | None = None,
+    ) -> torch.Tensor:
         """Logits `[num_rows, vocab]` float32 of a decode plan (valid until the next step).
 
         `input_ids` [num_rows] on the device replaces `plan.input_ids` (the previous step's
-        tokens, not yet on the host: see lookahead.py).
+        tokens, not yet on the host: see lookahead.py). `page_limit`: the lowest page under the
+        plan's LoRA rows (its pages must lie below).
         """
         num_rows = len(plan.seq_ids)
         bucket = self._bucket(num_rows)
         with_lora = self._fill_lora(plan)
-        self._upload(plan)
+        self._upload(plan, page_limit)
         if input_ids is not None:
             self._views()[0][:num_rows].copy_(input_ids)  # queued after the header upload
         graph = self._graphs.get((bucket, with_lora)) if self.use_graphs else None
@@ -211,7 +218,7 @@ class DecodeRunner:
         header = [0] * (2 * b_max) + [-1] * b_max + [1] * b_max
         self._header.copy_(torch.tensor(header, dtype=torch.int32))
 
-    def _upload(self, plan: StepPlan) -> None:
+    def _upload(self, plan: StepPlan, page_limit: int | None) -> None:
         """Host lists -> one pinned int32 staging buffer -> the static buffers (3 copies)."""
         b_max, page_size = self.buckets[-1], self.page_size
         num_rows = len(plan.seq_ids)
@@ -227,8 +234,8 @@ class DecodeRunner:
             slot_mapping.append(table[ctx // page_size] * page_size + ctx % page_size)
             tables.extend(table[:used])
             tables.extend([0] * (num_cols - used))
-        if tables and not 0 <= min(tables) <= max(tables) < self.num_pages:
-            raise ValueError(f"block table page id outside [0, {self.num_pages})")
+        if tables:
+            check_pages(min(tables), max(tables), self.num_pages, page_limit)
         header = [*plan.input_ids, *[0] * pad, *context_lens, *[0] * pad]
         header += [*slot_mapping, *[-1] * pad, *(c + 1 for c in context_lens), *[1] * pad]
         total = self._header_len + len(tables)

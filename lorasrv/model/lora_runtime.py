@@ -47,6 +47,7 @@ class LoraRuntime:
         for layer, name, linear in model.lora_linears():
             linear.lora = self.pool.module(layer, name)
         self.uploader = Uploader(self.pool, device)
+        self.geometry = arena.geometry
         self.backend = backend
         self.max_rank = max_rank
         self.device = device
@@ -57,10 +58,23 @@ class LoraRuntime:
     def drop_host_copy(self, adapter_id: AdapterId) -> None:
         self.uploader.drop(adapter_id)
 
-    def before_compute(self, plan: StepPlan) -> None:
-        """A plan's adapters checked, and the compute stream made to wait for their rows."""
+    def before_compute(self, plan: StepPlan) -> int | None:
+        """A plan's adapters checked and the compute stream made to wait for their rows; returns
+        the plan's page limit (`page_limit`)."""
+        if plan.lora_adapters and (
+            len(plan.lora_adapters) != len(plan.seq_ids)
+            or max(plan.lora_adapters) >= len(plan.adapters)
+        ):
+            raise ValueError("plan.lora_adapters must give each row an index into plan.adapters")
         self.uploader.check_rows(plan.adapters)
         self.uploader.wait(plan)
+        return self.page_limit(plan)
+
+    def page_limit(self, plan: StepPlan) -> int | None:
+        """The lowest page under the rows this plan names (uses or uploads): its KV pages must
+        lie below. None when it names no rows."""
+        lowest = min((min(e.rows) for e in (*plan.adapters, *plan.uploads) if e.rows), default=None)
+        return None if lowest is None else self.geometry.pages_of_row(lowest).start
 
     def step(self, plan: StepPlan) -> LoraStep | None:
         """An eager step's LoRA (metadata sized exactly); None when every row is base."""

@@ -232,19 +232,21 @@ class ModelRunner:
         if len(keep) < len(plan.seq_ids):  # rows that stop by length are left out
             rows = upload(torch.tensor(keep, dtype=torch.int64), self.device)
             input_ids = input_ids.index_select(0, rows)
-        logits = self.decode.run(guess, input_ids=input_ids)
+        page_limit = self.lora.page_limit(guess) if self.lora is not None else None
+        logits = self.decode.run(guess, input_ids=input_ids, page_limit=page_limit)
         pending = self.sampler.sample_async(logits, guess.seq_ids)
         self._guess = Guess(guess, keep, parent, pending)
 
     @torch.inference_mode()
     def _forward(self, plan: StepPlan) -> tuple[torch.Tensor, list[SeqId]]:
+        page_limit = None
         if self.lora is not None:
-            self.lora.before_compute(plan)
+            page_limit = self.lora.before_compute(plan)
         elif plan.adapters or any(a >= 0 for a in plan.lora_adapters):
             raise ValueError("plan has adapter rows but this runner has LoRA off")
         if self.decode is not None and self.decode.can_run(plan):
-            return self.decode.run(plan), list(plan.seq_ids)
-        batch = self.preparer.prepare(plan)
+            return self.decode.run(plan, page_limit=page_limit), list(plan.seq_ids)
+        batch = self.preparer.prepare(plan, page_limit)
         logits = self.model.forward(
             batch.input_ids,
             batch.metadata,

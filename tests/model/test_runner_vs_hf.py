@@ -8,11 +8,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
+import msgspec
 import pytest
 import torch
 
-from lorasrv.ids import BlockId, SeqId, StepId
-from lorasrv.messages import StepPlan, StepResult
+from lorasrv.ids import AdapterId, BlockId, SeqId, StepId
+from lorasrv.messages import AdapterRows, HostCopyReady, StepPlan, StepResult
 from lorasrv.model.runner import ModelRunner
 from tests.model.checkpoints import KINDS
 from tests.model.plan_driver import PlanDriver
@@ -131,3 +132,30 @@ def test_bad_block_tables_are_refused(checkpoint_dir: Callable[[str], Path]) -> 
     with pytest.raises(ValueError, match="outside"):
         runner.forward(one_row_plan((0, 160)))
     assert runner.forward(one_row_plan((0, 159))).shape == (0, 256)
+
+
+def test_plans_that_break_the_arena_are_refused(
+    checkpoint_dir: Callable[[str], Path], adapter_dir: Callable[[str], Path]
+) -> None:
+    """A KV page under the rows of the step's adapters would overwrite an adapter; a row index
+    outside `adapters` would read garbage: both are refused on the host, before any work."""
+    runner = make_runner(
+        checkpoint_dir("llama"), enable_lora=True, lora_max_rank=8, lora_target_modules=("all",)
+    )
+    host = runner.make_adapter_loader()(str(adapter_dir("qv_r4")))
+    copy = HostCopyReady(adapter_id=AdapterId(3), weights=host, rank=4, scaling=host.scaling)
+    runner.add_host_copy(copy)
+    top = runner.ready().lora_max_rows
+    placed = AdapterRows(AdapterId(3), tuple(range(top - 4, top)))
+    under = runner.lora.geometry.pages_of_row(top - 4).start  # type: ignore[union-attr]
+    plan = msgspec.structs.replace(
+        one_row_plan((0, under)), lora_adapters=(0,), adapters=(placed,), uploads=(placed,)
+    )
+    with pytest.raises(ValueError, match="under LoRA rows"):
+        runner.forward(plan)
+    fine = msgspec.structs.replace(plan, block_tables=((BlockId(0), BlockId(under - 1)),))
+    assert runner.forward(fine).shape == (0, 256)
+    with pytest.raises(ValueError, match=r"index into plan\.adapters"):
+        runner.forward(msgspec.structs.replace(fine, lora_adapters=(1,)))
+    with pytest.raises(ValueError, match="never sent"):
+        runner.forward(msgspec.structs.replace(fine, adapters=(AdapterRows(AdapterId(9), (1,)),)))
