@@ -61,10 +61,9 @@ class LoraLinear:
         self.lora: ModuleLora | None = None
 
     def forward(self, x: torch.Tensor, lora: LoraStep | None) -> torch.Tensor:
-        y = F.linear(x, self.weight, self.bias)  # [num_tokens, out_total]
         if lora is not None and self.lora is not None:
-            lora.add_delta(x, y, self.lora)
-        return y
+            return lora.linear(x, self.weight, self.bias, self.lora)  # the backend's choice
+        return F.linear(x, self.weight, self.bias)  # [num_tokens, out_total]
 
 
 class Rotary:
@@ -122,10 +121,11 @@ def gated_mlp(
     x: torch.Tensor, gate_up: LoraLinear, down: LoraLinear, lora: LoraStep | None
 ) -> torch.Tensor:
     """`down(silu(gate(x)) * up(x))` with gate and up fused into one matmul."""
-    if lora is not None and gate_up.lora is not None and lora.backend.supports_fused_act:
-        # The gate/up delta is added inside the activation kernel: no expand launch.
-        gate_up_base = F.linear(x, gate_up.weight, gate_up.bias)  # [num_tokens, 2 * inter]
-        return down.forward(lora.silu_mul(x, gate_up_base, gate_up.lora), lora)
+    if lora is not None and gate_up.lora is not None:
+        # A backend that fuses it adds the gate/up delta inside the activation (no expand).
+        act = lora.gate_up_act(x, gate_up.weight, gate_up.lora)
+        if act is not None:
+            return down.forward(act, lora)
     gate_up_out = gate_up.forward(x, lora)  # [num_tokens, 2 * intermediate]
     if gate_up_out.is_cuda and gate_up_out.stride(1) == 1:
         return down.forward(lorasrv_kernels.silu_mul(gate_up_out), lora)  # one launch

@@ -13,6 +13,7 @@ from typing import NamedTuple, Protocol
 
 import lorasrv_kernels
 import torch
+import torch.nn.functional as F
 from lorasrv_kernels import (
     LoraBatchBuffers,
     LoraBatchInfo,
@@ -72,12 +73,17 @@ def lora_segments(
 
 
 class LoraBackend(Protocol):
-    """Computes adapter deltas over arena rows from a step's metadata (`LoraBatchInfo`)."""
+    """Runs a step's LoRA-targeted modules over arena rows, from metadata it builds itself.
+
+    Every LoRA-targeted module's compute goes through it (`linear`, `gate_up_act`), base GEMM
+    included, so a backend may choose per step how the delta is formed (e.g. a shrink folded
+    into the base GEMM); callers only ask what it supports.
+    """
 
     name: str
     # Metadata stays on the device and no op reads it back: a decode step can be captured.
     supports_cuda_graphs: bool
-    # `silu_mul` adds gate/up's delta inside the activation (no separate expand).
+    # `gate_up_act` adds gate/up's delta inside the activation (no separate expand).
     supports_fused_act: bool
 
     def prepare(self, segments: LoraSegments, device: torch.device) -> LoraBatchInfo:
@@ -88,19 +94,29 @@ class LoraBackend(Protocol):
     ) -> LoraBatchBuffers:
         """Metadata tensors that never move, refilled each step (CUDA-graph decode)."""
 
-    def add_delta(
-        self, info: LoraBatchInfo, x: torch.Tensor, y: torch.Tensor, module: ModuleLora
-    ) -> None: ...
+    def linear(
+        self,
+        info: LoraBatchInfo,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        module: ModuleLora,
+    ) -> torch.Tensor:
+        """`x Wᵀ + b` plus each token's adapter delta: `[num_tokens, out_total]`."""
 
-    def shrink(self, info: LoraBatchInfo, x: torch.Tensor, module: ModuleLora) -> torch.Tensor: ...
+    def gate_up_act(
+        self, info: LoraBatchInfo, x: torch.Tensor, weight: torch.Tensor, module: ModuleLora
+    ) -> torch.Tensor | None:
+        """`silu(gate) * up` of gate/up (delta included), or None when this backend does not
+        fuse it (the caller runs `linear` and the activation)."""
+
+    def shrink(self, info: LoraBatchInfo, x: torch.Tensor, module: ModuleLora) -> torch.Tensor:
+        """`v [num_tokens, num_slices * max_rank]` float32: x against each token's A rows."""
 
     def expand(
         self, info: LoraBatchInfo, v: torch.Tensor, y: torch.Tensor, module: ModuleLora
-    ) -> None: ...
-
-    def silu_mul(
-        self, info: LoraBatchInfo, x: torch.Tensor, gate_up: torch.Tensor, module: ModuleLora
-    ) -> torch.Tensor: ...
+    ) -> None:
+        """`y += scaling * v Btᵀ` per segment, in place."""
 
 
 class LoraStep(NamedTuple):
@@ -109,21 +125,21 @@ class LoraStep(NamedTuple):
     backend: LoraBackend
     info: LoraBatchInfo
 
-    def add_delta(self, x: torch.Tensor, y: torch.Tensor, module: ModuleLora) -> None:
-        """`y += delta`, in place; x `[num_tokens, in]`, y `[num_tokens, out_total]`."""
-        self.backend.add_delta(self.info, x, y, module)
+    def linear(
+        self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, module: ModuleLora
+    ) -> torch.Tensor:
+        return self.backend.linear(self.info, x, weight, bias, module)
+
+    def gate_up_act(
+        self, x: torch.Tensor, weight: torch.Tensor, module: ModuleLora
+    ) -> torch.Tensor | None:
+        return self.backend.gate_up_act(self.info, x, weight, module)
 
     def shrink(self, x: torch.Tensor, module: ModuleLora) -> torch.Tensor:
-        """`v [num_tokens, num_slices * max_rank]` (float32): x against each token's A rows."""
         return self.backend.shrink(self.info, x, module)
 
     def expand(self, v: torch.Tensor, y: torch.Tensor, module: ModuleLora) -> None:
-        """`y += scaling * v @ Bt`, in place."""
         self.backend.expand(self.info, v, y, module)
-
-    def silu_mul(self, x: torch.Tensor, gate_up: torch.Tensor, module: ModuleLora) -> torch.Tensor:
-        """`silu(gate) * up` of gate/up's base output with its delta added on the way."""
-        return self.backend.silu_mul(self.info, x, gate_up, module)
 
 
 def _num_slices(module: ModuleLora) -> int:
@@ -207,10 +223,25 @@ class OpsBackend(_Metadata):
         self.supports_cuda_graphs = supports_cuda_graphs
         self.supports_fused_act = supports_fused_act
 
-    def add_delta(
-        self, info: LoraBatchInfo, x: torch.Tensor, y: torch.Tensor, module: ModuleLora
-    ) -> None:
+    def linear(
+        self,
+        info: LoraBatchInfo,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        module: ModuleLora,
+    ) -> torch.Tensor:
+        y = F.linear(x, weight, bias)  # [num_tokens, out_total]
         self.ops.lora_apply(x, y, module.a_rows, module.bt_rows, info, module.slice_offsets)
+        return y
+
+    def gate_up_act(
+        self, info: LoraBatchInfo, x: torch.Tensor, weight: torch.Tensor, module: ModuleLora
+    ) -> torch.Tensor | None:
+        if not self.supports_fused_act:
+            return None
+        v = self.ops.lora_shrink(x, module.a_rows, info, _num_slices(module))
+        return self.ops.lora_silu_mul(F.linear(x, weight), v, module.bt_rows, info)
 
     def shrink(self, info: LoraBatchInfo, x: torch.Tensor, module: ModuleLora) -> torch.Tensor:
         return self.ops.lora_shrink(x, module.a_rows, info, _num_slices(module))
@@ -219,12 +250,6 @@ class OpsBackend(_Metadata):
         self, info: LoraBatchInfo, v: torch.Tensor, y: torch.Tensor, module: ModuleLora
     ) -> None:
         self.ops.lora_expand(v, module.bt_rows, y, info, module.slice_offsets)
-
-    def silu_mul(
-        self, info: LoraBatchInfo, x: torch.Tensor, gate_up: torch.Tensor, module: ModuleLora
-    ) -> torch.Tensor:
-        v = self.ops.lora_shrink(x, module.a_rows, info, _num_slices(module))
-        return self.ops.lora_silu_mul(gate_up, v, module.bt_rows, info)
 
 
 def make_lora_backend(name: str, device: torch.device, max_rank: int) -> LoraBackend:
