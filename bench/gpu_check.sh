@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # GPU checks from a bare checkout: `bash bench/gpu_check.sh tests|bench|all`. tests: the gpu-marked
-# kernel and model tests (graphs vs eager, runner vs HF, PEFT); bench: bench/bench_engine.py.
+# kernel and model tests (graphs vs eager, uploads under graphs, runner vs HF, PEFT, stale pages);
+# bench: bench/bench_engine.py.
 # Each part runs even if the other failed; logs and latest.json go to $OUT (default /tmp/gpu-check).
 # PYDEPS may name a folder of carried packages (msgspec) to put first on PYTHONPATH.
 set -uo pipefail
@@ -20,7 +21,7 @@ nvidia-smi --query-gpu=name,memory.used,memory.total,clocks.sm --format=csv 2>&1
 status=0
 
 if [[ "$MODE" == tests || "$MODE" == all ]]; then
-    for target in tests/kernels tests/model/test_gpu.py; do
+    for target in tests/kernels tests/model; do
         name="$(basename "$target" .py)"
         echo "== pytest -m gpu $target"
         "$PYTHON" -m pytest -q -p no:cacheprovider -m gpu -rA "$target" >"$OUT/pytest-$name.log" 2>&1 \
