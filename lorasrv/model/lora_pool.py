@@ -51,19 +51,23 @@ class LoraPool:
 
     def write(self, rows: Sequence[int], host: torch.Tensor) -> None:
         """`self.rows[rows[i]] = host[i]`: one copy per run of consecutive rows, on the current
-        stream (non-blocking from pinned memory).
+        stream (non-blocking from pinned memory). Rows past the host copy's rank (an adapter
+        given more rows than its tensors use) are zeroed: the kernels read every row they get.
 
         NOTE: non_blocking from pinned memory is safe even if the host copy is dropped meanwhile:
         the caching host allocator keeps the block until the copy on this stream has finished.
         """
-        if len(rows) != host.shape[0]:
+        if len(rows) < host.shape[0]:
             raise ValueError(f"{len(rows)} rows for a host copy of rank {host.shape[0]}")
         if rows and not 0 <= min(rows) <= max(rows) < self.max_rows:
             raise ValueError(f"LoRA row outside [0, {self.max_rows})")
         if len(set(rows)) != len(rows):
             raise ValueError("an adapter's rows must be distinct")
         non_blocking = host.is_pinned()
-        for first, start, length in row_runs(rows):
+        rank = host.shape[0]
+        for first, start, length in row_runs(rows[:rank]):
             self.rows[start : start + length].copy_(
                 host[first : first + length], non_blocking=non_blocking
             )
+        for _, start, length in row_runs(rows[rank:]):
+            self.rows[start : start + length].zero_()

@@ -42,13 +42,20 @@ class Uploader:
     def add(self, adapter_id: AdapterId, host: object, rank: int, scaling: float) -> None:
         if not isinstance(host, HostAdapter):
             raise TypeError(f"host copy of adapter {adapter_id}: got {type(host).__name__}")
-        if host.rank != rank or host.rows.shape[1] != self.pool.layout.row_elems:
+        # NOTE: a rank above the copy's own is served (its extra rows are zeroed at upload):
+        # the planner may count an adapter's rank from its config, which can exceed its tensors'.
+        if host.rank > rank or host.rows.shape[1] != self.pool.layout.row_elems:
             raise ValueError(
                 f"host copy of adapter {adapter_id}: rows {tuple(host.rows.shape)} do not fit "
                 f"rank {rank} and rows of {self.pool.layout.row_elems} elements"
             )
+        if abs(scaling - host.scaling) > 1e-6 * abs(host.scaling):
+            logger.warning(
+                "adapter %d: scaling %g sent, its B was folded for %g; using the latter",
+                adapter_id, scaling, host.scaling,
+            )  # fmt: skip
         self.host[adapter_id] = host
-        self.info[adapter_id] = AdapterInfo(rank, scaling)
+        self.info[adapter_id] = AdapterInfo(rank, host.scaling)
 
     def drop(self, adapter_id: AdapterId) -> None:
         self.host.pop(adapter_id, None)  # rank and scaling stay: its rows may still be used
@@ -64,10 +71,10 @@ class Uploader:
             host = self.host.get(entry.adapter_id)
             if host is None:
                 raise ValueError(f"upload of adapter {entry.adapter_id}: no host copy")
-            if len(entry.rows) != host.rank:
+            rank = self.info[entry.adapter_id].rank
+            if len(entry.rows) != rank:
                 raise ValueError(
-                    f"upload of adapter {entry.adapter_id}: {len(entry.rows)} rows for rank "
-                    f"{host.rank}"
+                    f"upload of adapter {entry.adapter_id}: {len(entry.rows)} rows for rank {rank}"
                 )
             self.num_uploads += 1
             if self._stream is None:

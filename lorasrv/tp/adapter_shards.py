@@ -33,10 +33,11 @@ class TpAdapterWeights:
     def num_bytes(self) -> int:
         return sum(b.numel() for b in self.buffers)
 
-    def header(self, adapter_id: int) -> TpAddHostCopy:
+    def header(self, adapter_id: int, rank: int) -> TpAddHostCopy:
+        """What the workers need to rebuild their host copy; `rank`: the rows plans give it."""
         return TpAddHostCopy(
             adapter_id=adapter_id,
-            rank=self.rank,
+            rank=rank,
             scaling=self.scaling,
             dtype=str(self.dtype).removeprefix("torch."),
             row_elems=self.row_elems,
@@ -72,7 +73,7 @@ def unpack_shard(header: TpAddHostCopy, data: torch.Tensor, *, pin_memory: bool)
     """A worker's received bytes -> its host copy (a view of `data`, or a pinned copy)."""
     dtype = getattr(torch, header.dtype)
     assert isinstance(dtype, torch.dtype), header.dtype
-    rows = data.view(dtype).view(header.rank, header.row_elems)
+    rows = data.view(dtype).view(-1, header.row_elems)
     if pin_memory:
         rows = rows.pin_memory()
-    return HostAdapter(header.rank, header.scaling, rows, header.target_modules)
+    return HostAdapter(rows.shape[0], header.scaling, rows, header.target_modules)

@@ -18,10 +18,10 @@ class TpStep(msgspec.Struct, frozen=True, kw_only=True, tag=True):
 
 class TpAddHostCopy(msgspec.Struct, frozen=True, kw_only=True, tag=True):
     """An adapter's host copy: followed by each worker's own packed rows, sent point to point
-    (`[rank, row_elems]` of `dtype`, `num_bytes` each; every rank's rows have one size)."""
+    (`[rows, row_elems]` of `dtype`, `num_bytes` each; every rank's rows have one size)."""
 
     adapter_id: int
-    rank: int
+    rank: int  # the rows plans give it (HostCopyReady.rank; >= the packed rows)
     scaling: float
     dtype: str  # torch dtype name without the "torch." prefix
     row_elems: int

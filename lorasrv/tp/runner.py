@@ -134,7 +134,8 @@ class TpRunner:
             raise TypeError(f"host copy: expected TpAdapterWeights, got {type(weights).__name__}")
         with self._guard(f"host copy of adapter {copy.adapter_id}", self.step_timeout_s):
             channel = self._live_channel()
-            channel.broadcast(self._encoder.encode(weights.header(copy.adapter_id)))
+            header = weights.header(copy.adapter_id, copy.rank)
+            channel.broadcast(self._encoder.encode(header))
             channel.send_tensors({rank + 1: data for rank, data in enumerate(weights.buffers)})
 
     def drop_host_copy(self, adapter_id: AdapterId) -> None:

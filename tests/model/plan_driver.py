@@ -94,16 +94,18 @@ class PlanDriver:
         self._next_seq_id = 0
 
     def add_adapter(
-        self, adapter_id: int, host: Any, rows: list[int] | None = None
+        self, adapter_id: int, host: Any, rows: list[int] | None = None, rank: int | None = None
     ) -> tuple[int, ...]:
         """Hand the runner the host copy and queue its upload into `rows` (default: the next
-        free ones) for the next plan; returns the rows."""
+        free ones) for the next plan; returns the rows. `rank`: the rows it is given (default
+        the copy's own rank; more, as a config's r may be, pads it with zero rows)."""
         adapter = AdapterId(adapter_id)
+        rank = rank or host.rank
         self.runner.add_host_copy(
-            HostCopyReady(adapter_id=adapter, weights=host, rank=host.rank, scaling=host.scaling)
+            HostCopyReady(adapter_id=adapter, weights=host, rank=rank, scaling=host.scaling)
         )
         if rows is None:
-            rows = [self.free_rows.pop() for _ in range(host.rank)]
+            rows = [self.free_rows.pop() for _ in range(rank)]
         else:
             self.free_rows = [r for r in self.free_rows if r not in rows]
         self.adapter_rows[adapter] = tuple(rows)

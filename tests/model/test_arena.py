@@ -137,7 +137,7 @@ def test_write_into_non_contiguous_rows() -> None:
     with pytest.raises(ValueError, match="outside"):
         pool.write([12], host[:1])
     with pytest.raises(ValueError, match="rank"):
-        pool.write([1, 2], host)
+        pool.write([1, 2], host)  # fewer rows than the copy
 
 
 def test_uploader_checks_what_plans_ask() -> None:
@@ -148,7 +148,7 @@ def test_uploader_checks_what_plans_ask() -> None:
     with pytest.raises(TypeError, match="host copy"):
         uploader.add(AdapterId(1), "not rows", 2, 0.5)
     with pytest.raises(ValueError, match="do not fit"):
-        uploader.add(AdapterId(1), host, 3, 0.5)
+        uploader.add(AdapterId(1), host, 1, 0.5)  # fewer rows than the copy holds
     uploader.add(AdapterId(1), host, 2, 0.5)
     uploader.upload([AdapterRows(AdapterId(1), (10, 4))])
     assert torch.equal(pool.rows[4], host.rows[1])
@@ -166,6 +166,21 @@ def test_uploader_checks_what_plans_ask() -> None:
         uploader.check_rows([AdapterRows(AdapterId(1), (1, 2, 3))])
     with pytest.raises(ValueError, match="outside"):
         uploader.check_rows([AdapterRows(AdapterId(1), (1, 99))])
+
+
+def test_rows_past_the_copys_rank_are_zeroed() -> None:
+    """An adapter counted at a higher rank than its tensors (its config's r, say) gets the
+    extra rows zeroed, whatever they held: the kernels read every row a segment lists."""
+    pool = make_pool()
+    pool.rows.fill_(float("nan"))
+    uploader = Uploader(pool, torch.device("cpu"))
+    host = pack_rows(random_weights(tiny_arch(), 2, ("o_proj",)), pool.layout, pin_memory=False)
+    uploader.add(AdapterId(1), host, 4, 9.0)  # 9.0: not what B was folded for
+    assert uploader.info[AdapterId(1)] == AdapterInfo(4, host.scaling)
+    uploader.upload([AdapterRows(AdapterId(1), (8, 3, 5, 6))])
+    assert torch.equal(pool.rows[[8, 3]], host.rows)
+    assert not pool.rows[[5, 6]].any()
+    assert bool(pool.rows[[0, 1, 2, 4, 7]].isnan().all())  # nothing else was touched
 
 
 def plan(lora_adapters: tuple[int, ...], query_lens: tuple[int, ...]) -> StepPlan:

@@ -141,7 +141,7 @@ def test_adapter_shards_follow_s_lora_and_survive_packing() -> None:
     for rank, data in enumerate(packed.buffers):
         assert layout == row_layout(shard_arch(a, Shard(rank, 2)), targets)
         expected = shard_adapter(weights, a, Shard(rank, 2))
-        host = unpack_shard(packed.header(7), data, pin_memory=False)
+        host = unpack_shard(packed.header(7, 4), data, pin_memory=False)
         assert host.rows.shape == (4, layout.row_elems)
         for key, module in expected.modules.items():
             got = unpack_module(host, layout.modules[key])
@@ -151,7 +151,7 @@ def test_adapter_shards_follow_s_lora_and_survive_packing() -> None:
             assert module.a.shape == (shape.num_slices * 4, shape.in_features)
             assert module.b.shape == (shape.out_features, 4)
     # Column-parallel A is whole on every rank; row-parallel B is whole on every rank.
-    host = unpack_shard(packed.header(7), packed.buffers[1], pin_memory=False)
+    host = unpack_shard(packed.header(7, 4), packed.buffers[1], pin_memory=False)
     assert torch.equal(
         unpack_module(host, layout.modules[0, "qkv_proj"]).a, weights.modules[0, "qkv_proj"].a
     )

@@ -70,10 +70,11 @@ def test_odd_shapes_give_tp1_tokens(odd_world: dict[str, Any]) -> None:
         tp2.drop_host_copy(AdapterId(1))  # the rows stay resident and usable
         assert driver2.generate(PROMPTS[1:2], [1], max_new_tokens=8) == expected[1:2]
         assert driver2.generate(PROMPTS[1:2], [None], max_new_tokens=8) == base_only
-        # the adapter again, into the other rows: a fresh host copy and upload
-        others = [r for r in driver2.free_rows if r not in rows]
+        # the adapter again, into other rows, counted at rank 10 (as a config's r may exceed
+        # its tensors' rank): each worker zeroes the two rows past its shard
+        others = [r for r in driver2.free_rows if r not in rows] + list(rows[:2])
         driver2.remove_adapter(1)
-        driver2.add_adapter(2, weights, rows=others)
+        driver2.add_adapter(2, weights, rows=others, rank=10)
         assert driver2.generate(PROMPTS, [None, 2, None, 2], max_new_tokens=8) == expected
     finally:
         tp2.shutdown()
