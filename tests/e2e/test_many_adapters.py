@@ -11,7 +11,6 @@ import json
 import random
 import shutil
 import time
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -91,7 +90,9 @@ async def test_a_thousand_registered_served_under_a_host_cap(world: dict[str, An
         names = zipf_names(48, seed=5)
         params = SamplingParams(max_new_tokens=NUM_NEW, temperature=0, ignore_eos=True)
         handles = [
-            engine.submit(Submission(input_ids=tuple(PROMPTS[i % 4]), lora_name=name, params=params))
+            engine.submit(
+                Submission(input_ids=tuple(PROMPTS[i % 4]), lora_name=name, params=params)
+            )
             for i, name in enumerate(names)
         ]
         results = await asyncio.gather(*(h.result() for h in handles))
