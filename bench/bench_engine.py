@@ -4,7 +4,8 @@ Random Llama-3-8B-shaped bf16 weights are drawn on the GPU (no weight files). Se
 its own try/except so one failure still leaves the other keys: copy bandwidth; decode step times
 through ModelRunner.step (CUDA graphs on, and the same buckets eager); Engine generate, base vs
 8 adapters; HF transformers + PEFT generate with the same 8-adapter mix; kernel GB/s.
-Writes bench/results/latest.json (and $OUT/latest.json when OUT is set).
+Writes $TMPDIR/lorasrv-bench/latest.json, or `--out FILE` (the committed bench/results/ only when
+named), and $OUT/latest.json when OUT is set.
 
 GPU:  python bench/bench_engine.py            (well under 8 minutes on an H200)
 CPU:  python bench/bench_engine.py --small    (tiny model, same code paths, under a minute)
@@ -21,6 +22,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 import traceback
 from collections.abc import Callable
@@ -34,7 +36,8 @@ sys.path.insert(0, str(HERE))
 import bench_model as bm  # noqa: E402
 import make_random_model as mrm  # noqa: E402
 
-DEFAULT_OUT = HERE / "results" / "latest.json"
+# NOTE: a scratch path, so a run never overwrites the committed bench/results/ unless asked to
+DEFAULT_OUT = Path(tempfile.gettempdir()) / "lorasrv-bench" / "latest.json"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

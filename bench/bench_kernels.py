@@ -1,7 +1,7 @@
 """Benchmark the Triton SGMV LoRA ops against the torch reference at Llama-3-8B shapes.
 
 CUDA only (prints "no CUDA: skipped" and exits 0 elsewhere). Checks correctness first, then
-prints time, speedup and achieved GB/s per op, and writes the rows to bench/results/kernels.json.
+prints time, speedup and achieved GB/s per op, and writes the rows to --out (default: scratch).
 Run: python bench/bench_kernels.py [--dtype bf16|fp16]
 """
 
@@ -11,6 +11,7 @@ import argparse
 import json
 import math
 import sys
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
@@ -30,7 +31,8 @@ MODULES: dict[str, tuple[int, tuple[int, ...]]] = {
 MAX_RANK = 16
 # (num_tokens, num_adapters): decode batches, then one prefill batch.
 SHAPES = [(t, n) for t in (1, 16, 64, 256) for n in (1, 8, 32)] + [(4096, 8)]
-RESULTS_PATH = Path(__file__).resolve().parent / "results" / "kernels.json"
+# NOTE: a scratch path, so a run never overwrites the committed bench/results/ unless --out says so
+RESULTS_PATH = Path(tempfile.gettempdir()) / "lorasrv-bench" / "kernels.json"
 
 
 class BenchInputs(NamedTuple):
@@ -145,6 +147,9 @@ def bench_case(
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--dtype", choices=["bf16", "fp16"], default="bf16")
+    parser.add_argument(
+        "--out", type=Path, default=RESULTS_PATH, help="JSON rows (default: %(default)s)"
+    )
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("no CUDA: skipped")
@@ -167,9 +172,9 @@ def main(argv: list[str] | None = None) -> int:
                     f"{row['speedup']:>9.2f}{row['triton_gbps']:>9.1f}{row['max_abs_err']:>10.2e}",
                     flush=True,
                 )
-    RESULTS_PATH.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS_PATH.write_text(json.dumps(all_rows, indent=1) + "\n")
-    print(f"wrote {len(all_rows)} rows to {RESULTS_PATH}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(all_rows, indent=1) + "\n")
+    print(f"wrote {len(all_rows)} rows to {args.out}")
     return 0
 
 

@@ -8,7 +8,7 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 
-OUT="${OUT:-./bench/results/tmp}"
+OUT="${OUT:-${TMPDIR:-/tmp}/lorasrv-bench/serving}"  # scratch: never the committed bench/results/
 PYTHON="${PYTHON:-$(command -v python || command -v python3)}"
 SHAPE="${SHAPE:-llama3-8b}"
 MODEL_DIR="${MODEL_DIR:-/tmp/lorasrv-bench/${SHAPE}-random}"

@@ -3,6 +3,7 @@
 Config is never written after load; values measured at startup travel in `RunnerReady`.
 """
 
+import re
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -94,6 +95,8 @@ class HttpConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_onl
     api_key: str | None = None
     admin_api_key: str | None = None
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_stats_interval: Annotated[float, msgspec.Meta(ge=0.0)] = 10.0  # seconds; 0: off
+    graceful_shutdown_timeout: Annotated[float, msgspec.Meta(ge=0.0)] = 30.0  # seconds
 
 
 class ServerConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -120,37 +123,71 @@ SECTION_OF: dict[str, str] = {
 
 def parse_lora_path(entry: str | dict[str, Any] | LoraRef) -> LoraRef:
     """One `--lora-paths` entry: `PATH`, `NAME=PATH` or a JSON object (lora_name, lora_path,
-    pinned)."""
+    pinned; vLLM's `--lora-modules` keys name, path and base_model_name are taken too)."""
     if isinstance(entry, LoraRef):
         return entry
     if isinstance(entry, dict):
-        ref: LoraRef = _convert(entry, LoraRef, "lora_paths")
+        ref: LoraRef = _convert(_from_vllm_keys(entry), LoraRef, "--lora-paths")
         return ref
     text = entry.strip()
     if not text:
-        raise ConfigError("lora_paths: empty entry")
+        raise ConfigError("--lora-paths: empty entry")
     if text.startswith("{"):
         try:
             raw = msgspec.json.decode(text)
         except msgspec.DecodeError as exc:
-            raise ConfigError(f"lora_paths: bad JSON entry {text!r}: {exc}") from None
+            raise ConfigError(f"--lora-paths: bad JSON entry {text!r}: {exc}") from None
         if not isinstance(raw, dict):
-            raise ConfigError(f"lora_paths: JSON entry must be an object: {text!r}")
-        parsed: LoraRef = _convert(raw, LoraRef, "lora_paths")
+            raise ConfigError(f"--lora-paths: JSON entry must be an object: {text!r}")
+        parsed: LoraRef = _convert(_from_vllm_keys(raw), LoraRef, "--lora-paths")
         return parsed
     if "=" in text:
         name, _, path = text.partition("=")
         if not name or not path:
-            raise ConfigError(f"lora_paths: expected NAME=PATH, got {text!r}")
+            raise ConfigError(f"--lora-paths: expected NAME=PATH, got {text!r}")
         return LoraRef(lora_name=name, lora_path=path)
     return LoraRef(lora_name=text, lora_path=text)
+
+
+def _from_vllm_keys(raw: dict[str, Any]) -> dict[str, Any]:
+    """vLLM's `{"name", "path", "base_model_name"}` as ours; the base is the served model."""
+    if "name" not in raw and "path" not in raw:
+        return raw
+    renamed = {"name": "lora_name", "path": "lora_path"}
+    return {renamed.get(k, k): v for k, v in raw.items() if k != "base_model_name"}
 
 
 def _convert(raw: Any, cls: type[Any], where: str) -> Any:
     try:
         return msgspec.convert(raw, cls)
     except msgspec.ValidationError as exc:
-        raise ConfigError(f"{where}: {exc}") from None
+        raise ConfigError(describe_error(str(exc), where)) from None
+
+
+_AT = re.compile(r"^(?P<what>.*?)(?: - at `\$(?P<path>[^`]*)`)?$", re.DOTALL)
+_BOUND = re.compile(r"^Expected `\w+` (?P<bound>[<>]=? \S+)$")
+_TYPE = re.compile(r"^Expected `(?P<want>[^`]+)`, got `(?P<got>[^`]+)`$")
+
+
+def describe_error(message: str, where: str) -> str:
+    """msgspec's `Expected `int` >= 1 - at `$.adapters.max_loras_per_batch`` as the user's
+    words: `--max-loras-per-batch must be >= 1`."""
+    match = _AT.match(message)
+    assert match is not None  # the pattern matches any text
+    what, path = match["what"], match["path"] or ""
+    keys = re.findall(r"\.(\w+)", path)
+    name = next((key for key in keys if key in SECTION_OF), None)
+    if name is None:
+        subject = f"{where} ({path.lstrip('.')})" if path else where
+    else:
+        subject = "--" + name.replace("_", "-")
+    if name is not None and path.split(name, 1)[1]:
+        subject += f" ({path.split(name, 1)[1].lstrip('.')})"  # e.g. lora_paths[1].lora_name
+    if bound := _BOUND.match(what):
+        return f"{subject} must be {bound['bound']}"
+    if wrong := _TYPE.match(what):
+        return f"{subject}: expected {wrong['want']}, got {wrong['got']}"
+    return f"{subject}: {what[:1].lower()}{what[1:]}"
 
 
 def build_config(flat: dict[str, Any], file_path: str | Path | None = None) -> ServerConfig:

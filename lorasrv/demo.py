@@ -1,6 +1,7 @@
 """The embedded demo: a tiny Llama checkpoint, its BPE tokenizer and two PEFT LoRA adapters.
 
-Built once, deterministically, into a cache folder. Uses torch and tokenizers, never
+Built once, deterministically, into a cache folder; the model is trained for a few seconds on the
+tokenizer's corpus (`demo_train.py`) so its text reads as words. Uses torch and tokenizers, never
 transformers or peft.
 """
 
@@ -17,9 +18,15 @@ import torch
 from safetensors.torch import save_file
 from tokenizers import Tokenizer
 
+from lorasrv import demo_train
+from lorasrv.demo_corpus import CORPUS
 from lorasrv.demo_tokenizer import BOS, EOS_TEXT, EOT, SPECIAL_TOKENS, build_tokenizer
 
-DEMO_VERSION: Final = "demo-v1"
+DEMO_VERSION: Final = "demo-v2"  # v2: trained weights
+#: training steps of the demo model (~15 s on one core); LORASRV_DEMO_TRAIN_STEPS overrides it
+#: (tests take a few steps), and a demo of other steps is cached in a folder of its own
+TRAIN_STEPS: Final = 120
+TRAIN_STEPS_ENV: Final = "LORASRV_DEMO_TRAIN_STEPS"
 MODEL_NAME: Final = "lorasrv-demo-llama"
 VOCAB_SIZE: Final = 1024  # BPE vocabulary plus the special tokens
 HIDDEN: Final = 128
@@ -80,7 +87,7 @@ class DemoModel(NamedTuple):
 
 
 def ensure_demo_model(root: Path | None = None) -> DemoModel:
-    """The demo under `root/demo-v1` (default root: $LORASRV_CACHE_DIR or ~/.cache/lorasrv).
+    """The demo under `root/demo-v2` (default root: $LORASRV_CACHE_DIR or ~/.cache/lorasrv).
 
     Built in a temporary folder and moved into place with one `os.replace`, so a reader never
     sees half a demo; a complete existing one is returned as is.
@@ -88,14 +95,15 @@ def ensure_demo_model(root: Path | None = None) -> DemoModel:
     if root is None:
         root = Path(os.environ.get("LORASRV_CACHE_DIR") or Path.home() / ".cache" / "lorasrv")
     root = Path(root)
-    target = root / DEMO_VERSION
+    steps = train_steps()
+    target = root / (DEMO_VERSION if steps == TRAIN_STEPS else f"{DEMO_VERSION}-steps{steps}")
     if _is_complete(target):
         return _describe(target)
     root.mkdir(parents=True, exist_ok=True)
     building = Path(tempfile.mkdtemp(prefix=f".{DEMO_VERSION}-", dir=root))
     building.chmod(0o755)  # mkdtemp's 0o700 would hide the demo from other users
     try:
-        build_demo(building)
+        build_demo(building, steps)
         if target.exists() and not _is_complete(target):  # a damaged leftover
             shutil.rmtree(target, ignore_errors=True)
         try:
@@ -108,8 +116,13 @@ def ensure_demo_model(root: Path | None = None) -> DemoModel:
     return _describe(target)
 
 
-def build_demo(folder: Path) -> None:
-    """Write the demo model (`model/`) and adapters (one folder each) into `folder`."""
+def train_steps() -> int:
+    return int(os.environ.get(TRAIN_STEPS_ENV) or TRAIN_STEPS)
+
+
+def build_demo(folder: Path, steps: int | None = None) -> None:
+    """Write the demo model (`model/`, trained `steps`, default `train_steps()`) and adapters (one
+    folder each) into `folder`."""
     model_dir = folder / "model"
     model_dir.mkdir(parents=True)
     tokenizer = build_tokenizer(VOCAB_SIZE)
@@ -120,7 +133,10 @@ def build_demo(folder: Path) -> None:
     _write_json(model_dir / "config.json", _model_config(vocab_size, bos_id, eos_ids))
     generation = {"bos_token_id": bos_id, "eos_token_id": eos_ids, "do_sample": False}
     _write_json(model_dir / "generation_config.json", generation)
-    save_file(_base_weights(vocab_size), model_dir / "model.safetensors", {"format": "pt"})
+    weights = _base_weights(vocab_size)
+    steps = train_steps() if steps is None else steps
+    demo_train.train(weights, corpus_stream(tokenizer), SHAPE, steps)
+    save_file(weights, model_dir / "model.safetensors", {"format": "pt"})
     for spec in DEMO_ADAPTERS:
         _write_adapter(folder / spec.name, spec)
 
@@ -153,6 +169,18 @@ def _write_tokenizer_files(folder: Path, tokenizer: Tokenizer) -> None:
 
 
 # ----------------------------------------------------------------------------- model, adapters
+
+SHAPE: Final = demo_train.Shape(NUM_LAYERS, NUM_HEADS, NUM_KV_HEADS, HEAD_DIM)
+
+
+def corpus_stream(tokenizer: Tokenizer) -> list[int]:
+    """The corpus as training tokens: each paragraph opens with BOS and ends with EOS."""
+    eos = tokenizer.token_to_id(EOS_TEXT)
+    assert eos is not None  # a special token of build_tokenizer
+    stream: list[int] = []
+    for paragraph in CORPUS.split("\n\n"):
+        stream += [*tokenizer.encode(paragraph.strip()).ids, eos]
+    return stream
 
 
 def _model_config(vocab_size: int, bos_id: int | None, eos_ids: list[int | None]) -> dict[str, Any]:

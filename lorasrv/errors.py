@@ -69,6 +69,27 @@ class EngineDead(LorasrvError):
     code = "engine_dead"
 
 
+class ShuttingDown(LorasrvError):
+    """The server is stopping: it takes no new requests, and ends the last ones at its timeout."""
+
+    status = 503
+    code = "shutting_down"
+
+
+class AdapterUnavailable(LorasrvError):
+    """A registered adapter could not be brought back into memory this time; retrying may work."""
+
+    status = 503
+    code = "adapter_unavailable"
+
+
+class BatchTooLarge(LorasrvError):
+    """More requests in one call than the server ever holds in flight: it can never run."""
+
+    status = 413
+    code = "batch_too_large"
+
+
 _BY_CODE: Final[dict[str, type[LorasrvError]]] = {
     cls.code: cls
     for cls in (
@@ -82,6 +103,9 @@ _BY_CODE: Final[dict[str, type[LorasrvError]]] = {
         PromptTooLong,
         Overloaded,
         EngineDead,
+        ShuttingDown,
+        AdapterUnavailable,
+        BatchTooLarge,
     )
 }
 

@@ -56,6 +56,14 @@ class Tokenize(Msg, frozen=True, kw_only=True):
     arrival_s: float  # time.monotonic() at submit
 
 
+class Tokenized(Msg, frozen=True, kw_only=True):
+    """TokenizerActor -> itself: a long prompt encoded off the event loop (ids, or why not)."""
+
+    request_id: RequestId
+    prompt_ids: tuple[int, ...] = ()
+    error: str | None = None
+
+
 class Enqueue(Msg, frozen=True, kw_only=True):
     """TokenizerActor -> SchedulerActor: a tokenized request ready for admission."""
 
@@ -368,7 +376,7 @@ class RunnerReady(msgspec.Struct, frozen=True, kw_only=True):
     dtype: str
 
 
-TokenizerInbox = Tokenize | EmitTokens | RequestFailed | Abort
+TokenizerInbox = Tokenize | Tokenized | EmitTokens | RequestFailed | Abort
 SchedulerInbox = (
     Enqueue | Abort | AdapterAcquired | AdapterAcquireFailed | StepAdaptersReady | StepDone
 )

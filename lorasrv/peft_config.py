@@ -56,6 +56,11 @@ class AdapterLoadError(ValueError):
     """Refused adapter; message says what is wrong and which flag to raise."""
 
 
+class AdapterNotFoundError(AdapterLoadError, FileNotFoundError):
+    """No adapter there: no such folder or Hub id, or a folder without adapter_config.json.
+    A FileNotFoundError too, so callers that know nothing of PEFT can tell it from a refusal."""
+
+
 _Refuse = Callable[[str], AdapterLoadError]
 
 
@@ -98,11 +103,11 @@ def read_peft_config(path_or_id: str, *, revision: str | None = None) -> PeftCon
     try:
         path = resolve_path(path_or_id, revision=revision, allow_patterns=_ADAPTER_FILES)
     except FileNotFoundError as exc:
-        raise AdapterLoadError(f"adapter {path_or_id!r}: {exc}") from None
+        raise AdapterNotFoundError(f"adapter {exc}") from None  # exc names the path
     config_file = os.path.join(path, ADAPTER_CONFIG)
     if not os.path.isfile(config_file):
-        raise AdapterLoadError(
-            f"adapter {path_or_id!r}: {path} has no {ADAPTER_CONFIG}; not a PEFT adapter folder"
+        raise AdapterNotFoundError(
+            f"adapter {path_or_id!r}: no {ADAPTER_CONFIG}; not a PEFT adapter folder"
         )
     try:
         with open(config_file, "rb") as f:

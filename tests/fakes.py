@@ -154,6 +154,7 @@ class FakeTokenizer:
 
     vocab_size = FAKE_VOCAB
     eos_token_ids = (FAKE_EOS,)
+    max_token_chars = 4  # a loose bound (one character per token here) is still a bound
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return [ord(c) for c in text]

@@ -127,7 +127,7 @@ class AdapterRegistry:
             error = (
                 f"no host memory left for pinned adapter {entry.name!r}; raise --max-loaded-loras"
             )
-            self._fail_waiters(entry, "adapter_error", error)
+            self._fail_waiters(entry, "adapter_not_found", error)  # it is gone: 404
             self._remove(entry)
         else:  # registered, but the host cap had no victim: it reloads on first use
             logger.info(
@@ -143,13 +143,14 @@ class AdapterRegistry:
     def fail_load(self, adapter_id: AdapterId, error: str) -> list[Effect]:
         entry = self.entries[adapter_id]
         detail = f"failed to load adapter {entry.name!r} from {entry.path!r}: {error}"
+        # NOTE: a request is not at fault for its adapter's load: never a 400 for it
         if entry.num_loads == 0 or entry.unloading:  # a failed first load leaves no trace
-            self._fail_waiters(entry, "adapter_error", detail)
+            self._fail_waiters(entry, "adapter_not_found", detail)
             self._remove(entry)
             self._op_done(entry.op_id, detail)
-        else:  # a failed reload: the adapter stays registered; the next acquire retries
+        else:  # a failed reload: the adapter stays registered; the next acquire retries (503)
             entry.move_to(S.UNLOADED)
-            self._fail_waiters(entry, "adapter_error", detail)
+            self._fail_waiters(entry, "adapter_unavailable", detail)
         self._serve_room_queue()
         return self._flush()
 

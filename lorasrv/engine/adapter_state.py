@@ -125,7 +125,9 @@ def check_compatible(
 ) -> None:
     """Raise ValueError naming the flag to raise when an adapter does not fit the LoRA pool."""
     if rank > max_rank:
-        raise ValueError(f"rank {rank} exceeds --max-lora-rank {max_rank}")
+        raise ValueError(
+            f"LoRA rank {rank} is greater than max_lora_rank {max_rank} (raise --max-lora-rank)"
+        )
     outside = [m for m in modules if m not in target_modules]
     if outside:
         raise ValueError(

@@ -10,10 +10,11 @@ import itertools
 import logging
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any, Self
 
 from lorasrv.config import ServerConfig, build_config, lora_enabled
+from lorasrv.engine import adapter_admin as admin
 from lorasrv.engine.adapter_manager import AdapterManagerActor
 from lorasrv.engine.gpu_runner import GpuRunnerActor
 from lorasrv.engine.hf_tokenizer import Detokenizer
@@ -25,7 +26,15 @@ from lorasrv.engine.scheduler import SchedulerActor
 from lorasrv.engine.stats import SchedulerStats
 from lorasrv.engine.tokenizer import TokenizerActor
 from lorasrv.engine.validation import Limits, check_submission
-from lorasrv.errors import BadRequest, EngineDead, LorasrvError, Overloaded
+from lorasrv.errors import (
+    AdapterError,
+    BadRequest,
+    BatchTooLarge,
+    EngineDead,
+    LorasrvError,
+    Overloaded,
+    ShuttingDown,
+)
 from lorasrv.ids import OpId, RequestId
 from lorasrv.messages import (
     Abort,
@@ -60,8 +69,10 @@ class Engine:
         self.last_stats = SchedulerStats()  # the scheduler's latest snapshot
         self.metrics = Metrics()  # this engine's own Prometheus registry, served by /metrics
         self._tokenizer: Detokenizer | None = None
+        self._read_adapter_config: Callable[[str], Any] = _not_started
         self.failed = asyncio.Event()
         self.failure: str | None = None
+        self.draining: str | None = None  # why new work is refused: the server is stopping
         self.model_path = ""
         self.started_s = 0.0
 
@@ -84,6 +95,7 @@ class Engine:
         self.config = parts.config  # the demo model fills in model_path and adapters
         self.model_path = parts.model_path
         self._tokenizer = parts.tokenizer
+        self._read_adapter_config = parts.read_adapter_config
         runner = GpuRunnerActor(factory=parts.runner_factory, scheduler=_Late(self, "scheduler"))
         self._runner_actor = runner
         self._ready = ready = await runner.start_runner()
@@ -117,10 +129,11 @@ class Engine:
         self._supervisor = asyncio.create_task(self._supervise(actors), name="lorasrv-actors")
         self.started_s = time.time()
         for ref in parts.initial_adapters:
-            result = await self.load_adapter(ref.lora_name, ref.lora_path, ref.pinned)
-            if not result.success:
+            try:
+                await self.load_adapter(ref.lora_name, ref.lora_path, ref.pinned)
+            except LorasrvError as exc:
                 await self.stop()
-                raise LorasrvError(f"--lora-paths {ref.lora_name}: {result.error_message}")
+                raise LorasrvError(f"--lora-paths {ref.lora_name}: {exc.detail}") from None
         logger.info(
             "engine ready: %s on %s (%s), %d KV pages of %d tokens, %d LoRA slots",
             self.model_path, ready.device, ready.dtype, ready.num_kv_pages, ready.page_size,
@@ -158,7 +171,27 @@ class Engine:
             self._die("engine stopped")
 
     def is_healthy(self) -> bool:
-        return self._supervisor is not None and not self.failed.is_set()
+        """Running and taking requests (False while draining for a shutdown)."""
+        return self._supervisor is not None and not self.failed.is_set() and self.draining is None
+
+    def _refusal(self) -> LorasrvError:
+        if self.draining is not None and not self.failed.is_set():
+            return ShuttingDown(self.draining)
+        return EngineDead(self.failure or "the engine is not running")
+
+    def drain(self, reason: str) -> None:
+        """Refuse new requests and adapter operations from now on (503 `reason`); requests in
+        flight go on. For a server that is stopping."""
+        self.draining = reason
+
+    def end_requests(self, reason: str) -> None:
+        """End every request in flight now: its reader gets a 503 error (a stream: an error event,
+        then [DONE]), and its pages and adapter reference are freed."""
+        for request_id in list(self._outputs):
+            queue = self._outputs.pop(request_id)
+            queue.put_nowait(_error_output(request_id, ShuttingDown(reason)))
+            if self._tokenizer_actor is not None:
+                self._tokenizer_actor.send(Abort(request_id=request_id))
 
     @property
     def ready_info(self) -> RunnerReady:
@@ -179,12 +212,13 @@ class Engine:
             vocab_size=ready.vocab_size,
             context_length=ready.context_length,
             lora_enabled=lora_enabled(self.config.adapters),
+            max_token_chars=self.tokenizer.max_token_chars,
         )
 
     def submit(self, submission: Submission) -> RequestHandle:
         """Check and enqueue one request; bad input raises a LorasrvError at once."""
         if not self.is_healthy() or self._tokenizer_actor is None:
-            raise EngineDead(self.failure or "the engine is not running")
+            raise self._refusal()
         check_submission(submission, self.limits)
         if len(self._outputs) >= self._max_in_flight:
             raise Overloaded(f"{len(self._outputs)} requests in flight; try again later")
@@ -216,6 +250,18 @@ class Engine:
     def _max_in_flight(self) -> int:
         cfg = self.config.scheduler
         return cfg.max_queued_requests + cfg.max_running_requests
+
+    def check_batch_size(self, num_requests: int) -> None:
+        """Refuse (413) a call of more requests than are ever in flight at once: it can never
+        run, so it is not an overload to retry (a partial batch would be refused at once)."""
+        limit = self._max_in_flight
+        if num_requests > limit:
+            cfg = self.config.scheduler
+            raise BatchTooLarge(
+                f"{num_requests} requests in one call; at most {limit} can be in flight "
+                f"(--max-running-requests {cfg.max_running_requests} + --max-queued-requests "
+                f"{cfg.max_queued_requests}): send smaller batches"
+            )
 
     def request_ids(self) -> tuple[str, ...]:
         """The requests in flight (submitted, not yet finished or aborted)."""
@@ -254,32 +300,51 @@ class Engine:
 
     # ------------------------------------------------------------------ adapters
 
-    async def _op(self, make: Callable[[OpId], Any]) -> AdapterOpDone:
+    def _send_op(self, make: Callable[[OpId], Any]) -> asyncio.Future[AdapterOpDone]:
         if not self.is_healthy() or self._adapter_actor is None:
-            raise EngineDead(self.failure or "the engine is not running")
+            raise self._refusal()
         op_id = OpId(next(self._op_ids))
         future: asyncio.Future[AdapterOpDone] = asyncio.get_running_loop().create_future()
         self._ops[op_id] = future
         self._adapter_actor.send(make(op_id))
-        return await future
+        return future
+
+    async def _op(self, make: Callable[[OpId], Any]) -> AdapterOpDone:
+        return await self._send_op(make)
 
     async def load_adapter(
-        self, lora_name: str, lora_path: str, pinned: bool = False
+        self, lora_name: str, lora_path: str, pinned: bool = False, *, replace: bool = False
     ) -> AdapterOpDone:
+        """Load a PEFT folder (or Hub id) under `lora_name`; raises a LorasrvError if refused.
+
+        `replace`: a loaded name gets a new version (a fresh adapter id): requests that hold the
+        old one finish on it, later ones wait for the new one. Its folder is checked first, so a
+        refused replacement leaves the old version serving.
+        """
         if not lora_enabled(self.config.adapters):
-            return AdapterOpDone(
-                op_id=OpId(0),
-                success=False,
-                error_message="LoRA is not enabled on this server (start it with --enable-lora)",
-            )
-        return await self._op(
+            raise BadRequest("LoRA is not enabled on this server (start it with --enable-lora)")
+        admin.check_load_names(lora_name, lora_path)
+        live = admin.live_adapters(await self.describe_adapters())
+        if not replace:
+            admin.check_not_loaded(lora_name, live)
+        await admin.check_folder(self._read_adapter_config, self.ready_info, lora_path)
+        unloaded = None
+        if lora_name in live:  # NOTE: both sent in one go, so no acquire falls between them
+            unloaded = self._send_op(lambda op: UnloadAdapter(op_id=op, lora_name=lora_name))
+        loaded = self._send_op(
             lambda op: LoadAdapter(
                 op_id=op, lora_name=lora_name, lora_path=lora_path, pinned=pinned
             )
         )
+        if unloaded is not None and not (await unloaded).success:
+            loaded.cancel()
+            raise AdapterError((await unloaded).error_message)
+        return _succeeded(await loaded)
 
     async def unload_adapter(self, lora_name: str) -> AdapterOpDone:
-        return await self._op(lambda op: UnloadAdapter(op_id=op, lora_name=lora_name))
+        """Stop new requests for the name; the version drains as its requests finish."""
+        admin.check_loaded(lora_name, admin.live_adapters(await self.describe_adapters()))
+        return _succeeded(await self._op(lambda op: UnloadAdapter(op_id=op, lora_name=lora_name)))
 
     async def describe_adapters(self) -> tuple[AdapterStatus, ...]:
         if self._adapter_actor is None:
@@ -288,25 +353,16 @@ class Engine:
 
     # ------------------------------------------------------------------ tokens
 
-    def decode_tokens(self, ids: Sequence[int]) -> list[str]:
-        """Each id's own text, special tokens kept: the `token` of OpenAI logprobs."""
-        decode = self._require_tokenizer().decode
-        return [decode([token_id], skip_special_tokens=False) for token_id in ids]
-
-    def tokenize(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
-        return self._require_tokenizer().encode(text, add_special_tokens=add_special_tokens)
-
-    def detokenize(self, ids: Sequence[int], *, skip_special_tokens: bool = True) -> str:
-        vocab_size = self.ready_info.vocab_size
-        bad = [i for i in ids if not 0 <= i < vocab_size]
-        if bad:
-            raise BadRequest(f"token id {bad[0]} is outside the vocabulary [0, {vocab_size})")
-        return self._require_tokenizer().decode(ids, skip_special_tokens=skip_special_tokens)
-
-    def _require_tokenizer(self) -> Detokenizer:
+    @property
+    def tokenizer(self) -> Detokenizer:
+        """The model's tokenizer (encode, decode, chat template), for /tokenize and logprobs."""
         if self._tokenizer is None:
             raise EngineDead("the engine has not started")
         return self._tokenizer
+
+
+def _not_started(path: str) -> Any:
+    raise EngineDead("the engine has not started")
 
 
 class _Late:
@@ -318,6 +374,12 @@ class _Late:
 
     def send(self, msg: Any, /) -> None:
         getattr(self._engine, f"_{self._attribute}").send(msg)
+
+
+def _succeeded(done: AdapterOpDone) -> AdapterOpDone:
+    if not done.success:
+        raise AdapterError(done.error_message)
+    return done
 
 
 def _error_output(request_id: RequestId, error: LorasrvError) -> RequestOutput:

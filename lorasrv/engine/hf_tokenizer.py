@@ -28,6 +28,7 @@ SPECIAL_TOKEN_NAMES: Final = (
 )
 # A stream emits anyway after this many tokens without a complete character (garbage bytes).
 MAX_PENDING_TOKENS: Final = 32
+GIL_FREE_ENCODE_CHARS: Final = 1024
 
 
 class DetokenizerStream(Protocol):
@@ -46,6 +47,11 @@ class Detokenizer(Protocol):
 
     @property
     def vocab_size(self) -> int: ...
+
+    @property
+    def max_token_chars(self) -> int:
+        """An upper bound on the characters one token stands for (bounds prompts cheaply)."""
+        ...
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]: ...
 
@@ -85,9 +91,21 @@ class HfTokenizer:
             None if chat_template is None else compile_chat_template(chat_template)
         )
         self._eos_token_ids = tuple(dict.fromkeys(eos_token_ids))
-        self._vocab_size = max(tokenizer.get_vocab(with_added_tokens=True).values(), default=-1) + 1
+        vocab = tokenizer.get_vocab(with_added_tokens=True)
+        self._vocab_size = max(vocab.values(), default=-1) + 1
+        # NOTE: a token's vocabulary string is never shorter than the text it encodes (byte-level
+        # BPE shows one character per byte, SentencePiece's '▁' is the space it replaces); x2
+        # leaves room for normalizers that compose characters (NFC).
+        self._max_token_chars = 2 * max(map(len, vocab), default=1)
         added = tokenizer.get_added_tokens_decoder()
         self._all_special_ids = tuple(sorted(i for i, token in added.items() if token.special))
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Pickled as its parts (a compiled chat template is not picklable): how a Ray Serve
+        ingress gets its replicas' tokenizer (lorasrv.deploy.ray)."""
+        parts = (self._tokenizer, self._chat_template_source, self._special_tokens,
+                 self._eos_token_ids)  # fmt: skip
+        return (_rebuild, parts)
 
     @classmethod
     def from_dir(cls, path: str | os.PathLike[str]) -> HfTokenizer:
@@ -129,6 +147,10 @@ class HfTokenizer:
         return self._vocab_size
 
     @property
+    def max_token_chars(self) -> int:
+        return self._max_token_chars
+
+    @property
     def all_special_ids(self) -> tuple[int, ...]:
         return self._all_special_ids
 
@@ -144,9 +166,21 @@ class HfTokenizer:
         return self._tokenizer.token_to_id(token)
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        if len(text) > GIL_FREE_ENCODE_CHARS:
+            # NOTE: `Tokenizer.encode` holds the GIL for the whole call (a long prompt encoded on
+            # a worker thread would still stall the event loop); `encode_batch` releases it.
+            (encoding,) = self._tokenizer.encode_batch(
+                [text], add_special_tokens=add_special_tokens
+            )
+            return list(encoding.ids)
         return list(self._tokenizer.encode(text, add_special_tokens=add_special_tokens).ids)
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        if len(ids) > GIL_FREE_ENCODE_CHARS:  # as encode: decode_batch releases the GIL
+            (text,) = self._tokenizer.decode_batch(
+                [list(ids)], skip_special_tokens=skip_special_tokens
+            )
+            return text
         return self._tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
     def apply_chat_template(
@@ -340,3 +374,17 @@ def _eos_token_ids(folder: Path, tokenizer: Tokenizer, eos_token: str | None) ->
         values = value if isinstance(value, list) else [value]
         ids.extend(v for v in values if isinstance(v, int) and not isinstance(v, bool))
     return list(dict.fromkeys(ids))
+
+
+def _rebuild(
+    tokenizer: Tokenizer,
+    chat_template: str | None,
+    special_tokens: dict[str, str],
+    eos_token_ids: tuple[int, ...],
+) -> HfTokenizer:
+    return HfTokenizer(
+        tokenizer,
+        chat_template=chat_template,
+        special_tokens=special_tokens,
+        eos_token_ids=eos_token_ids,
+    )

@@ -1,5 +1,6 @@
 """Startup inference of the LoRA pool's shape (as SGLang does): rank and target modules default to
-the maximum and union over `--lora-paths`. Pure: adapter configs arrive already read.
+the maximum and union over `--lora-paths`, fused modules counted as one (q/k/v, gate/up). Pure:
+adapter configs arrive already read.
 """
 
 from __future__ import annotations
@@ -29,6 +30,12 @@ class LoraPoolSpec(NamedTuple):
 
 
 DISABLED = LoraPoolSpec(enabled=False, num_slots=0, max_rank=0, target_modules=(), backend="torch")
+#: modules the model runs as one fused weight: the pool holds all of a group's slices as soon as
+#: one is targeted, so an adapter may train any of them (SGLang's qkv_proj and gate_up_proj)
+FUSED_GROUPS: tuple[frozenset[str], ...] = (
+    frozenset({"q_proj", "k_proj", "v_proj"}),
+    frozenset({"gate_proj", "up_proj"}),
+)
 
 
 def infer_pool_spec(
@@ -59,6 +66,10 @@ def infer_pool_spec(
 
 
 def _ordered(modules: set[str]) -> tuple[str, ...]:
+    """In SUPPORTED_LORA_MODULES order, with the partners of every fused module targeted."""
+    for group in FUSED_GROUPS:
+        if modules & group:
+            modules = modules | group
     return tuple(m for m in SUPPORTED_LORA_MODULES if m in modules)
 
 

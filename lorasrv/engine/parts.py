@@ -52,7 +52,7 @@ async def prepare_parts(config: ServerConfig) -> EngineParts:
             tokenizer_path = await asyncio.to_thread(resolve_path, model_cfg.tokenizer_path)
         tokenizer = await asyncio.to_thread(HfTokenizer.from_dir, tokenizer_path)
     except (OSError, ValueError) as exc:
-        raise ConfigError(f"--model-path {model_cfg.model_path}: {exc}") from None
+        raise ConfigError(f"--model-path: {exc}") from None  # exc names the path
     initial = config.adapters.lora_paths
     peft_configs = []
     for ref in initial:

@@ -1,12 +1,16 @@
 """TokenizerActor: encodes prompts (chat template for chat requests), detokenizes incrementally,
 applies stop strings, and hands output deltas to the request's output queue. Never sees tensors.
+
+Long prompts are encoded on the actor's own worker threads, never on the event loop.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import assert_never
+from typing import Final, assert_never
 
 from lorasrv.engine.actor import Actor, Sender
 from lorasrv.engine.hf_tokenizer import Detokenizer, DetokenizerStream, find_stop, holdback
@@ -21,10 +25,16 @@ from lorasrv.messages import (
     SamplingParams,
     SchedulerInbox,
     Tokenize,
+    Tokenized,
     TokenizerInbox,
 )
 
 logger = logging.getLogger(__name__)
+
+# Prompts up to this many characters encode inline (well under a millisecond); longer ones go to
+# a worker thread (the tokenizers library releases the GIL while it encodes).
+INLINE_ENCODE_CHARS: Final = 4096
+ENCODE_THREADS: Final = 2
 
 
 @dataclass(slots=True)
@@ -54,11 +64,27 @@ class TokenizerActor(Actor[TokenizerInbox]):
         self._outputs = outputs
         self._vocab_size = vocab_size
         self._streams: dict[RequestId, _Stream] = {}
+        self._encoding: dict[RequestId, Tokenize] = {}  # sent to a worker thread, not back yet
+        self._pool: ThreadPoolExecutor | None = None
+
+    async def run(self) -> None:
+        try:
+            await super().run()
+        finally:
+            if self._pool is not None:
+                self._pool.shutdown(wait=False, cancel_futures=True)
 
     def handle(self, msg: TokenizerInbox) -> None:
         match msg:
             case Tokenize():
-                self._tokenize(msg)
+                if prompt_chars(msg) <= INLINE_ENCODE_CHARS:
+                    self._encoded(msg, *self._try_encode(msg))
+                else:
+                    self._encode_in_thread(msg)
+            case Tokenized():
+                pending = self._encoding.pop(msg.request_id, None)
+                if pending is not None:  # else aborted while it was encoding
+                    self._encoded(pending, list(msg.prompt_ids), msg.error)
             case EmitTokens():
                 self._emit(msg)
             case RequestFailed():
@@ -66,15 +92,39 @@ class TokenizerActor(Actor[TokenizerInbox]):
             case Abort(request_id=request_id):
                 # Forwarded through this inbox so it can never overtake the request's Enqueue.
                 self._streams.pop(request_id, None)
+                self._encoding.pop(request_id, None)
                 self._scheduler.send(msg)
             case _:
                 assert_never(msg)
 
-    def _tokenize(self, msg: Tokenize) -> None:
+    def _encode_in_thread(self, msg: Tokenize) -> None:
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(ENCODE_THREADS, thread_name_prefix="lorasrv-encode")
+        self._encoding[msg.request_id] = msg
+        future = asyncio.get_running_loop().run_in_executor(self._pool, self._try_encode, msg)
+
+        def done(f: asyncio.Future[tuple[list[int], str | None]]) -> None:
+            if f.cancelled():
+                return  # the actor is stopping
+            try:
+                ids, error = f.result()
+            except Exception as exc:  # a tokenizer bug fails this request, not the server
+                logger.exception("request %s: encoding failed", msg.request_id)
+                ids, error = [], f"the tokenizer failed on this prompt ({type(exc).__name__})"
+            self.send(Tokenized(request_id=msg.request_id, prompt_ids=tuple(ids), error=error))
+
+        future.add_done_callback(done)
+
+    def _try_encode(self, msg: Tokenize) -> tuple[list[int], str | None]:
+        """(ids, None), or ([], why the prompt is refused). Thread-safe: reads the tokenizer."""
         try:
-            prompt_ids = self._encode(msg)
+            return self._encode(msg), None
         except ValueError as exc:
-            self._fail(msg.request_id, "invalid_request", str(exc), known=False)
+            return [], str(exc)
+
+    def _encoded(self, msg: Tokenize, prompt_ids: list[int], error: str | None) -> None:
+        if error is not None:
+            self._fail(msg.request_id, "invalid_request", error, known=False)
             return
         stream = _Stream(
             params=msg.params,
@@ -173,3 +223,10 @@ class TokenizerActor(Actor[TokenizerInbox]):
                 error_detail=detail,
             )
         )
+
+
+def prompt_chars(msg: Tokenize) -> int:
+    """Characters of text to encode (a chat's message contents; 0 for token ids)."""
+    if msg.messages is not None:
+        return sum(len(m.content) for m in msg.messages)
+    return len(msg.text) if msg.text is not None else 0

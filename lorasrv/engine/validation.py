@@ -12,7 +12,7 @@ import math
 from typing import Final, NamedTuple
 
 from lorasrv.engine.requests import Submission
-from lorasrv.errors import BadRequest
+from lorasrv.errors import BadRequest, PromptTooLong
 from lorasrv.messages import SamplingParams
 
 MAX_TOP_LOGPROBS: Final = 20
@@ -26,12 +26,14 @@ class Limits(NamedTuple):
     vocab_size: int
     context_length: int
     lora_enabled: bool
+    max_token_chars: int  # the tokenizer's bound on characters per token
 
 
 def check_submission(sub: Submission, limits: Limits) -> None:
     prompts = [p for p in (sub.text, sub.input_ids, sub.messages) if p is not None]
     _require(len(prompts) == 1, "give exactly one of text, input_ids or messages")
     _require(len(prompts[0]) > 0, EMPTY_PROMPT if sub.messages is None else "messages is empty")
+    check_prompt_size(sub, limits)
     if sub.input_ids is not None:
         bad = [i for i in sub.input_ids if not 0 <= i < limits.vocab_size]
         if bad:
@@ -44,6 +46,25 @@ def check_submission(sub: Submission, limits: Limits) -> None:
             "(start it with --enable-lora or --lora-paths)"
         )
     check_sampling(sub.params, vocab_size=limits.vocab_size, context_length=limits.context_length)
+
+
+def check_prompt_size(sub: Submission, limits: Limits) -> None:
+    """Refuse what cannot fit the context before anything tokenizes it: token ids by count, text
+    by characters (a token stands for at most `max_token_chars` of them)."""
+    context = limits.context_length
+    if sub.input_ids is not None and len(sub.input_ids) >= context:
+        raise PromptTooLong(
+            f"the prompt has {len(sub.input_ids)} tokens; the context length is {context} "
+            "(prompt plus at least one new token)"
+        )
+    chars = len(sub.text or "") + sum(len(m.content) for m in sub.messages or ())
+    max_chars = context * limits.max_token_chars
+    if chars > max_chars:
+        raise PromptTooLong(
+            f"the prompt has {chars} characters; at most {max_chars} can fit the context "
+            f"length of {context} tokens (this tokenizer: <= {limits.max_token_chars} "
+            "characters per token)"
+        )
 
 
 def check_sampling(params: SamplingParams, *, vocab_size: int, context_length: int) -> None:

@@ -7,34 +7,34 @@ runs with `handler_cancellation=True` so a waiting non-streaming handler is canc
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
 from typing import Any, Final, TypeVar
 
 import msgspec
 from aiohttp import web
 
-from lorasrv.engine.engine import Engine
-from lorasrv.engine.request_handle import RequestHandle
 from lorasrv.engine.requests import Submission
-from lorasrv.engine.results import ResultBuilder
-from lorasrv.errors import BadRequest, EngineDead, LorasrvError
+from lorasrv.errors import BadRequest, EngineDead, LorasrvError, ShuttingDown
 from lorasrv.http import sglang
-from lorasrv.http.outputs import abort_all, collect, merged, submit_all
+from lorasrv.http.bodies import read_body
+from lorasrv.http.models import model_cards
+from lorasrv.http.outputs import abort_all, collect, submit_all
 from lorasrv.http.responses import error_response, json_response
 from lorasrv.http.schemas import (
-    AdapterOpResponse,
+    AbortRequest,
+    DetokenizeRequest,
+    DetokenizeResponse,
     GenerateRequest,
-    LoadLoraRequest,
     ModelCard,
     ModelList,
-    UnloadLoraRequest,
+    TokenizeBatchResponse,
+    TokenizeRequest,
+    TokenizeResponse,
 )
 from lorasrv.http.sse import stream_sse
 from lorasrv.http.state import CONFIG_KEY, CREATED_KEY, ENGINE_KEY
-from lorasrv.messages import AdapterOpDone, SamplingParams
+from lorasrv.messages import SamplingParams
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ SECRET_KEYS: Final = frozenset({"api_key", "admin_api_key"})
 
 async def decode_body(request: web.Request, cls: type[_T]) -> _T:
     """The JSON body as `cls`; any problem is a BadRequest naming it (msgspec gives the path)."""
-    raw = await request.read()  # raises 413 beyond the app's client_max_size
+    raw = await read_body(request)  # Content-Encoding undone; 413 beyond the body limit
     if not raw.strip():
         raise BadRequest("invalid JSON: empty request body")
     try:
@@ -68,7 +68,7 @@ async def generate(request: web.Request) -> web.StreamResponse:
     handles = submit_all(engine, batch.submissions)
     try:
         if body.stream:
-            return await stream_sse(request, _chunks(handles, batch, started_s))
+            return await stream_sse(request, sglang.stream_items(handles, batch, started_s))
         builders = await collect(handles)
         items = [
             sglang.generate_item(b.result(), started_s, want_logprobs=batch.want_logprobs[i])
@@ -79,90 +79,76 @@ async def generate(request: web.Request) -> web.StreamResponse:
         abort_all(handles)  # no-op for finished ones; frees the rest on error or disconnect
 
 
-async def _chunks(
-    handles: list[RequestHandle], batch: sglang.GenerateBatch, started_s: float
-) -> AsyncIterator[dict[str, Any]]:
-    """Cumulative /generate dicts as outputs arrive; a batch's carry their output `index`."""
-    builders = [ResultBuilder(handle.request_id) for handle in handles]
-    async with contextlib.aclosing(merged(handles)) as outputs:
-        async for index, out in outputs:
-            builders[index].add(out)
-            yield sglang.generate_item(
-                builders[index].result(), started_s,
-                want_logprobs=batch.want_logprobs[index],
-                index=index if batch.is_batch else None,
-            )  # fmt: skip
+# ----------------------------------------------------------------------------- SGLang's tools
 
 
-# ----------------------------------------------------------------------------- adapters
-
-
-async def load_lora_adapter(request: web.Request) -> web.Response:
+async def abort_request(request: web.Request) -> web.Response:
+    """SGLang's: the request's reader gets what it had, finish reason "abort"; unknown ids are
+    ignored. `abort_all` aborts every request in flight."""
     engine = request.app[ENGINE_KEY]
-    try:
-        body = await decode_body(request, LoadLoraRequest)
-        done = await engine.load_adapter(body.lora_name, body.lora_path, pinned=body.pinned)
-    except LorasrvError as exc:
-        return await _adapter_failure(engine, exc)
-    log.info("load adapter %s from %s: success=%s", body.lora_name, body.lora_path, done.success)
-    return _adapter_result(done)
+    body = await decode_body(request, AbortRequest)
+    rids = engine.request_ids() if body.abort_all else (body.rid,)
+    for rid in rids:
+        engine.abort(rid)
+    log.info("aborted %d request(s) by %s", len(rids), "abort_all" if body.abort_all else "rid")
+    return web.Response()
 
 
-async def unload_lora_adapter(request: web.Request) -> web.Response:
+async def tokenize(request: web.Request) -> web.Response:
     engine = request.app[ENGINE_KEY]
-    try:
-        body = await decode_body(request, UnloadLoraRequest)
-        done = await engine.unload_adapter(body.lora_name)
-    except LorasrvError as exc:
-        return await _adapter_failure(engine, exc)
-    log.info("unload adapter %s: success=%s", body.lora_name, done.success)
-    return _adapter_result(done)
-
-
-def _adapter_result(done: AdapterOpDone) -> web.Response:
-    body = AdapterOpResponse(
-        success=done.success,
-        error_message=done.error_message,
-        loaded_adapters=dict(done.loaded_adapters),
+    body = await decode_body(request, TokenizeRequest)
+    encode = engine.tokenizer.encode
+    prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+    # NOTE: never on the event loop: a body may hold tens of MB of text
+    ids = await asyncio.to_thread(
+        lambda: [encode(p, add_special_tokens=body.add_special_tokens) for p in prompts]
     )
-    return json_response(body, status=200 if done.success else 400)
+    limit = engine.ready_info.context_length
+    if isinstance(body.prompt, str):
+        return json_response(
+            TokenizeResponse(tokens=ids[0], count=len(ids[0]), max_model_len=limit)
+        )
+    counts = [len(row) for row in ids]
+    return json_response(TokenizeBatchResponse(tokens=ids, count=counts, max_model_len=limit))
 
 
-async def _adapter_failure(engine: Engine, exc: LorasrvError) -> web.Response:
-    """Admin routes answer failures in their own shape: 400, or the error's 5xx."""
-    try:
-        loaded = {status.name: status.path for status in await engine.describe_adapters()}
-    except LorasrvError:
-        loaded = {}
-    body = AdapterOpResponse(success=False, error_message=exc.detail, loaded_adapters=loaded)
-    return json_response(body, status=exc.status if exc.status >= 500 else 400)
+async def detokenize(request: web.Request) -> web.Response:
+    engine = request.app[ENGINE_KEY]
+    body = await decode_body(request, DetokenizeRequest)
+    single, batch = sglang.split_token_lists(body.tokens, "tokens")
+    vocab_size = engine.ready_info.vocab_size
+    rows = [single] if single is not None else batch or []
+    bad = [i for row in rows for i in row if not 0 <= i < vocab_size]
+    if bad:
+        raise BadRequest(f"tokens: token id {bad[0]} is outside the vocabulary [0, {vocab_size})")
+    decode = engine.tokenizer.decode
+    texts = await asyncio.to_thread(
+        lambda: [decode(row, skip_special_tokens=body.skip_special_tokens) for row in rows]
+    )
+    return json_response(DetokenizeResponse(text=texts[0] if single is not None else texts))
 
 
 # ----------------------------------------------------------------------------- info
 
 
 async def list_models(request: web.Request) -> web.Response:
-    return json_response(ModelList(data=await model_cards(request)))
+    return json_response(ModelList(data=await model_cards_of(request)))
 
 
-async def model_cards(request: web.Request) -> list[ModelCard]:
-    """The base model's card, then one per registered adapter (also for /v1/models/{id})."""
+async def model_cards_of(request: web.Request) -> list[ModelCard]:
+    """The base model's card, then one per loaded adapter (also for /v1/models/{id})."""
     engine = request.app[ENGINE_KEY]
-    created = request.app[CREATED_KEY]
-    served = engine.served_model_name
     # NOTE: the engine may resolve the model at start (demo model, Hub id), so ask it first.
-    root = engine.model_path or request.app[CONFIG_KEY].model.model_path or served
-    cards = [ModelCard(id=served, created=created, root=root, parent=None)]
-    cards += [
-        ModelCard(id=status.name, created=created, root=status.path, parent=served)
-        for status in await engine.describe_adapters()
-    ]
-    return cards
+    root = engine.model_path or request.app[CONFIG_KEY].model.model_path or ""
+    return await model_cards(engine, request.app[CREATED_KEY], root or engine.served_model_name)
 
 
 async def health(request: web.Request) -> web.Response:
-    if request.app[ENGINE_KEY].is_healthy():
+    engine = request.app[ENGINE_KEY]
+    if engine.is_healthy():
         return json_response({"status": "ok"})
+    if engine.draining is not None and engine.failure is None:
+        return error_response(ShuttingDown(engine.draining))  # load balancers: stop sending
     return error_response(EngineDead("engine is not running"))
 
 

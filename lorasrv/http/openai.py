@@ -18,8 +18,15 @@ from aiohttp import web
 from lorasrv.engine.engine import Engine
 from lorasrv.engine.requests import Submission
 from lorasrv.errors import BadRequest, ModelNotFound
-from lorasrv.http.handlers import decode_body, model_cards
-from lorasrv.http.openai_format import ChoiceState, chat_logprobs, completion_logprobs, usage_of
+from lorasrv.http.handlers import decode_body, model_cards_of
+from lorasrv.http.models import adapters_per_prompt, model_adapter
+from lorasrv.http.openai_format import (
+    ChoiceState,
+    chat_logprobs,
+    completion_logprobs,
+    token_strings,
+    usage_of,
+)
 from lorasrv.http.openai_schemas import (
     AssistantMessage,
     ChatChoice,
@@ -75,11 +82,11 @@ async def completions(request: web.Request) -> web.StreamResponse:
     max_tokens = body.max_tokens or DEFAULT_COMPLETION_MAX_TOKENS
     num_top = body.logprobs
     params = sampling_params(body, max_tokens, num_top is not None, num_top or 0)
-    lora_name = await resolve_model(engine, body.model, body.lora_path)
-    job = _job(body, "cmpl", lora_name, num_top, is_chat=False)
+    loras = await adapters_per_prompt(engine, body.model, body.lora_path, len(prompts))
+    job = _job(body, "cmpl", loras, num_top, is_chat=False)
     bases = [
-        Submission(text=p.text, input_ids=p.input_ids, params=params, lora_name=lora_name)
-        for p in prompts
+        Submission(text=p.text, input_ids=p.input_ids, params=params, lora_name=lora)
+        for p, lora in zip(prompts, loras, strict=True)
     ]
     return await _answer(request, engine, job, bases)
 
@@ -96,18 +103,18 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     max_tokens = body.max_completion_tokens or body.max_tokens or _context_length(engine)
     num_top = (body.top_logprobs or 0) if body.logprobs else None
     params = sampling_params(body, max_tokens, body.logprobs, num_top or 0)
-    lora_name = await resolve_model(engine, body.model, body.lora_path)
-    job = _job(body, "chatcmpl", lora_name, num_top, is_chat=True)
-    base = Submission(messages=tuple(messages), params=params, lora_name=lora_name)
+    (lora,) = await adapters_per_prompt(engine, body.model, body.lora_path, 1)
+    job = _job(body, "chatcmpl", [lora], num_top, is_chat=True)
+    base = Submission(messages=tuple(messages), params=params, lora_name=lora)
     return await _answer(request, engine, job, [base])
 
 
 async def retrieve_model(request: web.Request) -> web.Response:
     model_id = request.match_info["model_id"]
     engine = request.app[ENGINE_KEY]
-    lora_name = await resolve_model(engine, model_id, None)
+    lora_name = await model_adapter(engine, model_id)
     wanted = engine.served_model_name if lora_name is None else lora_name
-    card = next((card for card in await model_cards(request) if card.id == wanted), None)
+    card = next((card for card in await model_cards_of(request) if card.id == wanted), None)
     if card is None:  # unloaded between the two looks
         raise ModelNotFound(f"The model `{model_id}` does not exist")
     return json_response(msgspec.structs.replace(card, id=model_id))
@@ -137,6 +144,7 @@ async def _answer(
 
 def _final(engine: Engine, job: Job, states: list[ChoiceState]) -> Completion | ChatCompletion:
     usage = usage_of(states, job.n)
+    decode = token_strings(engine.tokenizer)
     if job.is_chat:
         return ChatCompletion(
             id=job.id, created=job.created, model=job.model, usage=usage,
@@ -145,8 +153,7 @@ def _final(engine: Engine, job: Job, states: list[ChoiceState]) -> Completion | 
                     index=state.index,
                     message=AssistantMessage(content=state.text),
                     logprobs=None if job.num_top is None else chat_logprobs(
-                        engine.decode_tokens, state.token_ids, state.logprobs,
-                        state.top_logprobs, job.num_top,
+                        decode, state.token_ids, state.logprobs, state.top_logprobs, job.num_top,
                     ),
                     finish_reason=state.finish_reason,
                 )
@@ -160,8 +167,8 @@ def _final(engine: Engine, job: Job, states: list[ChoiceState]) -> Completion | 
                 index=state.index,
                 text=state.text,
                 logprobs=None if job.num_top is None else completion_logprobs(
-                    engine.decode_tokens, state.token_ids, state.logprobs, state.top_logprobs,
-                    job.num_top, state,
+                    decode, state.token_ids, state.logprobs, state.top_logprobs, job.num_top,
+                    state,
                 ),
                 finish_reason=state.finish_reason,
             )
@@ -175,7 +182,8 @@ def _log_done(job: Job, states: list[ChoiceState], started_s: float) -> None:
     log.info(
         "%s %s model=%s adapter=%s choices=%d prompt_tokens=%d completion_tokens=%d "
         "finish=%s %.3f s",
-        job.id, "chat" if job.is_chat else "completion", job.model, job.lora_name or "-",
+        job.id, "chat" if job.is_chat else "completion", job.model,
+        ",".join(sorted({lora or "-" for lora in job.loras})),
         len(states), usage.prompt_tokens, usage.completion_tokens,
         ",".join(sorted({str(state.finish_reason) for state in states})),
         time.monotonic() - started_s,
@@ -183,14 +191,19 @@ def _log_done(job: Job, states: list[ChoiceState], started_s: float) -> None:
 
 
 def _job(
-    body: SamplingFields, prefix: str, lora_name: str | None, num_top: int | None, *, is_chat: bool
+    body: SamplingFields,
+    prefix: str,
+    loras: list[str | None],
+    num_top: int | None,
+    *,
+    is_chat: bool,
 ) -> Job:
     options = body.stream_options
     return Job(
         id=f"{prefix}-{uuid.uuid4().hex}",
         created=int(time.time()),
         model=body.model,
-        lora_name=lora_name,
+        loras=tuple(loras),
         n=body.n,
         seed=body.seed,
         is_chat=is_chat,
@@ -202,32 +215,6 @@ def _job(
 
 
 # ----------------------------------------------------------------------------- parsing
-
-
-async def resolve_model(engine: Engine, model: str, lora_path: str | None) -> str | None:
-    """`model` -> None (the base) or an adapter name; SGLang's `lora_path` may name it instead."""
-    served = engine.served_model_name
-    names = {status.name for status in await engine.describe_adapters()}
-    base_prefix = f"{served}:"
-    if model == served:
-        lora_name = None
-    elif model in names:
-        lora_name = model
-    elif model.startswith(base_prefix) and model[len(base_prefix) :] in names:
-        lora_name = model[len(base_prefix) :]
-    else:
-        known = ", ".join(sorted(names)[:10]) or "none"
-        raise ModelNotFound(
-            f"The model `{model}` does not exist. Use the base model {served!r}, an adapter "
-            f"name or '{served}:<adapter>' (adapters: {known})"
-        )
-    if lora_path is not None:
-        if lora_name is not None and lora_path != lora_name:
-            raise BadRequest(f"lora_path {lora_path!r} conflicts with model {model!r}")
-        if lora_path not in names:
-            raise ModelNotFound(f"lora_path: adapter {lora_path!r} is not loaded")
-        lora_name = lora_path
-    return lora_name
 
 
 def completion_prompts(prompt: str | list[Any]) -> list[Prompt]:

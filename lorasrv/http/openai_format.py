@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from lorasrv.engine.hf_tokenizer import Detokenizer
 from lorasrv.engine.results import ResultBuilder
 from lorasrv.http.openai_schemas import (
     ChoiceLogprobs,
@@ -18,6 +19,15 @@ from lorasrv.http.openai_schemas import (
 from lorasrv.messages import TokenLogprob
 
 Decode = Callable[[Sequence[int]], list[str]]
+
+
+def token_strings(tokenizer: Detokenizer) -> Decode:
+    """Each id's own text, special tokens kept: the `token` of OpenAI logprobs."""
+
+    def decode(ids: Sequence[int]) -> list[str]:
+        return [tokenizer.decode([token_id], skip_special_tokens=False) for token_id in ids]
+
+    return decode
 
 
 @dataclass(slots=True)

@@ -50,7 +50,7 @@ class SamplingFields(_Request, frozen=True, kw_only=True):
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = None
     skip_special_tokens: bool = True
-    lora_path: str | None = None
+    lora_path: str | list[str | None] | None = None  # SGLang: one, or one per prompt
 
 
 class CompletionRequest(SamplingFields, frozen=True, kw_only=True):

@@ -16,7 +16,13 @@ from lorasrv.engine.engine import Engine
 from lorasrv.engine.request_handle import RequestHandle
 from lorasrv.engine.requests import Submission
 from lorasrv.errors import LorasrvError
-from lorasrv.http.openai_format import ChoiceState, chat_logprobs, completion_logprobs, usage_of
+from lorasrv.http.openai_format import (
+    ChoiceState,
+    chat_logprobs,
+    completion_logprobs,
+    token_strings,
+    usage_of,
+)
 from lorasrv.http.openai_schemas import (
     ChatChunkChoice,
     ChatCompletionChunk,
@@ -40,7 +46,7 @@ class Job(NamedTuple):
     id: str
     created: int
     model: str
-    lora_name: str | None
+    loras: tuple[str | None, ...]  # per prompt (logs)
     n: int
     seed: int | None
     is_chat: bool
@@ -141,18 +147,19 @@ async def _send_delta(
     if job.is_chat:
         logprobs = None
         if job.num_top is not None:
+            decode = token_strings(engine.tokenizer)
             logprobs = chat_logprobs(
-                engine.decode_tokens, out.token_ids, out.logprobs, out.top_logprobs, job.num_top
+                decode, out.token_ids, out.logprobs, out.top_logprobs, job.num_top
             )
         delta = ChatDelta(content=out.text) if out.text else ChatDelta()
         chunk = _chat_chunk(job, index, delta, logprobs, finish, usage)
     else:
         legacy = None
         if job.num_top is not None:
+            decode = token_strings(engine.tokenizer)
             legacy = completion_logprobs(
-                engine.decode_tokens, out.token_ids, out.logprobs, out.top_logprobs,
-                job.num_top, state,
-            )  # fmt: skip
+                decode, out.token_ids, out.logprobs, out.top_logprobs, job.num_top, state
+            )
         choice = CompletionChoice(index=index, text=out.text, logprobs=legacy, finish_reason=finish)
         chunk = _completion_chunk(job, [choice], usage)
     await _send(response, chunk)

@@ -20,7 +20,10 @@ from lorasrv.messages import RequestOutput
 
 
 def submit_all(engine: Engine, submissions: Iterable[Submission]) -> list[RequestHandle]:
-    """All submitted, or none: a refusal (bad value, overload) aborts the ones before it."""
+    """All submitted, or none: a refusal (bad value, overload) aborts the ones before it; a
+    batch that could never fit is refused before any is submitted."""
+    submissions = list(submissions)
+    engine.check_batch_size(len(submissions))
     handles: list[RequestHandle] = []
     try:
         for submission in submissions:

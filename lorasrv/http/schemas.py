@@ -44,6 +44,8 @@ class GenerateRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
 
 
 class LoadLoraRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """SGLang's `/load_lora_adapter`."""
+
     lora_name: str
     lora_path: str
     pinned: bool = False
@@ -51,6 +53,20 @@ class LoadLoraRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
 
 class UnloadLoraRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     lora_name: str
+
+
+class VllmLoadLoraRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """vLLM's `/v1/load_lora_adapter`; `pinned` is SGLang's, accepted here too."""
+
+    lora_name: str
+    lora_path: str
+    load_inplace: bool = False
+    pinned: bool = False
+
+
+class VllmUnloadLoraRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    lora_name: str
+    lora_int_id: int | None = None
 
 
 class AdapterOpResponse(msgspec.Struct, frozen=True, kw_only=True):
@@ -81,3 +97,40 @@ class ModelCard(msgspec.Struct, frozen=True, kw_only=True):
 class ModelList(msgspec.Struct, frozen=True, kw_only=True):
     data: list[ModelCard]
     object: str = "list"
+
+
+class AbortRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """SGLang's `/abort_request`: one request by id, or every one in flight."""
+
+    rid: str = ""
+    abort_all: bool = False
+
+
+class TokenizeRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    model: str | None = None
+    prompt: str | list[str]
+    add_special_tokens: bool = True
+
+
+class TokenizeResponse(msgspec.Struct, frozen=True, kw_only=True):
+    tokens: list[int]
+    count: int
+    max_model_len: int
+
+
+class TokenizeBatchResponse(msgspec.Struct, frozen=True, kw_only=True):
+    """`prompt` was a list: one entry per prompt."""
+
+    tokens: list[list[int]]
+    count: list[int]
+    max_model_len: int
+
+
+class DetokenizeRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    model: str | None = None
+    tokens: list[int | list[int]]  # token ids, or one list of them per text
+    skip_special_tokens: bool = True
+
+
+class DetokenizeResponse(msgspec.Struct, frozen=True, kw_only=True):
+    text: str | list[str]

@@ -6,16 +6,19 @@ only answers the questions of shape (which prompts, how lists pair up, SGLang's 
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from typing import Any, NamedTuple, TypeVar, cast
 
 import msgspec
 
 from lorasrv.engine.engine import Engine
+from lorasrv.engine.request_handle import RequestHandle
 from lorasrv.engine.requests import Submission
-from lorasrv.engine.results import RequestResult
+from lorasrv.engine.results import RequestResult, ResultBuilder
 from lorasrv.errors import BadRequest
+from lorasrv.http.outputs import merged
 from lorasrv.http.schemas import GenerateRequest, GenerateSamplingParams
 from lorasrv.messages import SamplingParams
 
@@ -90,14 +93,21 @@ def _prompts(body: GenerateRequest) -> tuple[list[str] | list[list[int]], bool]:
         if not body.text:
             raise BadRequest("text: an empty list; give at least one prompt")
         return body.text, True
-    raw = body.input_ids or []
+    single, batch = split_token_lists(body.input_ids or [], "input_ids")
+    return ([single], False) if single is not None else (batch or [], True)
+
+
+def split_token_lists(
+    raw: list[int | list[int]], field: str
+) -> tuple[list[int] | None, list[list[int]] | None]:
+    """(one list of ids, None) or (None, a list of them); a mix of both is a 400."""
     ids = [item for item in raw if isinstance(item, int)]
     if len(ids) == len(raw):
-        return [ids], False
-    batch = [item for item in raw if isinstance(item, list)]
-    if len(batch) != len(raw):
-        raise BadRequest("input_ids: a list of token ids or a list of such lists, not a mix")
-    return batch, True
+        return ids, None
+    rows = [item for item in raw if isinstance(item, list)]
+    if len(rows) != len(raw):
+        raise BadRequest(f"{field}: a list of token ids or a list of such lists, not a mix")
+    return None, rows
 
 
 def _per_item(value: _T | Sequence[_T], count: int, name: str) -> list[_T]:
@@ -163,6 +173,21 @@ def generate_item(
     if index is not None:
         item["index"] = index
     return item
+
+
+async def stream_items(
+    handles: Sequence[RequestHandle], batch: GenerateBatch, started_s: float
+) -> AsyncIterator[dict[str, Any]]:
+    """Cumulative /generate dicts as outputs arrive; a batch's (or `n`'s) carry their `index`."""
+    builders = [ResultBuilder(handle.request_id) for handle in handles]
+    async with contextlib.aclosing(merged(handles)) as outputs:
+        async for index, out in outputs:
+            builders[index].add(out)
+            yield generate_item(
+                builders[index].result(), started_s,
+                want_logprobs=batch.want_logprobs[index],
+                index=index if batch.is_batch else None,
+            )  # fmt: skip
 
 
 def _tops(result: RequestResult) -> list[Any]:

@@ -224,7 +224,7 @@ async def test_second_load_of_a_name_fails() -> None:
     ("path", "weight_error", "message"),
     [
         ("/missing", None, "/missing: no adapter_config.json"),
-        ("/big", None, "rank 64 exceeds --max-lora-rank 16"),
+        ("/big", None, "LoRA rank 64 is greater than max_lora_rank 16"),
         ("/mlp", None, "down_proj are outside --lora-target-modules"),
         ("/a", OSError("adapter_model.safetensors: truncated"), "truncated"),
         ("/a", RuntimeError("loader bug"), "RuntimeError: loader bug"),
@@ -336,7 +336,7 @@ async def test_failed_reload_fails_the_waiting_acquires() -> None:
         del h.disk.folders["/a"]
         failed = await h.acquire("r1", "a")
         assert isinstance(failed, AdapterAcquireFailed)
-        assert failed.code == "adapter_error"
+        assert failed.code == "adapter_unavailable"
         assert "no adapter_config.json" in failed.detail
 
 
@@ -387,5 +387,5 @@ async def test_requests_waiting_on_a_failed_first_load_fail_with_its_reason() ->
         assert not (await h.op_result(slow_op)).success
         failed = await h.until(lambda: h._reply_to("r1"))
         assert isinstance(failed, AdapterAcquireFailed)
-        assert failed.code == "adapter_error"
+        assert failed.code == "adapter_not_found"
         assert "corrupt adapter_model.safetensors" in failed.detail

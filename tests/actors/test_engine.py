@@ -31,8 +31,8 @@ class FakePeft(NamedTuple):
 
 
 def read_config(path: str) -> FakePeft:
-    if path not in SALTS:
-        raise ValueError(f"{path}: not an adapter folder (no adapter_config.json)")
+    if path not in SALTS:  # as lorasrv.peft_config's AdapterNotFoundError
+        raise FileNotFoundError(f"{path}: not an adapter folder (no adapter_config.json)")
     return FakePeft(path=path, max_rank=8, target_modules=("q_proj",))
 
 
@@ -227,6 +227,12 @@ async def test_aborted_while_waiting_for_its_adapter_releases_the_reference() ->
     eng, _ = make_engine(loader=slow_loader)
     async with eng:
         load = asyncio.create_task(eng.load_adapter("d", "/ad/d"))
+
+        async def loading() -> bool:
+            status = await adapter(eng, "d")
+            return status is not None and status.state == "loading"
+
+        await eventually(loading, "adapter d is loading")
         handle = eng.submit(Submission(text="x", lora_name="d", params=GREEDY))
         await wait_until(lambda: eng.last_stats.num_acquiring == 1, "it waits for adapter d")
         handle.abort()
@@ -249,10 +255,9 @@ async def test_unload_then_reload_same_name_uses_new_weights(engine: Engine) -> 
         await gen(engine, "q", "a")
     assert (await engine.load_adapter("a", "/ad/a2")).success
     assert (await gen(engine, "q", "a")).text == expect("q", 55, 8)
-    bad = await engine.load_adapter("zzz", "/not/there")
-    assert not bad.success
-    assert "adapter_config.json" in bad.error_message
-    assert "zzz" not in bad.loaded_adapters
+    with pytest.raises(AdapterNotFound, match=r"adapter_config\.json"):
+        await engine.load_adapter("zzz", "/not/there")
+    assert await adapter(engine, "zzz") is None
 
 
 async def test_many_concurrent_requests_over_few_slots_all_finish() -> None:

@@ -3,9 +3,12 @@ end the request here, so the actor itself must tell the scheduler to abort the s
 
 from __future__ import annotations
 
+import asyncio
+import threading
+from collections.abc import Callable
 from typing import Any
 
-from lorasrv.engine.tokenizer import TokenizerActor
+from lorasrv.engine.tokenizer import INLINE_ENCODE_CHARS, TokenizerActor
 from lorasrv.ids import RequestId
 from lorasrv.messages import Abort, EmitTokens, Enqueue, RequestOutput, SamplingParams, Tokenize
 from tests.fakes import FAKE_VOCAB, FakeTokenizer
@@ -72,3 +75,66 @@ def test_without_stop_strings_nothing_is_held_back() -> None:
     assert scheduler.msgs == []
     assert [out.text for out in outputs.msgs] == ["XY", "!"]
     assert outputs.msgs[-1].finish_reason == "length"
+
+
+class GatedTokenizer(FakeTokenizer):
+    """Long prompts wait for `gate` inside encode, as a slow tokenizer would."""
+
+    def __init__(self) -> None:
+        self.gate = threading.Event()
+        self.threads: list[str] = []
+        self.finished = 0
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        if len(text) > INLINE_ENCODE_CHARS:
+            self.threads.append(threading.current_thread().name)
+            assert self.gate.wait(5)
+            self.finished += 1
+        return super().encode(text, add_special_tokens)
+
+
+async def until(condition: Callable[[], bool]) -> None:
+    async with asyncio.timeout(2):
+        while not condition():
+            await asyncio.sleep(0.005)
+
+
+def tokenize(rid: str, text: str) -> Tokenize:
+    return Tokenize(request_id=RequestId(rid), text=text, params=SamplingParams(), arrival_s=0.0)
+
+
+async def test_long_prompts_encode_off_the_event_loop() -> None:
+    tokenizer, scheduler, outputs = GatedTokenizer(), Recorder(), Recorder()
+    actor = TokenizerActor(
+        tokenizer=tokenizer, scheduler=scheduler, outputs=outputs, vocab_size=FAKE_VOCAB
+    )
+    task = asyncio.create_task(actor.run())
+    long = "a" * (INLINE_ENCODE_CHARS + 1)
+    actor.send(tokenize("long", long))
+    actor.send(tokenize("short", "hi"))
+    await until(lambda: len(scheduler.msgs) == 1)
+    assert scheduler.msgs[0].request_id == "short"  # not stuck behind the long one
+    assert tokenizer.threads[0].startswith("lorasrv-encode")
+    tokenizer.gate.set()
+    await until(lambda: len(scheduler.msgs) == 2)
+    assert scheduler.msgs[1].request_id == "long"
+    assert len(scheduler.msgs[1].prompt_ids) == len(long)
+
+    # Aborted while it encodes: the scheduler never sees it.
+    tokenizer.gate.clear()
+    actor.send(tokenize("gone", long))
+    await until(lambda: len(tokenizer.threads) == 2)
+    actor.send(Abort(request_id=RequestId("gone")))
+    await until(lambda: len(scheduler.msgs) == 3)
+    tokenizer.gate.set()
+    await until(lambda: tokenizer.finished == 2 and actor.inbox.empty())
+    await asyncio.sleep(0.05)  # the thread's result reached the actor and was dropped
+    assert scheduler.msgs[2:] == [Abort(request_id=RequestId("gone"))]
+
+    # A long prompt the model cannot take fails with the tokenizer's reason.
+    actor.send(tokenize("bad", "\u00e9" * (INLINE_ENCODE_CHARS + 1)))
+    await until(lambda: len(outputs.msgs) == 1)
+    assert outputs.msgs[0].error_code == "invalid_request"
+    assert "outside the model's vocabulary" in (outputs.msgs[0].error_detail or "")
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)

@@ -7,15 +7,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 from collections.abc import AsyncIterator, Callable
 from typing import Any, NamedTuple
 
 from aiohttp import web
 
-from lorasrv.config import LoraRef, ServerConfig, build_config
+from lorasrv.config import LoraRef, ServerConfig, build_config, lora_enabled
 from lorasrv.engine.engine import Engine
 from lorasrv.engine.parts import EngineParts
 from lorasrv.http.app import build_app, make_runner
+from lorasrv.peft_config import read_peft_config
 from tests.actors.test_engine import SALTS, read_config
 from tests.fakes import FakeRunner, FakeTokenizer, fake_generate
 
@@ -64,16 +66,26 @@ def fake_engine(
     refs = config.adapters.lora_paths or (
         tuple(LoraRef(lora_name=n, lora_path=p) for n, p in ADAPTERS.items()) if adapters else ()
     )
+    if not lora_enabled(config.adapters):
+        refs = ()
     parts = EngineParts(
         model_path="/fake/model",
         runner_factory=lambda: fake,
         tokenizer=FakeTokenizer(),
-        read_adapter_config=read_config,
+        read_adapter_config=read_any_config,
         make_adapter_loader=lambda _runner: SALTS.__getitem__,
         initial_adapters=refs,
         config=config,
     )
     return Engine(config, parts=parts)
+
+
+def read_any_config(path: str) -> Any:
+    """A real folder's adapter_config.json through lorasrv's own reader (its refusals, word for
+    word); else the fake adapters of SALTS."""
+    if os.path.isdir(path):
+        return read_peft_config(path)
+    return read_config(path)
 
 
 @contextlib.asynccontextmanager

@@ -135,7 +135,7 @@ async def test_unexpected_exception_is_a_500_without_traceback(
     [
         ("/load_lora_adapter", b"{", "invalid JSON"),
         ("/load_lora_adapter", b'{"lora_name": "x"}', "missing required field `lora_path`"),
-        ("/v1/load_lora_adapter", b'{"lora_name": "x", "lora_path": 3}', "$.lora_path"),
+        ("/load_lora_adapter", b'{"lora_name": "x", "lora_path": 3}', "$.lora_path"),
         ("/unload_lora_adapter", b'{"lora_name": "x", "extra": 1}', "unknown field `extra`"),
         (
             "/load_lora_adapter",

@@ -214,8 +214,8 @@ async def _abandon_stream(server: Server) -> None:
 def test_cli_applies_log_level(monkeypatch: pytest.MonkeyPatch) -> None:
     seen: dict[str, Any] = {}
     monkeypatch.setattr(logging, "basicConfig", lambda **kwargs: seen.update(kwargs))
-    monkeypatch.setattr("lorasrv.http.app.serve", lambda config, make_engine: 0)
-    assert cli.main(["--log-level", "debug", "--api-key", "sk-secret"]) == 0
+    monkeypatch.setattr("lorasrv.http.app.serve", lambda config, make_engine, sockets: 0)
+    assert cli.main(["--log-level", "debug", "--api-key", "sk-secret", "--port", "0"]) == 0
     assert seen["level"] == "DEBUG"
     for field in ("%(asctime)s", "%(levelname)s", "%(name)s"):
         assert field in seen["format"]

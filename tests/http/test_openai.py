@@ -281,12 +281,13 @@ USER = [{"role": "user", "content": "hi"}]
          "tools"),
         (CHAT, {"model": BASE, "messages": USER, "response_format": {
             "type": "json_object"}}, 400, "response_format"),
-        (COMPLETIONS, {"model": "a", "prompt": "x", "lora_path": "b"}, 400, "conflicts"),
+        (COMPLETIONS, {"model": BASE, "prompt": ["x", "y"], "lora_path": ["a"]}, 400,
+         "lora_path has 1 entries for 2 prompt(s)"),
         (COMPLETIONS, {"model": "nope", "prompt": "x"}, 404, "The model `nope` does not exist"),
         (CHAT, {"model": f"{BASE}:nope", "messages": USER}, 404, "does not exist"),
         (CHAT, {"model": "a:b", "messages": USER}, 404, "does not exist"),
         (COMPLETIONS, {"model": BASE, "prompt": "x", "lora_path": "nope"}, 404,
-         "lora_path: adapter 'nope' is not loaded"),
+         "adapter 'nope' is not loaded"),
         (COMPLETIONS, {"model": BASE, "prompt": "x", "max_tokens": 300}, 400,
          "max_new_tokens 300 exceeds the context length 256"),
         (COMPLETIONS, {"model": BASE, "prompt": "x" * 300}, 413, "300 tokens"),
@@ -301,7 +302,7 @@ async def test_bad_requests_are_4xx_in_openai_shape(
         "invalid_request_error")}[status]  # fmt: skip
     assert error["type"] == expected_type
     if status == 404:
-        assert error["code"] == "model_not_found"
+        assert error["code"] == ("adapter_not_found" if "lora_path" in body else "model_not_found")
     still = await client.post(COMPLETIONS, json={"model": BASE, "prompt": "ok"})
     assert still.status == 200
 
@@ -338,15 +339,22 @@ async def test_early_failure_keeps_its_status_when_streaming(
     assert error["code"] == "engine_dead"
 
 
-async def test_overload_is_a_503_and_earlier_choices_are_aborted(make_client: MakeClient) -> None:
-    client = await make_client(max_running_requests=1, max_queued_requests=1)
+async def test_overload_is_a_503_and_earlier_choices_are_aborted(
+    make_client: MakeClient, runner: FakeRunner
+) -> None:
+    client = await make_client(max_running_requests=1, max_queued_requests=2)  # 3 in flight
     engine = client.app[ENGINE_KEY]
-    body = {"model": BASE, "prompt": "x", "n": 3, "max_tokens": 2}
+    runner.gate.clear()  # one request holds a place until the gate opens
+    held = asyncio.ensure_future(client.post(COMPLETIONS, json={"model": BASE, "prompt": "h"}))
+    await wait_until(lambda: len(engine.request_ids()) == 1, "one request in flight")
+    body = {"model": BASE, "prompt": "x", "n": 3, "max_tokens": 2}  # fits an idle server only
     error = await openai_error(await client.post(COMPLETIONS, json=body), 503)
     assert (error["type"], error["code"]) == ("service_unavailable_error", "overloaded")
-    assert engine.request_ids() == ()
+    assert len(engine.request_ids()) == 1
+    runner.gate.set()
+    assert (await held).status == 200
     await wait_until(lambda: engine.last_stats.num_aborted == 2, "the first two are aborted")
-    assert engine.last_stats.num_finished == 2  # and nothing else ran
+    assert engine.last_stats.num_finished == 3  # the held one and the two aborted
 
 
 async def test_disconnect_aborts_every_choice(server: Server) -> None:

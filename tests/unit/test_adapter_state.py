@@ -18,6 +18,7 @@ from lorasrv.engine.adapter_state import (
     StartHostLoad,
     check_compatible,
 )
+from lorasrv.errors import status_for_code
 from lorasrv.ids import AdapterId, OpId, RequestId, SlotId, StepId
 from lorasrv.messages import (
     AdapterAcquired,
@@ -51,7 +52,9 @@ def test_transition(old: AdapterState, new: AdapterState) -> None:
 
 def test_check_compatible_names_the_flags() -> None:
     check_compatible(8, ("q_proj",), max_rank=8, target_modules=("q_proj", "v_proj"))
-    with pytest.raises(ValueError, match="rank 16 exceeds --max-lora-rank 8"):
+    with pytest.raises(
+        ValueError, match=r"LoRA rank 16 is greater than max_lora_rank 8 \(raise --max-lora-rank\)"
+    ):
         check_compatible(16, ("q_proj",), max_rank=8, target_modules=("q_proj",))
     with pytest.raises(ValueError, match=r"down_proj are outside --lora-target-modules"):
         check_compatible(8, ("q_proj", "down_proj"), max_rank=8, target_modules=("q_proj",))
@@ -292,7 +295,8 @@ def test_failed_reload_fails_its_waiters_and_keeps_the_adapter() -> None:
     acquire(reg, "r1", "a")
     (failed,) = reg.fail_load(a, "disk gone")
     assert isinstance(failed, AdapterAcquireFailed)
-    assert failed.code == "adapter_error"
+    assert failed.code == "adapter_unavailable"  # 503: the next acquire retries the load
+    assert status_for_code(failed.code) == 503
     assert reg.entries[a].state is S.UNLOADED
 
 
@@ -359,11 +363,14 @@ def test_pinned_load_without_host_room_is_refused() -> None:
     acquire(reg, "r2", "b")  # every host copy is in use
     (start,) = reg.begin_load(OpId(9), "p", "/p", True)
     assert isinstance(start, StartHostLoad)
-    (done,) = reg.finish_load(start.adapter_id, "weights-p", 8, 0.01)
+    acquire(reg, "r3", "p")  # a request waiting for the pinned adapter's load
+    failed, done = reg.finish_load(start.adapter_id, "weights-p", 8, 0.01)
     assert isinstance(done, AdapterOpDone)
     assert not done.success
     assert "raise --max-loaded-loras" in done.error_message
     assert "p" not in reg.by_name
+    assert isinstance(failed, AdapterAcquireFailed)
+    assert (failed.request_id, failed.code) == ("r3", "adapter_not_found")  # 404, not 400
 
 
 def test_a_reload_in_flight_holds_its_host_room() -> None:

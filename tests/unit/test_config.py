@@ -53,7 +53,7 @@ def test_parse_lora_path_forms(entry: str, expected: LoraRef) -> None:
     ],
 )
 def test_parse_lora_path_errors_name_the_problem(entry: str, needle: str) -> None:
-    with pytest.raises(ConfigError, match="lora_paths") as info:
+    with pytest.raises(ConfigError, match=r"^--lora-paths") as info:
         parse_lora_path(entry)
     assert needle in str(info.value)
 
@@ -88,10 +88,11 @@ def test_file_sections_and_flat_keys_then_overrides(tmp_path: Path) -> None:
         ("bogus_key = 1\n", "'bogus_key'"),
         ("[http]\npage_size = 4\n", "[http] 'page_size'"),
         ("[model]\nmodel_paht = '/m'\n", "'model_paht'"),
-        ("port = 'eighty'\n", "$.http.port"),
-        ("port = 70000\n", "$.http.port"),
-        ("mem_fraction_static = 1.5\n", "$.cache.mem_fraction_static"),
-        ("dtype = 'int4'\n", "$.model.dtype"),
+        ("port = 'eighty'\n", "--port: expected int, got str"),
+        ("port = 70000\n", "--port must be <= 65535"),
+        ("mem_fraction_static = 1.5\n", "--mem-fraction-static must be <= 1.0"),
+        ("dtype = 'int4'\n", "--dtype: invalid enum value 'int4'"),
+        ("lora_paths = [{lora_name = 3, lora_path = '/x'}]\n", "--lora-paths (lora_name)"),
         ("port = \n", "server.toml"),
     ],
 )
@@ -149,7 +150,7 @@ def test_target_modules() -> None:
 
 
 def test_load_config_checks_constraints() -> None:
-    with pytest.raises(ConfigError, match=r"\$.scheduler.max_running_requests"):
+    with pytest.raises(ConfigError, match=r"^--max-running-requests must be >= 1$"):
         load_config({"scheduler": {"max_running_requests": 0}})
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import pickle
 import random
 from collections.abc import Sequence
 from pathlib import Path
@@ -27,6 +28,7 @@ from tokenizers import (
 from lorasrv.demo import ensure_demo_model
 from lorasrv.demo_corpus import CORPUS
 from lorasrv.engine.hf_tokenizer import (
+    GIL_FREE_ENCODE_CHARS,
     Detokenizer,
     HfTokenizer,
     IncrementalDetokenizer,
@@ -163,6 +165,23 @@ def test_chat_template_matches_transformers(which: str, demo_dir: Path, qwen_dir
             assert ours.apply_chat_template(chat, add_generation_prompt=add) == expected
 
 
+@pytest.mark.parametrize("which", ["demo", "qwen"])
+def test_a_pickled_tokenizer_is_the_same_tokenizer(
+    which: str, demo_dir: Path, qwen_dir: Path
+) -> None:
+    """A Ray Serve ingress gets its replicas' tokenizer pickled (the chat template recompiled)."""
+    ours = HfTokenizer.from_dir(demo_dir if which == "demo" else qwen_dir)
+    copy = pickle.loads(pickle.dumps(ours))
+    for text in TEXTS:
+        assert copy.encode(text) == ours.encode(text)
+        ids = ours.encode(text)
+        assert copy.decode(ids, False) == ours.decode(ids, False)
+    for chat in CHATS:
+        assert copy.apply_chat_template(chat) == ours.apply_chat_template(chat)
+    same = ("eos_token_ids", "vocab_size", "all_special_ids", "max_token_chars")
+    assert [getattr(copy, name) for name in same] == [getattr(ours, name) for name in same]
+
+
 def test_eos_ids_and_special_ids(demo_dir: Path, qwen_dir: Path) -> None:
     demo = HfTokenizer.from_dir(demo_dir)
     eot, end = demo.token_to_id("<|eot_id|>"), demo.token_to_id("<|end_of_text|>")
@@ -173,6 +192,22 @@ def test_eos_ids_and_special_ids(demo_dir: Path, qwen_dir: Path) -> None:
     assert qwen.eos_token_ids == (qwen.token_to_id("<|im_end|>"), 2, 0)
     detokenizer: Detokenizer = demo  # satisfies the actor's seam
     assert detokenizer.vocab_size == demo.vocab_size
+
+
+def test_long_texts_encode_alike_and_bound_characters_per_token(
+    demo_dir: Path, qwen_dir: Path
+) -> None:
+    # Long texts go through encode_batch (it releases the GIL); the ids must not change.
+    text = " ".join(CORPUS.split()[:2000]) + " caf\u00e9 \U0001f600"
+    assert len(text) > GIL_FREE_ENCODE_CHARS
+    for folder in (demo_dir, qwen_dir):
+        tokenizer = HfTokenizer.from_dir(folder)
+        ids = tokenizer.encode(text)
+        assert ids == tokenizer._tokenizer.encode(text).ids
+        # the character bound behind the cheap prompt-size check holds for every token
+        longest = max(len(tokenizer.decode([i], skip_special_tokens=False)) for i in set(ids))
+        assert longest <= tokenizer.max_token_chars
+        assert len(text) <= len(ids) * tokenizer.max_token_chars
 
 
 def test_jinja_file_and_fancy_template(tmp_path: Path, demo_dir: Path) -> None:

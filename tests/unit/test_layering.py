@@ -10,7 +10,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 PURE_ENGINE = {
     "adapter_state", "adapter_registry", "block_pool", "lora_spec", "outputs", "policy",
-    "requests", "results", "sequence", "stats", "step_runner", "validation",
+    "prefix_cache", "requests", "results", "sequence", "stats", "step_runner", "validation",
 }  # fmt: skip
 PURE_ALLOWED = {"lorasrv.ids", "lorasrv.config", "lorasrv.messages", "lorasrv.errors", "msgspec"}
 

@@ -25,7 +25,8 @@ def test_infers_max_rank_and_union_in_canonical_order() -> None:
     assert spec.enabled
     assert spec.max_rank == 16
     assert spec.num_slots == 8
-    assert spec.target_modules == ("q_proj", "v_proj", "down_proj")
+    # q and v are slices of the fused qkv weight: the pool holds k's slice too (as SGLang)
+    assert spec.target_modules == ("q_proj", "k_proj", "v_proj", "down_proj")
     assert spec.backend == "torch"
 
 
@@ -60,3 +61,17 @@ def test_impossible_combinations_name_the_flag(
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(ConfigError, match=flag):
         infer_pool_spec(cfg, PEFTS if cfg.lora_paths else [], has_cuda=False, has_triton=True)
+
+
+@pytest.mark.parametrize(
+    ("flag", "pool"),
+    [
+        (("q_proj", "v_proj", "gate_proj"),
+         ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")),
+        (("up_proj", "o_proj"), ("o_proj", "gate_proj", "up_proj")),
+        (("down_proj",), ("down_proj",)),
+    ],
+)  # fmt: skip
+def test_fused_modules_count_as_one(flag: tuple[str, ...], pool: tuple[str, ...]) -> None:
+    cfg = AdapterConfig(enable_lora=True, max_lora_rank=8, lora_target_modules=flag)
+    assert infer_pool_spec(cfg, [], has_cuda=False, has_triton=True).target_modules == pool

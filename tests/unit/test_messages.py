@@ -18,6 +18,8 @@ SAMPLES: list[m.Msg] = [
         params=PARAMS,
         arrival_s=1.0,
     ),
+    m.Tokenized(request_id=RequestId("r"), prompt_ids=(1, 2)),
+    m.Tokenized(request_id=RequestId("r"), error="the text encodes to no tokens"),
     m.Enqueue(
         request_id=RequestId("r"), prompt_ids=(1, 2), lora_name=None, params=PARAMS, arrival_s=0.5
     ),

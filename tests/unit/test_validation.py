@@ -10,10 +10,10 @@ import pytest
 
 from lorasrv.engine.requests import Submission
 from lorasrv.engine.validation import EMPTY_PROMPT, Limits, check_submission
-from lorasrv.errors import BadRequest
+from lorasrv.errors import BadRequest, PromptTooLong
 from lorasrv.messages import ChatMessage, SamplingParams
 
-LIMITS = Limits(vocab_size=100, context_length=4096, lora_enabled=True)
+LIMITS = Limits(vocab_size=100, context_length=4096, lora_enabled=True, max_token_chars=8)
 
 
 def check(**params: Any) -> None:
@@ -80,3 +80,16 @@ def test_an_adapter_with_lora_off_names_it_and_the_flag() -> None:
     check_submission(Submission(text="a"), off)
     with pytest.raises(BadRequest, match=r"adapter 'x' requested, .*--enable-lora"):
         check_submission(Submission(text="a", lora_name="x"), off)
+
+
+def test_prompt_size_is_bounded_before_tokenizing() -> None:
+    params = SamplingParams()
+    fits = "x" * (4096 * 8)  # 8 characters per token at most: this may still fit
+    check_submission(Submission(text=fits, params=params), LIMITS)
+    with pytest.raises(PromptTooLong, match="32769 characters; at most 32768 can fit"):
+        check_submission(Submission(text=fits + "x", params=params), LIMITS)
+    chat = [ChatMessage(role="user", content=fits[:20000]), ChatMessage(role="user", content=fits)]
+    with pytest.raises(PromptTooLong, match="52768 characters"):
+        check_submission(Submission(messages=chat, params=params), LIMITS)
+    with pytest.raises(PromptTooLong, match="4096 tokens; the context length is 4096"):
+        check_submission(Submission(input_ids=[1] * 4096, params=params), LIMITS)
