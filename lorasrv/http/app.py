@@ -24,6 +24,7 @@ from lorasrv.http.access_log import RedactingAccessLogger
 from lorasrv.http.bodies import MAX_BODY_KEY, RAW_BODIES_KEY
 from lorasrv.http.metrics import count_requests, metrics
 from lorasrv.http.middleware import Access, auth_middleware, error_middleware
+from lorasrv.http.openapi import openapi_json
 from lorasrv.http.shutdown import FINISH_WRITING_S, SIGNALS, shut_down
 from lorasrv.http.state import CONFIG_KEY, CREATED_KEY, ENGINE_KEY
 from lorasrv.http.stats_log import log_stats
@@ -58,6 +59,7 @@ ROUTES: Final[tuple[tuple[str, str, Handler, Access], ...]] = (
     ("GET", "/get_model_info", handlers.get_model_info, Access.USER),
     ("GET", "/get_server_info", handlers.get_server_info, Access.USER),
     ("GET", "/server_info", handlers.get_server_info, Access.USER),  # SGLang's newer name
+    ("GET", "/openapi.json", openapi_json, Access.OPEN),
     ("GET", "/version", version, Access.USER),
 )
 

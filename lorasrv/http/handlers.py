@@ -15,7 +15,7 @@ import msgspec
 from aiohttp import web
 
 from lorasrv.engine.requests import Submission
-from lorasrv.errors import BadRequest, EngineDead, LorasrvError
+from lorasrv.errors import BadRequest, EngineDead, LorasrvError, ShuttingDown
 from lorasrv.http import sglang
 from lorasrv.http.bodies import read_body
 from lorasrv.http.models import model_cards
@@ -144,8 +144,11 @@ async def model_cards_of(request: web.Request) -> list[ModelCard]:
 
 
 async def health(request: web.Request) -> web.Response:
-    if request.app[ENGINE_KEY].is_healthy():
+    engine = request.app[ENGINE_KEY]
+    if engine.is_healthy():
         return json_response({"status": "ok"})
+    if engine.draining is not None and engine.failure is None:
+        return error_response(ShuttingDown(engine.draining))  # load balancers: stop sending
     return error_response(EngineDead("engine is not running"))
 
 

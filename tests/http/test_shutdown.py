@@ -18,7 +18,9 @@ from lorasrv.engine.requests import Submission
 from lorasrv.errors import ShuttingDown
 from lorasrv.http.app import serve_async
 from lorasrv.http.listen import bind_sockets
+from lorasrv.http.state import ENGINE_KEY
 from tests.fakes import FakeRunner
+from tests.http.conftest import Client
 from tests.http.real_server import fake_engine, server_config, wait_until
 from tests.http.test_serve import wait_until_serving
 
@@ -87,3 +89,12 @@ async def test_streams_in_flight_finish_within_the_timeout() -> None:
     assert events[-2]["meta_info"]["completion_tokens"] == 100
     async with asyncio.timeout(10):
         assert await task == 0
+
+
+async def test_while_draining_health_and_new_requests_are_503(client: Client) -> None:
+    client.app[ENGINE_KEY].drain("the server is shutting down")
+    for resp in (await client.get("/health"), await client.post("/generate", json={"text": "hi"})):
+        assert resp.status == 503
+        assert (await resp.json())["error"]["type"] == "shutting_down"
+    resp = await client.post("/v1/completions", json={"model": "fake-base", "prompt": "hi"})
+    assert (await resp.json())["error"]["code"] == "shutting_down"
