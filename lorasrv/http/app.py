@@ -42,7 +42,8 @@ async def version(request: web.Request) -> web.Response:
 
 ROUTES: Final[tuple[tuple[str, str, Handler, Access], ...]] = (
     ("POST", "/generate", handlers.generate, Access.USER),
-    ("POST", "/abort_request", handlers.abort_request, Access.USER),
+    # ADMIN: a rid is guessable and abort_all ends every tenant's requests.
+    ("POST", "/abort_request", handlers.abort_request, Access.ADMIN),
     ("POST", "/tokenize", handlers.tokenize, Access.USER),
     ("POST", "/detokenize", handlers.detokenize, Access.USER),
     ("POST", "/load_lora_adapter", admin.load_lora_adapter, Access.ADMIN),

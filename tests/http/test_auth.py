@@ -64,6 +64,15 @@ async def test_admin_key_guards_adapter_routes(make_client: MakeClient) -> None:
     assert (await client.post("/generate", json={"text": "a"}, headers=bearer(KEY))).status == 200
 
 
+async def test_admin_key_guards_abort_request(make_client: MakeClient) -> None:
+    """A tenant with the user key must not abort other tenants' requests by rid or abort_all."""
+    client = await make_client(api_key=KEY, admin_api_key=ADMIN)
+    for body in ({"rid": "someone-elses"}, {"abort_all": True}):
+        await assert_401(await client.post("/abort_request", json=body, headers=bearer(KEY)))
+        resp = await client.post("/abort_request", json=body, headers=bearer(ADMIN))
+        assert resp.status == 200
+
+
 async def test_admin_key_alone_leaves_other_routes_open(make_client: MakeClient) -> None:
     client = await make_client(admin_api_key=ADMIN)
     assert (await client.post("/generate", json={"text": "a"})).status == 200
