@@ -11,12 +11,10 @@ from __future__ import annotations
 import logging
 from typing import NamedTuple
 
-import msgspec
-
 from lorasrv.config import AdapterConfig, adapter_name_problem
 from lorasrv.engine.adapter_catalog import AdapterCatalog, AdapterVersion, Phase
+from lorasrv.engine.adapter_status import status_of
 from lorasrv.engine.host_cache import HostCache, HostState
-from lorasrv.engine.stats import GpuAdapter
 from lorasrv.ids import AdapterId, OpId, RequestId
 from lorasrv.messages import (
     AdapterAcquired,
@@ -74,7 +72,8 @@ class AdapterRegistry:
         return {name: v.path for name, v in self.catalog.by_name.items() if v.num_loads > 0}
 
     def describe(self) -> tuple[AdapterStatus, ...]:
-        return tuple(self._status(v) for v in self.catalog.versions.values())
+        host = self.host.state
+        return tuple(status_of(v, host(v.adapter_id)) for v in self.catalog.versions.values())
 
     def check_invariants(self) -> None:
         self.catalog.check_invariants(max_pinned=self.max_pinned)
@@ -277,24 +276,6 @@ class AdapterRegistry:
         if version.num_loads:  # the scheduler may have given it rows
             self._out.append(AdapterRetired(adapter_id=adapter_id))
 
-    def _status(self, version: AdapterVersion) -> AdapterStatus:
-        host = self.host.state(version.adapter_id)
-        status = AdapterStatus(
-            name=version.name,
-            path=version.path,
-            adapter_id=version.adapter_id,
-            state="",
-            phase=version.phase.value,
-            host="absent" if host is None else host.value,
-            rank=version.rank,
-            pinned=version.pinned,
-            num_refs=len(version.refs),
-            num_loads=version.num_loads,
-            num_host_drops=version.num_host_drops,
-            last_load_s=version.last_load_s,
-        )
-        return msgspec.structs.replace(status, state=status_label(status))
-
     def _op_done(self, op_id: OpId | None, error: str | None = None) -> None:
         if op_id is not None:
             self._out.append(AdapterOpDone(op_id=op_id, success=error is None,
@@ -304,21 +285,6 @@ class AdapterRegistry:
     def _flush(self) -> list[Effect]:
         out, self._out = self._out, []
         return out
-
-
-def status_label(status: AdapterStatus) -> str:
-    """The one state label of a version, from its three owners' views."""
-    if status.phase in ("loading", "unloading"):
-        return status.phase
-    if status.gpu_rows:
-        return "gpu_resident"
-    return {"loading": "loading", "loaded": "cpu_loaded"}.get(status.host, "unloaded")
-
-
-def with_gpu(status: AdapterStatus, gpu: GpuAdapter) -> AdapterStatus:
-    """`status` with the scheduler's view of its GPU rows."""
-    status = msgspec.structs.replace(status, gpu_rows=gpu.num_rows, num_evictions=gpu.num_evictions)
-    return msgspec.structs.replace(status, state=status_label(status))
 
 
 def _not_found(request_id: RequestId, name: str) -> AdapterAcquireFailed:

@@ -11,24 +11,22 @@ import logging
 import time
 import uuid
 from collections.abc import Callable
-from typing import Any, Generic, Self, TypeVar
+from typing import Any, Self
 
 from lorasrv.config import ServerConfig, build_config, lora_enabled
 from lorasrv.engine import adapter_admin as admin
-from lorasrv.engine.actor import Sender
 from lorasrv.engine.adapter_manager import AdapterManagerActor
-from lorasrv.engine.adapter_registry import with_gpu
+from lorasrv.engine.adapter_status import with_gpu
 from lorasrv.engine.gpu_runner import GpuRunnerActor
 from lorasrv.engine.hf_tokenizer import Detokenizer
 from lorasrv.engine.parts import EngineParts, prepare_parts
-from lorasrv.engine.planner import effective_capacity
 from lorasrv.engine.request_handle import RequestHandle
 from lorasrv.engine.requests import Submission
 from lorasrv.engine.results import RequestResult
-from lorasrv.engine.scheduler import SchedulerActor
 from lorasrv.engine.stats import SchedulerStats
 from lorasrv.engine.tokenizer import TokenizerActor
 from lorasrv.engine.validation import Limits, check_submission
+from lorasrv.engine.wiring import Forward, wire_actors
 from lorasrv.errors import (
     AdapterError,
     BadRequest,
@@ -55,7 +53,6 @@ from lorasrv.messages import (
 from lorasrv.metrics import Metrics
 
 logger = logging.getLogger(__name__)
-M = TypeVar("M")
 
 
 class Engine:
@@ -102,51 +99,18 @@ class Engine:
         self.model_path = parts.model_path
         self._tokenizer = parts.tokenizer
         self._read_adapter_config = parts.read_adapter_config
-        to_scheduler: _Forward[SchedulerInbox] = _Forward()  # the scheduler comes last
+        to_scheduler: Forward[SchedulerInbox] = Forward()  # the scheduler comes last
         runner = GpuRunnerActor(factory=parts.runner_factory, scheduler=to_scheduler)
         self._runner_actor = runner
         self._ready = ready = await runner.start_runner()
-        adapter_cfg = self.config.adapters
-        capacity = effective_capacity(ready, adapter_cfg.max_loras_per_batch)
-        if lora_enabled(adapter_cfg) and capacity < 1:
+        try:
+            wired = wire_actors(parts, self.config, runner, ready, to_scheduler, self)
+        except ConfigError:
             await self.stop()
-            raise ConfigError(
-                f"the GPU memory left for KV and adapters holds no adapter of rank "
-                f"--max-lora-rank {ready.max_lora_rank}; lower it, or raise "
-                "--mem-fraction-static / --kv-cache-bytes"
-            )
-        self._tokenizer_actor = TokenizerActor(
-            tokenizer=parts.tokenizer,
-            scheduler=to_scheduler,
-            outputs=self,
-            vocab_size=ready.vocab_size,
-        )
-        self._adapter_actor = AdapterManagerActor(
-            cfg=adapter_cfg,
-            capacity=capacity,
-            max_rank=ready.max_lora_rank,
-            target_modules=ready.lora_target_modules,
-            read_config=parts.read_adapter_config,
-            load_weights=(
-                parts.make_adapter_loader(runner.runner)
-                if lora_enabled(adapter_cfg)
-                else _lora_off  # load_adapter answers first; never called
-            ),
-            scheduler=to_scheduler,
-            runner=runner,
-            ops=self,
-        )
-        self._scheduler = to_scheduler.target = SchedulerActor(
-            cfg=self.config.scheduler,
-            adapter_cfg=adapter_cfg,
-            ready=ready,
-            tokenizer=self._tokenizer_actor,
-            adapters=self._adapter_actor,
-            runner=runner,
-            stats=self,
-        )
-        self._scheduler.publish_stats()  # capacity and page counts, before any request
-        actors = (self._tokenizer_actor, self._scheduler, self._adapter_actor, runner)
+            raise
+        self._tokenizer_actor, self._scheduler = wired.tokenizer, wired.scheduler
+        self._adapter_actor, capacity = wired.adapters, wired.capacity
+        actors = (wired.tokenizer, wired.scheduler, wired.adapters, runner)
         self._supervisor = asyncio.create_task(self._supervise(actors), name="lorasrv-actors")
         self.started_s = time.time()
         for ref in parts.initial_adapters:
@@ -388,22 +352,6 @@ class Engine:
 
 def _not_started(path: str) -> Any:
     raise EngineDead("the engine has not started")
-
-
-class _Forward(Generic[M]):
-    """A sender whose target is set once it exists: the actors are wired in a cycle (scheduler
-    <-> the others), so the scheduler, built last, is reached through this."""
-
-    def __init__(self) -> None:
-        self.target: Sender[M] | None = None
-
-    def send(self, msg: M, /) -> None:
-        assert self.target is not None, "message sent before the engine finished wiring"
-        self.target.send(msg)
-
-
-def _lora_off(path: str) -> object:
-    raise ValueError("LoRA is not enabled on this server")
 
 
 def _succeeded(done: AdapterOpDone) -> AdapterOpDone:

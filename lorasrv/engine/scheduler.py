@@ -17,7 +17,13 @@ from lorasrv.engine import invariants
 from lorasrv.engine.actor import Actor, Sender
 from lorasrv.engine.planner import Planner
 from lorasrv.engine.policy import PlanLimits
-from lorasrv.engine.sequence import SeqStatus, Sequence, prompt_problem, stop_reason
+from lorasrv.engine.sequence import (
+    SeqStatus,
+    Sequence,
+    prompt_problem,
+    stop_reason,
+    token_message,
+)
 from lorasrv.engine.stats import SchedulerStats, StatsSink
 from lorasrv.engine.step_plan import build_step_plan, has_prefill_work
 from lorasrv.ids import AdapterId, RequestId, SeqId, StepId
@@ -29,7 +35,6 @@ from lorasrv.messages import (
     AdapterInbox,
     AdapterRetired,
     AdapterRows,
-    EmitTokens,
     Enqueue,
     ReleaseAdapter,
     RequestFailed,
@@ -227,17 +232,7 @@ class SchedulerActor(Actor[SchedulerInbox]):
                 continue  # aborted while the step ran
             seq.output_ids.append(token_id)
             reason, matched = stop_reason(seq, token_id, self._eos_ids, self._ready.context_length)
-            self._tokenizer.send(
-                EmitTokens(
-                    request_id=seq.request_id,
-                    token_ids=(token_id,),
-                    logprobs=(result.logprobs[i],) if result.logprobs else (),
-                    top_logprobs=(result.top_logprobs[i],) if result.top_logprobs else (),
-                    finish_reason=reason,
-                    matched_stop=matched,
-                    prompt_tokens=len(seq.prompt_ids),
-                )
-            )
+            self._tokenizer.send(token_message(seq, result, i, reason, matched))
             if reason is not None:
                 self._finish(seq, reason=reason, notify=False)
         self._last_step = (time.monotonic() - self._step_started_s, len(result.token_ids))
@@ -278,14 +273,7 @@ class SchedulerActor(Actor[SchedulerInbox]):
                 RequestFailed(request_id=seq.request_id, code=failure[0], detail=failure[1])
             )
         elif notify:
-            self._tokenizer.send(
-                EmitTokens(
-                    request_id=seq.request_id,
-                    token_ids=(),
-                    finish_reason=reason,
-                    prompt_tokens=len(seq.prompt_ids),
-                )
-            )
+            self._tokenizer.send(token_message(seq, None, 0, reason, None))
 
     def _release(self, request_id: RequestId, adapter_id: AdapterId) -> None:
         self._adapters.send(ReleaseAdapter(request_id=request_id, adapter_id=adapter_id))

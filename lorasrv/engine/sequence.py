@@ -6,7 +6,7 @@ import enum
 from dataclasses import dataclass, field
 
 from lorasrv.ids import AdapterId, BlockId, RequestId, SeqId
-from lorasrv.messages import SamplingParams
+from lorasrv.messages import EmitTokens, SamplingParams, StepResult
 
 
 class SeqStatus(enum.Enum):
@@ -89,3 +89,21 @@ def stop_reason(
     if seq.num_tokens >= context_length:
         return "length", None
     return None, None
+
+
+def token_message(
+    seq: Sequence, result: StepResult | None, index: int, reason: str | None, matched: int | None
+) -> EmitTokens:
+    """Row `index` of `result` for the tokenizer (None: no token, only the end `reason`)."""
+    if result is None:
+        return EmitTokens(request_id=seq.request_id, token_ids=(), finish_reason=reason,
+                          prompt_tokens=len(seq.prompt_ids))  # fmt: skip
+    return EmitTokens(
+        request_id=seq.request_id,
+        token_ids=(result.token_ids[index],),
+        logprobs=(result.logprobs[index],) if result.logprobs else (),
+        top_logprobs=(result.top_logprobs[index],) if result.top_logprobs else (),
+        finish_reason=reason,
+        matched_stop=matched,
+        prompt_tokens=len(seq.prompt_ids),
+    )
