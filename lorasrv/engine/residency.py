@@ -35,6 +35,7 @@ class Residency:
         self.num_evictions: Counter[AdapterId] = Counter()  # GPU evictions per adapter id
         self.retired: set[AdapterId] = set()  # unloaded for good; rows freed at the next plan
         self.version = 0  # bumps on every change, so a stats snapshot is rebuilt only then
+        self.num_unpinned_rows = 0  # rows of resident adapters that may be evicted when idle
         self._clock = 0
 
     # ------------------------------------------------------------------ queries
@@ -61,9 +62,14 @@ class Residency:
         return candidates
 
     def obtainable_rows(self, protected: Collection[AdapterId]) -> int:
-        """Rows free now plus those of every idle adapter."""
-        idle = sum(len(e.rows) for e in self.victims(protected))
-        return self.arena.num_free_rows + idle
+        """Rows free now plus those of every idle adapter. O(len(protected)): the planner asks
+        for every waiting request of a plan."""
+        held = self.num_unpinned_rows
+        for adapter_id in protected:
+            entry = self.entries.get(adapter_id)
+            if entry is not None and not entry.pinned:
+                held -= len(entry.rows)
+        return self.arena.num_free_rows + held
 
     # ------------------------------------------------------------------ changes
 
@@ -96,6 +102,7 @@ class Residency:
         rows = self.arena.allocate_rows(rank)
         self._clock += 1
         self.entries[adapter_id] = Resident(adapter_id, rows, pinned, self._clock, self._clock)
+        self.num_unpinned_rows += 0 if pinned else rank
         self.version += 1
         return rows
 
@@ -103,6 +110,7 @@ class Residency:
         entry = self.entries.pop(adapter_id)
         assert not entry.pinned, f"pinned adapter id {adapter_id} evicted"
         self.arena.free_rows(entry.rows)
+        self.num_unpinned_rows -= len(entry.rows)
         self.num_evictions[adapter_id] += 1
         self.version += 1
 
@@ -130,6 +138,7 @@ class Residency:
             entry = self.entries.pop(adapter_id, None)
             if entry is not None:
                 self.arena.free_rows(entry.rows)
+                self.num_unpinned_rows -= 0 if entry.pinned else len(entry.rows)
                 self.version += 1
 
     # ------------------------------------------------------------------ invariants
@@ -143,6 +152,8 @@ class Residency:
             assert not seen & set(entry.rows), f"adapter id {adapter_id} shares a row"
             seen |= set(entry.rows)
         assert len(seen) == self.arena.num_used_rows, "rows held by nobody, or by two"
+        unpinned = sum(len(e.rows) for e in self.entries.values() if not e.pinned)
+        assert unpinned == self.num_unpinned_rows, "unpinned row count"
 
 
 def _enough(victims: list[Resident], missing: int) -> Iterator[Resident]:

@@ -350,6 +350,9 @@ class PlannerMachine(RuleBasedStateMachine):
     @invariant()
     def tables_agree(self) -> None:
         self.p.check_invariants(self.q.running)
+        residency, protected = self.p.residency, self.p.latest
+        idle = sum(len(v.rows) for v in residency.victims(protected))
+        assert residency.obtainable_rows(protected) == self.p.arena.num_free_rows + idle
         held = sum(len(s.blocks) for s in self.q.running)
         assert held == self.p.arena.num_used_pages, "a page is held by no running request"
         assert all(not s.blocks for s in self.q.waiting)
