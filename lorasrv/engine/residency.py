@@ -91,14 +91,15 @@ class Residency:
         None (and nothing evicted) when even that is not enough."""
         assert adapter_id not in self.entries, f"adapter id {adapter_id} placed twice"
         assert adapter_id not in self.retired, f"adapter id {adapter_id} is retired"
-        victims = self.victims(protected, wanted)
-        if not may_evict_wanted:
-            victims = [v for v in victims if v.adapter_id not in wanted]
         missing = rank - self.arena.num_free_rows
-        if missing > sum(len(v.rows) for v in victims):
-            return None
-        for victim in _enough(victims, missing):
-            self.evict(victim.adapter_id)
+        if missing > 0:  # NOTE: only then the victims' sort (prefetch places many a plan)
+            victims = self.victims(protected, wanted)
+            if not may_evict_wanted:
+                victims = [v for v in victims if v.adapter_id not in wanted]
+            if missing > sum(len(v.rows) for v in victims):
+                return None
+            for victim in _enough(victims, missing):
+                self.evict(victim.adapter_id)
         rows = self.arena.allocate_rows(rank)
         self._clock += 1
         self.entries[adapter_id] = Resident(adapter_id, rows, pinned, self._clock, self._clock)
