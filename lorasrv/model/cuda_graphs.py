@@ -25,11 +25,6 @@ logger = logging.getLogger(__name__)
 BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 256)
 
 
-def is_decode_plan(plan: StepPlan) -> bool:
-    """Every row feeds one token and samples one (the only steps graphs serve)."""
-    return bool(plan.seq_ids) and all(n == 1 for n in plan.query_lens) and all(plan.sample_rows)
-
-
 def buckets_up_to(max_batch_size: int) -> tuple[int, ...]:
     return tuple(sorted({b for b in BUCKETS if b < max_batch_size} | {max_batch_size}))
 
@@ -94,7 +89,7 @@ class DecodeRunner:
     def can_run(self, plan: StepPlan) -> bool:
         """Decode plan that fits: rows <= the largest bucket, pages, LoRA row entries."""
         num_rows = len(plan.seq_ids)
-        if not is_decode_plan(plan) or num_rows > self.buckets[-1]:
+        if not plan.is_decode or num_rows > self.buckets[-1]:
             return False
         if max(plan.context_lens) // self.page_size >= self.max_pages:
             return False

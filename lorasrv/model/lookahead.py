@@ -35,7 +35,7 @@ def next_decode_plan(
     """The step after `plan` if every row not known to stop decodes one more token, with the
     indices of those rows in `plan`; None when `plan` is not a pure decode step, no row goes on,
     or a row has no page (or no context left) for its next token."""
-    if plan.new_seqs or any(q != 1 for q in plan.query_lens) or not all(plan.sample_rows):
+    if plan.new_seqs or not plan.is_decode:
         return None
     last = plan.last_rows or (False,) * len(plan.seq_ids)
     keep = tuple(i for i, stops in enumerate(last) if not stops)

@@ -15,7 +15,7 @@ import torch
 
 from lorasrv.ids import AdapterId, BlockId, SeqId, StepId
 from lorasrv.messages import AdapterRows, NewSeq, StepPlan
-from lorasrv.model.cuda_graphs import DecodeLora, DecodeRunner, buckets_up_to, is_decode_plan
+from lorasrv.model.cuda_graphs import DecodeLora, DecodeRunner, buckets_up_to
 from lorasrv.model.lora_backend import AdapterInfo, make_lora_backend
 from lorasrv.model.runner import ModelRunner
 from tests.model.plan_driver import GREEDY, PlanDriver
@@ -111,7 +111,7 @@ def test_decode_runner_padding_writes_no_kv(checkpoint_dir: Callable[[str], Path
         lora_adapters=(-1, -1, -1),
         sample_rows=(True, True, True),
     )
-    assert is_decode_plan(plan)
+    assert plan.is_decode
     assert decode.can_run(plan)
     pages = runner.arena.kv  # [pages, layers, 2, page_size, kv_heads, head_dim]
     before = pages.clone()
