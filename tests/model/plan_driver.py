@@ -12,6 +12,7 @@ import random
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgspec
 import torch
 
 from lorasrv.ids import AdapterId, BlockId, SeqId, StepId
@@ -215,6 +216,7 @@ class PlanDriver:
             logits = self.runner.forward(plan)  # K/V writes are idempotent: step rewrites them
             for seq, row in zip(sampled, logits, strict=True):
                 self.first_logits.setdefault(seq.seq_id, row.clone())
+            plan = msgspec.structs.replace(plan, uploads=())  # forward() already wrote them
         result = self.runner.step(plan)
         self.num_steps += 1
         for seq, n in zip(rows, plan.query_lens, strict=True):

@@ -158,7 +158,15 @@ def test_bf16_triton_lora_vs_peft(small_dir: Path, tmp_path: Path) -> None:
     first_ok = sum(o[0] == e[0] for o, e in zip(outputs["triton"], expected, strict=True))
     assert first_ok >= len(rows) - 1
     assert cosine > 0.98
-    assert [o[0] for o in outputs["triton"]] == [o[0] for o in outputs["torch"]]
+    # Triton vs the torch reference: the same function up to summation order. First tokens must
+    # agree wherever the reference's top-2 margin is wider than the two backends' difference
+    # (a near-tie may flip under bf16 rounding; that is not a wrong row, scaling or slice).
+    for ours, ref in zip(firsts["triton"], firsts["torch"], strict=True):
+        diff = float((ours - ref).abs().max())
+        top2 = ref.float().topk(2).values
+        assert float(torch.nn.functional.cosine_similarity(ours, ref, dim=0)) > 0.999
+        if float(top2[0] - top2[1]) > 2 * diff:
+            assert int(ours.argmax()) == int(ref.argmax())
 
 
 def test_kv_pages_sized_from_free_memory(small_dir: Path) -> None:
