@@ -57,6 +57,7 @@ class TpRunner:
         warm_step_timeout_s: float = WARM_STEP_TIMEOUT_S,
         startup_timeout_s: float = STARTUP_TIMEOUT_S,
         heartbeat_timeout_s: float = HEARTBEAT_TIMEOUT_S,
+        runner_class: str = "lorasrv.model.runner:ModelRunner",
         **runner_options: Any,
     ) -> None:
         started = time.monotonic()
@@ -64,6 +65,7 @@ class TpRunner:
         self.step_timeout_s = step_timeout_s
         self.warm_step_timeout_s = warm_step_timeout_s
         self._num_steps = 0
+        self._runner_class = runner_class  # "module:Class" the workers run (benches: NullRunner)
         self.arch = read_arch(model_path)
         try:
             check_split(self.arch, tp_size)
@@ -211,6 +213,7 @@ class TpRunner:
                 log_level=logging.getLogger().getEffectiveLevel(),
                 heartbeat=heartbeat,
                 collective_timeout_s=self.step_timeout_s,
+                runner_class=self._runner_class,
             )
             # daemon: multiprocessing kills them if this process exits without shutdown().
             process = context.Process(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import importlib
 import logging
 import os
 import signal
@@ -49,6 +50,7 @@ class WorkerSpec:
     log_level: int
     heartbeat: Any  # multiprocessing Value("Q"), incremented while the process lives
     collective_timeout_s: float  # model-group collectives (NCCL's watchdog aborts past it)
+    runner_class: str = "lorasrv.model.runner:ModelRunner"  # "module:Class" (benches, tests)
 
 
 def error_key(tp_rank: int) -> str:
@@ -99,7 +101,8 @@ def _serve(spec: WorkerSpec, store: TCPStore) -> None:
         timeout=datetime.timedelta(seconds=spec.collective_timeout_s),
         device_id=device if device.type == "cuda" else None,
     )
-    runner = ModelRunner(**spec.runner_options, device=str(device), tp=TpGroup(rank, size, device))
+    runner_class = _import(spec.runner_class)
+    runner = runner_class(**spec.runner_options, device=str(device), tp=TpGroup(rank, size, device))
     # Results are broadcast from TP rank 0 (control rank 1); the other ranks take part, unused.
     channel.broadcast(msgspec.msgpack.encode(runner.ready()) if rank == 0 else None, root=1)
     encoder, decoder = msgspec.msgpack.Encoder(), msgspec.msgpack.Decoder(TpCommand)
@@ -129,6 +132,13 @@ def _serve(spec: WorkerSpec, store: TCPStore) -> None:
                 return
             case _:
                 assert_never(command)
+
+
+def _import(name: str) -> Any:
+    module, _, attr = name.partition(":")
+    if module == "lorasrv.model.runner" and attr == "ModelRunner":
+        return ModelRunner
+    return getattr(importlib.import_module(module), attr)
 
 
 def _init_device(spec: WorkerSpec) -> torch.device:
