@@ -5,7 +5,8 @@ Starts `TpRunner` with `--tp-size` worker processes that run `NullRunner` (no we
 no collectives: each answers one token per sampled row), then times `TpRunner.step` on decode
 plans shaped like a server's (batch 1, 16, 64; `--context` tokens per row in pages of 16; half
 the rows on 8 adapters). The time per step is the control path's round trip: the coordinator
-sending the plan, every worker receiving and decoding it, rank 0's result coming back.
+sending the plan, every worker receiving and decoding it, rank 0's result coming back. Also
+times the plan codec alone in this process (what the coordinator and each worker spend on it).
 
     PYTHONPATH=$PWD:$PWD/kernels python bench/tp_control.py             # ~10 s on CPU
     PYTHONPATH=$PWD:$PWD/kernels python bench/tp_control.py --out /tmp/tp_control.json
@@ -81,10 +82,30 @@ def decode_plan(step: int, batch: int, context: int) -> Any:
     )
 
 
+def time_codec(plans: list[Any]) -> tuple[float, float]:
+    """Microseconds to encode a plan (the coordinator) and to decode it (each worker), steady
+    state (tables already sent once)."""
+    from lorasrv.tp.plan_codec import PlanDecoder, PlanEncoder
+
+    encoder, decoder = PlanEncoder(), PlanDecoder()
+    buffers, encode_s, decode_s = [], 0.0, 0.0
+    for plan in plans:
+        started = time.perf_counter()
+        words, tail = encoder.encode(plan)
+        encode_s += time.perf_counter() - started
+        buffers.append(words.tobytes() + tail)
+    for data in buffers:
+        started = time.perf_counter()
+        decoder.decode(data)
+        decode_s += time.perf_counter() - started
+    return 1e6 * encode_s / len(plans), 1e6 * decode_s / len(plans)
+
+
 def time_batch(runner: Any, batch: int, args: argparse.Namespace) -> dict[str, Any]:
     from lorasrv.tp.null_runner import expected_tokens
 
     plans = [decode_plan(step, batch, args.context) for step in range(args.warmup + args.steps)]
+    encode_us, decode_us = time_codec(plans) if _has_codec() else (None, None)
     times = []
     for n, plan in enumerate(plans):
         started = time.perf_counter()
@@ -102,7 +123,15 @@ def time_batch(runner: Any, batch: int, args: argparse.Namespace) -> dict[str, A
         "mean_us": statistics.fmean(times),
         "p50_us": times[len(times) // 2],
         "p90_us": times[int(len(times) * 0.9)],
+        "encode_us": encode_us,
+        "decode_us": decode_us,
     }
+
+
+def _has_codec() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("lorasrv.tp.plan_codec") is not None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -126,9 +155,12 @@ def main(argv: list[str] | None = None) -> int:
         runner.shutdown()
     print(f"tp {args.tp_size}, NullRunner workers, {args.context}-token rows, {args.steps} steps")
     for row in rows:
+        codec = ""
+        if row["encode_us"] is not None:
+            codec = f"  (plan encode {row['encode_us']:.1f} us, decode {row['decode_us']:.1f} us)"
         print(
             f"  bs {row['batch']:>4}: mean {row['mean_us']:8.1f} us  p50 {row['p50_us']:8.1f} us"
-            f"  p90 {row['p90_us']:8.1f} us per step"
+            f"  p90 {row['p90_us']:8.1f} us per step{codec}"
         )
     out = args.out or Path(tempfile.gettempdir()) / "lorasrv-tp-control.json"
     out.write_text(json.dumps({"args": {**vars(args), "out": str(out)}, "steps": rows}, indent=2))

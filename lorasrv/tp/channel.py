@@ -1,8 +1,9 @@
-"""The control channel: coordinator (rank 0) and workers (ranks 1..n) in one gloo process group.
-
-Commands go out by broadcast from rank 0, results by broadcast from rank 1 (TP rank 0), adapter
-bytes point to point; all of it torch.distributed on CPU tensors. Every call blocks until done:
-the coordinator's monitor ends a wait that would never end by killing the workers (gloo raises).
+"""The control channel's slow lane: coordinator (rank 0) and workers (ranks 1..n) in one gloo
+process group, for what is not a step: the workers' RunnerReady (broadcast from rank 1, TP rank
+0), adapter bytes (point to point), and commands or results too large for shared memory
+(shm_channel.py carries every step). All of it torch.distributed on CPU tensors. Every call
+blocks until done: the coordinator's monitor ends a wait that would never end by killing the
+workers (gloo raises).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ CAPACITY_BYTES = 64 << 10
 #: server waits for its next step indefinitely); failures are detected by the monitor instead
 NO_TIMEOUT = datetime.timedelta(days=365)
 ADAPTER_TAG = 1
+RESULT_TAG = 2
 _LENGTH = struct.Struct("<q")
 
 
@@ -44,8 +46,8 @@ class ControlChannel:
     def broadcast(self, payload: bytes | None, root: int = 0) -> bytes:
         """The root passes its payload, the others None; every rank returns the payload.
 
-        Results travel this way too (root = worker 0): gloo's point-to-point round trip is
-        several times slower than a broadcast's.
+        The workers' RunnerReady travels this way too (root = worker 0): gloo's point-to-point
+        round trip is several times slower than a broadcast's.
         """
         rest = self._fill(payload) if payload is not None else b""
         options = dist.BroadcastOptions()
@@ -55,22 +57,22 @@ class ControlChannel:
         if length == len(first):
             return first
         if payload is not None:
-            tail = _bytes_tensor(rest)
+            tail = bytes_tensor(rest)
         else:
             tail = torch.empty(length - len(first), dtype=torch.uint8)
         self._group.broadcast([tail], options).wait()
         return first + tail.numpy().tobytes()
 
-    def send_tensors(self, tensors: dict[int, torch.Tensor]) -> None:
+    def send_tensors(self, tensors: dict[int, torch.Tensor], tag: int = ADAPTER_TAG) -> None:
         """Each destination rank its own uint8 tensor; all posted before any wait."""
-        works = [self._group.send([t], dst, ADAPTER_TAG) for dst, t in tensors.items() if t.numel()]
+        works = [self._group.send([t], dst, tag) for dst, t in tensors.items() if t.numel()]
         for work in works:
             work.wait()
 
-    def recv_tensor(self, src: int, num_bytes: int) -> torch.Tensor:
+    def recv_tensor(self, src: int, num_bytes: int, tag: int = ADAPTER_TAG) -> torch.Tensor:
         data = torch.empty(num_bytes, dtype=torch.uint8)
         if num_bytes:
-            self._group.recv([data], src, ADAPTER_TAG).wait()
+            self._group.recv([data], src, tag).wait()
         return data
 
     def _fill(self, payload: bytes) -> bytes:
@@ -87,5 +89,5 @@ class ControlChannel:
         return length, self._view[_LENGTH.size : end].tobytes()
 
 
-def _bytes_tensor(data: bytes) -> torch.Tensor:
+def bytes_tensor(data: bytes) -> torch.Tensor:
     return torch.from_numpy(np.frombuffer(data, dtype=np.uint8).copy())

@@ -1,19 +1,12 @@
-"""What the coordinator and the TP workers tell each other: commands, results, host-copy headers.
+"""What the coordinator tells the TP workers besides steps: host-copy headers, drops, shutdown.
 
-msgspec msgpack bytes, carried by torch.distributed (channel.py). No torch here.
+msgspec msgpack bytes in shared memory (shm_channel.py, kind MESSAGE). Steps and their results
+are not here: they travel as flat words (plan_codec.py). No torch here.
 """
 
 from __future__ import annotations
 
 import msgspec
-
-from lorasrv.messages import StepPlan
-
-
-class TpStep(msgspec.Struct, frozen=True, kw_only=True, tag=True):
-    """Run one plan (its uploads first); rank 0 answers with a `messages.StepResult`."""
-
-    plan: StepPlan
 
 
 class TpAddHostCopy(msgspec.Struct, frozen=True, kw_only=True, tag=True):
@@ -37,4 +30,4 @@ class TpShutdown(msgspec.Struct, frozen=True, kw_only=True, tag=True):
     pass
 
 
-TpCommand = TpStep | TpAddHostCopy | TpDropHostCopy | TpShutdown
+TpCommand = TpAddHostCopy | TpDropHostCopy | TpShutdown

@@ -1,11 +1,13 @@
 """TpRunner: the StepRunner for tp_size > 1. Coordinates one worker process per rank from the
-GPU runner's thread: broadcasts each command, returns rank 0's tokens. Holds no weights and
-never touches a device itself; the WorkerMonitor alone decides that a worker has failed.
+GPU runner's thread: hands each plan to every worker through shared memory, returns rank 0's
+tokens. Holds no weights and never touches a device itself; the WorkerMonitor alone decides that
+a worker has failed.
 """
 
 from __future__ import annotations
 
 import datetime
+import functools
 import logging
 import os
 import threading
@@ -27,9 +29,11 @@ from lorasrv.model.arch import read_arch
 from lorasrv.model.sharding import check_split
 from lorasrv.model.startup import DTYPES
 from lorasrv.tp.adapter_shards import TpAdapterWeights, pack_shards
-from lorasrv.tp.channel import ControlChannel
+from lorasrv.tp.channel import RESULT_TAG, ControlChannel
 from lorasrv.tp.monitor import TpWorkerError, WorkerMonitor
-from lorasrv.tp.protocol import TpDropHostCopy, TpShutdown, TpStep
+from lorasrv.tp.plan_codec import PlanEncoder, decode_result
+from lorasrv.tp.protocol import TpCommand, TpDropHostCopy, TpShutdown
+from lorasrv.tp.shm_channel import MESSAGE, PLAN, CoordinatorLink, ShmLink
 from lorasrv.tp.worker import STORE_HOST, WorkerSpec, error_key, run_worker
 
 logger = logging.getLogger(__name__)
@@ -80,7 +84,13 @@ class TpRunner:
             wait_for_workers=False,
             timeout=datetime.timedelta(seconds=60),
         )
-        self._processes, heartbeats = self._spawn(model_path, device_type, runner_options)
+        context = mp.get_context("spawn")
+        link = ShmLink.create(context, tp_size)
+        self._link = CoordinatorLink(link, self._check_alive)
+        self._plans = PlanEncoder()
+        self._processes, heartbeats = self._spawn(
+            context, link, model_path, device_type, runner_options
+        )
         self._monitor = WorkerMonitor(
             self._processes,
             heartbeats,
@@ -91,7 +101,6 @@ class TpRunner:
         self._channel: ControlChannel | None = None
         self._is_shut_down = False
         self._encoder = msgspec.msgpack.Encoder()
-        self._result_decoder = msgspec.msgpack.Decoder(StepResult)
         try:
             with self._guard("startup", startup_timeout_s):
                 self._channel = self._call_watched(
@@ -121,12 +130,10 @@ class TpRunner:
         self._num_steps += 1
         timeout_s = self.warm_step_timeout_s if warm else self.step_timeout_s
         with self._guard(f"step {plan.step_id}", timeout_s):
-            channel = self._live_channel()
-            channel.broadcast(self._encoder.encode(TpStep(plan=plan)))
+            self._send_plan(plan)
             if not plan.seq_ids:
                 return StepResult()
-            result: StepResult = self._result_decoder.decode(channel.broadcast(None, root=1))
-        return result
+            return self._receive_result()
 
     def add_host_copy(self, copy: HostCopyReady) -> None:
         """Ship every worker its packed shard now: the workers keep the host copies, so a
@@ -135,15 +142,13 @@ class TpRunner:
         if not isinstance(weights, TpAdapterWeights):
             raise TypeError(f"host copy: expected TpAdapterWeights, got {type(weights).__name__}")
         with self._guard(f"host copy of adapter {copy.adapter_id}", self.step_timeout_s):
+            self._send_message(weights.header(copy.adapter_id, copy.rank))
             channel = self._live_channel()
-            header = weights.header(copy.adapter_id, copy.rank)
-            channel.broadcast(self._encoder.encode(header))
             channel.send_tensors({rank + 1: data for rank, data in enumerate(weights.buffers)})
 
     def drop_host_copy(self, adapter_id: AdapterId) -> None:
         with self._guard(f"dropping adapter {adapter_id}", self.step_timeout_s):
-            command = TpDropHostCopy(adapter_id=adapter_id)
-            self._live_channel().broadcast(self._encoder.encode(command))
+            self._send_message(TpDropHostCopy(adapter_id=adapter_id))
 
     def shutdown(self) -> None:
         """Ask the workers to stop; kill whichever has not within JOIN_TIMEOUT_S. Idempotent."""
@@ -154,8 +159,9 @@ class TpRunner:
         self._monitor.stop()  # from here on, workers exiting is expected
         channel, self._channel = self._channel, None
         if is_healthy and channel is not None:
-            stop = self._encoder.encode(TpShutdown())
-            thread = threading.Thread(target=_quietly, args=(channel.broadcast, stop), daemon=True)
+            stop = [self._encoder.encode(TpShutdown())]
+            send = functools.partial(self._link.send, MESSAGE, stop, spill=channel.broadcast)
+            thread = threading.Thread(target=_quietly, args=(send,), daemon=True)
             thread.start()
             thread.join(JOIN_TIMEOUT_S)
         deadline = time.monotonic() + JOIN_TIMEOUT_S
@@ -196,10 +202,32 @@ class TpRunner:
 
     # ------------------------------------------------------------------ internals
 
+    def _send_plan(self, plan: StepPlan) -> None:
+        words, tail = self._plans.encode(plan)
+        self._link.send(PLAN, [words, tail], spill=self._live_channel().broadcast)
+
+    def _receive_result(self) -> StepResult:
+        channel = self._live_channel()
+        data = self._link.receive(lambda n: channel.recv_tensor(1, n, RESULT_TAG).numpy())
+        return decode_result(data, data.nbytes // 8)
+
+    def _send_message(self, command: TpCommand) -> None:
+        channel = self._live_channel()
+        self._link.send(MESSAGE, [self._encoder.encode(command)], spill=channel.broadcast)
+
+    def _check_alive(self) -> None:
+        """Raised out of a shared-memory wait once the monitor has declared a failure."""
+        if self._monitor.failure is not None:
+            raise TpWorkerError(self._monitor.failure)
+
     def _spawn(
-        self, model_path: str, device_type: str, runner_options: dict[str, Any]
+        self,
+        context: Any,
+        link: ShmLink,
+        model_path: str,
+        device_type: str,
+        runner_options: dict[str, Any],
     ) -> tuple[list[Any], list[Any]]:
-        context = mp.get_context("spawn")
         processes, heartbeats = [], []
         for rank in range(self.tp_size):
             heartbeat = context.Value("Q", 0, lock=False)
@@ -213,6 +241,7 @@ class TpRunner:
                 log_level=logging.getLogger().getEffectiveLevel(),
                 heartbeat=heartbeat,
                 collective_timeout_s=self.step_timeout_s,
+                link=link,
                 runner_class=self._runner_class,
             )
             # daemon: multiprocessing kills them if this process exits without shutdown().
@@ -300,8 +329,8 @@ def _device_type(device: str, tp_size: int) -> str:
     return device_type
 
 
-def _quietly(fn: Callable[[bytes], object], arg: bytes) -> None:
+def _quietly(fn: Callable[[], object]) -> None:
     try:
-        fn(arg)
+        fn()
     except Exception:
         logger.debug("tp shutdown broadcast failed", exc_info=True)

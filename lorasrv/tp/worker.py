@@ -1,5 +1,6 @@
 """A TP worker process: one rank of the model. Runs a sharded ModelRunner and obeys the
-coordinator's broadcast commands until told to stop; any error ends the process (exit 1).
+coordinator's commands (shared memory, shm_channel.py) until told to stop; any error ends the
+process (exit 1).
 
 Started with the spawn method; `run_worker` is the process target. No asyncio, no engine.
 """
@@ -28,8 +29,10 @@ from lorasrv.messages import HostCopyReady
 from lorasrv.model.parallel import TpGroup
 from lorasrv.model.runner import ModelRunner
 from lorasrv.tp.adapter_shards import unpack_shard
-from lorasrv.tp.channel import ControlChannel
-from lorasrv.tp.protocol import TpAddHostCopy, TpCommand, TpDropHostCopy, TpShutdown, TpStep
+from lorasrv.tp.channel import RESULT_TAG, ControlChannel, bytes_tensor
+from lorasrv.tp.plan_codec import PlanDecoder, encode_result
+from lorasrv.tp.protocol import TpAddHostCopy, TpCommand, TpDropHostCopy, TpShutdown
+from lorasrv.tp.shm_channel import PLAN, ShmLink, WorkerLink
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +53,7 @@ class WorkerSpec:
     log_level: int
     heartbeat: Any  # multiprocessing Value("Q"), incremented while the process lives
     collective_timeout_s: float  # model-group collectives (NCCL's watchdog aborts past it)
+    link: ShmLink  # the control path's shared memory and semaphores
     runner_class: str = "lorasrv.model.runner:ModelRunner"  # "module:Class" (benches, tests)
 
 
@@ -103,19 +107,36 @@ def _serve(spec: WorkerSpec, store: TCPStore) -> None:
     )
     runner_class = _import(spec.runner_class)
     runner = runner_class(**spec.runner_options, device=str(device), tp=TpGroup(rank, size, device))
-    # Results are broadcast from TP rank 0 (control rank 1); the other ranks take part, unused.
+    # RunnerReady comes from TP rank 0 (control rank 1); the other ranks take part, unused.
     channel.broadcast(msgspec.msgpack.encode(runner.ready()) if rank == 0 else None, root=1)
-    encoder, decoder = msgspec.msgpack.Encoder(), msgspec.msgpack.Decoder(TpCommand)
+    _obey(runner, channel, WorkerLink(spec.link, rank), rank, pin=device.type == "cuda")
+    dist.destroy_process_group()
+    logger.info("tp worker %d stopped", rank)
+
+
+def _obey(runner: Any, channel: ControlChannel, link: WorkerLink, rank: int, pin: bool) -> None:
+    """Run commands until TpShutdown. Steps come as plan words; rank 0 answers with result
+    words (a result too large for its slot goes point to point to the coordinator)."""
+    plans, decoder = PlanDecoder(), msgspec.msgpack.Decoder(TpCommand)
+
+    def spill_result(data: bytes) -> None:
+        channel.send_tensors({0: bytes_tensor(data)}, tag=RESULT_TAG)
+
     while True:
-        command = decoder.decode(channel.broadcast(None))
+        kind, payload = link.receive(lambda: channel.broadcast(None))
+        if kind == PLAN:
+            plan = plans.decode(payload)
+            link.ack()
+            result = runner.step(plan)
+            if plan.seq_ids and rank == 0:  # the coordinator waits for rank 0's tokens
+                link.send_result(encode_result(result), spill_result)
+            continue
+        command = decoder.decode(payload)
+        link.ack()
         match command:
-            case TpStep(plan=plan):
-                result = runner.step(plan)
-                if plan.seq_ids:  # the coordinator waits for rank 0's tokens
-                    channel.broadcast(encoder.encode(result) if rank == 0 else None, root=1)
             case TpAddHostCopy() as header:
                 data = channel.recv_tensor(0, header.num_bytes)
-                host = unpack_shard(header, data, pin_memory=device.type == "cuda")
+                host = unpack_shard(header, data, pin_memory=pin)
                 copy = HostCopyReady(
                     adapter_id=AdapterId(header.adapter_id),
                     weights=host,
@@ -127,8 +148,6 @@ def _serve(spec: WorkerSpec, store: TCPStore) -> None:
                 runner.drop_host_copy(AdapterId(adapter_id))
             case TpShutdown():
                 runner.shutdown()
-                dist.destroy_process_group()
-                logger.info("tp worker %d stopped", rank)
                 return
             case _:
                 assert_never(command)
