@@ -6,7 +6,7 @@ Runs inside one worker process per rank; the collectives are torch.distributed (
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,11 +14,14 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from lorasrv.ids import SeqId
 from lorasrv.model.arch import ModelArch
 from lorasrv.model.attention import AttentionBackend
 from lorasrv.model.layers import LoraLinear
 from lorasrv.model.llama import LlamaModel
 from lorasrv.model.lora_backend import LoraStep
+from lorasrv.model.pending_sample import PendingSample
+from lorasrv.model.sampler import Sampler
 from lorasrv.model.sharding import Shard, shard_arch, vocab_range
 
 # torch >= 2.13 renames all_gather_into_tensor; same arguments.
@@ -51,6 +54,12 @@ class TpGroup:
         out = x.new_empty(self.size * n, k)
         _all_gather_single(out, x.contiguous(), group=self.group)
         return out.view(self.size, n, k).transpose(0, 1).reshape(n, self.size * k)
+
+    def all_gather_stack(self, x: torch.Tensor) -> torch.Tensor:
+        """`x` on every rank -> `[size, *x.shape]`, rank r's at index r."""
+        out = x.new_empty(self.size * x.shape[0], *x.shape[1:])  # concatenated along dim 0
+        _all_gather_single(out, x.contiguous(), group=self.group)
+        return out.view(self.size, *x.shape)
 
     def min_int(self, value: int) -> int:
         """The smallest of every rank's value (e.g. KV pages that fit on every device)."""
@@ -87,7 +96,12 @@ class RowParallelLoraLinear(LoraLinear):
 
 class TpLlamaModel(LlamaModel):
     """The decoder over this rank's heads and MLP columns, with a vocab-parallel embedding and
-    LM head. Column-parallel q/k/v and gate/up need no communication: their inputs are whole."""
+    LM head. Column-parallel q/k/v and gate/up need no communication: their inputs are whole.
+
+    `forward` returns this rank's logits only, `[num_sampled, padded vocab / size]` (the
+    inherited `head`, over this rank's vocab rows): the caller either takes the vocab-parallel
+    argmax (`greedy_tokens`, a few bytes per row between ranks) or gathers them all
+    (`gather_logits`). Decode graphs capture `forward`; both of these run after the replay."""
 
     def __init__(
         self,
@@ -114,7 +128,48 @@ class TpLlamaModel(LlamaModel):
         hidden.masked_fill_(outside[:, None], 0)
         return self.tp.all_reduce(hidden)
 
-    def head(self, last: torch.Tensor) -> torch.Tensor:
-        """This rank's vocab columns, gathered from every rank (padding columns dropped)."""
-        logits = self.tp.all_gather_cols(F.linear(last, self.lm_head))  # [num_sampled, padded]
-        return logits[:, : self.vocab_size].float()
+    def sample(
+        self, sampler: Sampler, local: torch.Tensor, seq_ids: Sequence[SeqId]
+    ) -> PendingSample | None:
+        """The step's tokens from this rank's logits; None on ranks other than 0 (rank 0 reports
+        for all). A plain-greedy step takes the vocab-parallel argmax, so no rank gathers a full
+        row and every rank ends the step with the tokens on its device (what an overlap schedule
+        feeds the next step); any other step gathers the logits, and rank 0 samples exactly as
+        without TP (same sampler, seeds and code)."""
+        is_rank0 = self.tp.rank == 0
+        if sampler.is_plain_greedy(seq_ids):
+            tokens = self.greedy_tokens(local)  # [num_sampled] int64
+            return PendingSample(tokens, [], [], [], len(seq_ids)) if is_rank0 else None
+        full = self.gather_logits(local)  # [num_sampled, vocab]
+        return sampler.sample_async(full, seq_ids) if is_rank0 else None
+
+    def gather_logits(self, local: torch.Tensor) -> torch.Tensor:
+        """Every rank's vocab columns, `[num_sampled, vocab]` float32 (padding dropped)."""
+        return self.tp.all_gather_cols(local)[:, : self.vocab_size]
+
+    def greedy_tokens(self, local: torch.Tensor) -> torch.Tensor:
+        """The argmax over the whole vocabulary, `[num_sampled]` int64 on every rank: each rank's
+        first maximum, one all-gather of `[num_sampled, 2]` float64, the best rank's token."""
+        pairs = local_argmax(local, self.vocab_lo, self.vocab_hi)
+        return best_of_ranks(self.tp.all_gather_stack(pairs))
+
+
+def local_argmax(local: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+    """`[n, 2]` float64 (value, token id) of each row's first maximum over this rank's vocab
+    columns `local` `[n, padded shard]` (ids `lo..hi-1`; columns past them are padding)."""
+    local = local[:, : hi - lo]
+    if local.shape[1] == 0:  # a rank past the vocabulary (tiny vocab, many ranks)
+        values = local.new_full((local.shape[0],), float("-inf"))
+        index = torch.zeros(local.shape[0], dtype=torch.int64, device=local.device)
+    else:
+        values, index = local.max(dim=-1)  # [n]: the first maximum in this shard
+    return torch.stack([values.double(), (index + lo).double()], dim=1)
+
+
+def best_of_ranks(every: torch.Tensor) -> torch.Tensor:
+    """`[size, n, 2]` every rank's `local_argmax` -> `[n]` int64: the token of the first rank
+    holding the largest value. The same token as the argmax of the gathered logits: values are
+    the same floats, and a tie goes to the lowest token id both ways (a shard's first maximum,
+    then the lowest rank; ranks hold ascending vocab ranges). Ids are exact in float64."""
+    best = every[:, :, 0].argmax(dim=0, keepdim=True)  # [1, n]
+    return every[:, :, 1].gather(0, best).squeeze(0).long()

@@ -115,7 +115,8 @@ class ModelRunner:
         self.decode = self._make_decode_runner(enable_cuda_graph, cuda_graph_max_batch_size)
         self.sampler = Sampler(self.arch.vocab_size, self.device, seed=seed)
         # The next decode step runs while the host plans it (lookahead.py); static decode only.
-        self.lookahead = enable_lookahead and self.decode is not None
+        # NOTE: not under TP: rank 0 alone would launch it, its collectives waiting forever.
+        self.lookahead = enable_lookahead and self.decode is not None and tp is None
         self._guess: Guess | None = None
         self.num_guesses_used = 0
         self.num_guesses_dropped = 0
@@ -168,9 +169,10 @@ class ModelRunner:
         else:
             self.num_guesses_dropped += guess is not None
             logits, seq_ids = self._forward(plan)
-            if not seq_ids or (self.tp is not None and self.tp.rank != 0):
-                return StepResult()  # with TP, rank 0 alone samples (logits gathered)
-            pending = self.sampler.sample_async(logits, seq_ids)
+            sampled = self._sample(logits, seq_ids) if seq_ids else None
+            if sampled is None:
+                return StepResult()  # nothing sampled, or a TP rank other than 0
+            pending = sampled
         self._launch_guess(plan, pending)  # queued behind this step, before waiting for it
         return pending.result()
 
@@ -178,7 +180,10 @@ class ModelRunner:
         """Logits `[num_sampled, vocab]` float32 of a plan (its uploads first), writing its K/V;
         for tests and benches (a `step` of the same plan after it redoes the same writes)."""
         self._upload(plan)
-        return self._forward(plan)[0]
+        logits = self._forward(plan)[0]
+        if isinstance(self.model, TpLlamaModel):
+            return self.model.gather_logits(logits)
+        return logits
 
     def add_host_copy(self, copy: HostCopyReady) -> None:
         """Keep an adapter's host copy (and its rank, scaling) for the uploads plans ask for."""
@@ -211,6 +216,12 @@ class ModelRunner:
         )
 
     # ------------------------------------------------------------------ internals
+
+    def _sample(self, logits: torch.Tensor, seq_ids: list[SeqId]) -> PendingSample | None:
+        """The step's tokens; None on TP ranks other than 0 (TpLlamaModel.sample)."""
+        if isinstance(self.model, TpLlamaModel):
+            return self.model.sample(self.sampler, logits, seq_ids)
+        return self.sampler.sample_async(logits, seq_ids)
 
     def _take_guess(self) -> Guess | None:
         guess, self._guess = self._guess, None
@@ -284,12 +295,14 @@ class ModelRunner:
 
     def _make_decode_runner(self, use_graphs: bool, max_batch_size: int) -> DecodeRunner | None:
         """Static-buffer decode (graphs on CUDA when enabled) when attention and LoRA can run it:
-        kernel attention, a LoRA backend that supports graphs, no TP."""
+        kernel attention, a LoRA backend that supports graphs.
+
+        Under TP every rank builds the same buckets and captures them in the same order (same
+        flags, same code), so the collectives inside each graph line up across ranks; the
+        logits' gather or vocab-parallel argmax runs after the replay (`_sample`)."""
         reason = None
         if needs_dense_metadata(self.model.attention):
             reason = "the reference attention backend"
-        elif self.tp is not None:
-            reason = "tensor parallelism"
         elif self.lora is not None and not self.lora_backend.supports_cuda_graphs:
             reason = f"the {self.lora_backend.name} LoRA backend"
         if reason is not None:

@@ -159,6 +159,16 @@ class Sampler:
         """
         return self.sample_async(logits, seq_ids).result()
 
+    def is_plain_greedy(self, seq_ids: Sequence[SeqId]) -> bool:
+        """Whether a step's tokens are the raw logits' argmax and nothing else is asked: every row
+        greedy, without penalties (they would change the logits) and without logprobs. Such a
+        step needs no full row of logits (TP takes a vocab-parallel argmax)."""
+        for seq_id in seq_ids:
+            state = self._seqs[seq_id]
+            if not state.is_greedy or state.penalty_slot >= 0 or state.wants_logprobs:
+                return False
+        return True
+
     def is_replayable(self, seq_ids: Sequence[SeqId]) -> bool:
         """Whether a sample for these seqs may be thrown away unseen: no penalty history and
         no own generator would move (unseeded draws use the shared stream, which nobody can

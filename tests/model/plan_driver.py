@@ -28,6 +28,7 @@ class _Seq:
     adapter_id: AdapterId | None
     max_new_tokens: int
     output: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)  # when the params ask for them
     num_cached: int = 0  # tokens whose K/V are in the cache
     pages: list[int] = field(default_factory=list)
     started: bool = False
@@ -73,8 +74,10 @@ class PlanDriver:
         lookahead_pages: bool = True,
         mark_last_rows: bool = True,
         lora_rows: int = 0,
+        params: SamplingParams = GREEDY,
     ) -> None:
         self.runner = runner
+        self.params = params  # every sequence's sampling params
         self.token_budget = token_budget
         self.lookahead_pages = lookahead_pages
         self.mark_last_rows = mark_last_rows
@@ -92,6 +95,7 @@ class PlanDriver:
         self.record_logits = record_logits
         self.first_logits: dict[int, torch.Tensor] = {}  # seq_id -> [vocab] at its first sample
         self.num_steps = 0
+        self.last_logprobs: list[list[float]] = []
         self._next_seq_id = 0
 
     def add_adapter(
@@ -154,6 +158,7 @@ class PlanDriver:
         if freed:
             self.runner.step(StepPlan(step_id=StepId(self.num_steps), freed_seq_ids=tuple(freed)))
             self.num_steps += 1
+        self.last_logprobs = [s.logprobs for s in seqs]  # per prompt, when the params ask
         return [s.output for s in seqs]
 
     def _plan(self, active: list[_Seq], freed: list[SeqId]) -> tuple[StepPlan, list[_Seq]]:
@@ -180,7 +185,7 @@ class PlanDriver:
             if not seq.started:
                 seq.started = True
                 new_seqs.append(
-                    NewSeq(seq_id=seq.seq_id, params=GREEDY, prompt_ids=tuple(seq.prompt))
+                    NewSeq(seq_id=seq.seq_id, params=self.params, prompt_ids=tuple(seq.prompt))
                 )
         plan = StepPlan(
             step_id=StepId(self.num_steps),
@@ -223,3 +228,6 @@ class PlanDriver:
             seq.num_cached += n
         for seq, token in zip(sampled, result.token_ids, strict=True):
             seq.output.append(token)
+        if result.logprobs:
+            for seq, logprob in zip(sampled, result.logprobs, strict=True):
+                seq.logprobs.append(logprob)

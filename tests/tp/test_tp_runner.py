@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import signal
 import threading
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -16,39 +15,8 @@ from lorasrv.ids import AdapterId
 from lorasrv.model.runner import ModelRunner
 from lorasrv.tp.monitor import TpWorkerError
 from lorasrv.tp.runner import TpRunner
-from tests.model.checkpoints import ADAPTERS, build_adapter, build_checkpoint
 from tests.model.plan_driver import PlanDriver
-
-ODD = {
-    "num_key_value_heads": 1,  # < tp_size: each rank holds a copy of the KV head
-    "vocab_size": 255,  # odd: the second vocab shard is padded
-    "attention_bias": True,  # q/k/v bias (column-parallel), o bias (rank 0 only)
-    "tie_word_embeddings": True,  # the LM head is the vocab-parallel embedding
-}
-PROMPTS = [[5, 9, 20, 7], [11, 40, 23, 7, 99, 100, 3], [7], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]]
-ROW_ADAPTERS = [None, 1, None, 1]
-
-
-@pytest.fixture(scope="module")
-def odd_world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    root = tmp_path_factory.mktemp("tp-odd")
-    base = build_checkpoint(root / "base", "llama", **ODD)
-    adapter = build_adapter(base, root / "adapter", **ADAPTERS["all_r8_rslora"])
-    return {"base": base, "adapter": adapter}
-
-
-def runner_options(base: Path) -> dict[str, Any]:
-    return {
-        "model_path": str(base),
-        "dtype": "float32",
-        "device": "cpu",
-        "page_size": 4,
-        "num_kv_pages": 256,  # the arena holds the adapter rows too
-        "enable_lora": True,
-        "lora_max_rank": 16,
-        "lora_target_modules": ("all",),
-        "lora_backend": "torch",
-    }
+from tests.tp.conftest import PROMPTS, ROW_ADAPTERS, runner_options
 
 
 def test_odd_shapes_give_tp1_tokens(odd_world: dict[str, Any]) -> None:
