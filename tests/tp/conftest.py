@@ -53,8 +53,8 @@ ROW_ADAPTERS = [None, 1, None, 1]
 def odd_world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     root = tmp_path_factory.mktemp("tp-odd")
     base = build_checkpoint(root / "base", "llama", **ODD)
-    adapter = build_adapter(base, root / "adapter", **ADAPTERS["all_r8_rslora"])
-    return {"base": base, "adapter": adapter}
+    adapters = {name: build_adapter(base, root / name, **ADAPTERS[name]) for name in ADAPTER_NAMES}
+    return {"base": base, "adapter": adapters["all_r8_rslora"], "adapters": adapters}
 
 
 def runner_options(base: Path) -> dict[str, Any]:

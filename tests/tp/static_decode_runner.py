@@ -7,7 +7,6 @@ from __future__ import annotations
 from typing import Any
 
 from lorasrv.messages import StepPlan, StepResult
-from lorasrv.model.cuda_graphs import is_decode_plan
 from lorasrv.model.runner import ModelRunner
 
 STATIC_DECODE_RUNNER = "tests.tp.static_decode_runner:StaticDecodeRunner"
@@ -20,7 +19,7 @@ class StaticDecodeRunner(ModelRunner):
         assert not self.lookahead, "lookahead under TP: rank 0 alone would launch the guess"
 
     def step(self, plan: StepPlan) -> StepResult:
-        if is_decode_plan(plan):
+        if plan.is_decode:
             assert self.decode is not None
             assert self.decode.can_run(plan), f"decode step {plan.step_id} would run eagerly"
         return super().step(plan)
