@@ -54,12 +54,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def decode_plan(step: int, batch: int, context: int) -> Any:
-    """A decode step of `batch` rows at `context` tokens each; half the rows on 8 adapters."""
-    from lorasrv.ids import AdapterId, BlockId, SeqId, StepId
+def decode_plans(batch: int, context: int, num_steps: int) -> list[Any]:
+    """`num_steps` decode steps of `batch` rows from about `context` tokens each, built as the
+    engine builds them (each row's pages a list of ints, a new page when its context crosses a
+    page boundary, `tuple(blocks)` per plan); half the rows on 8 adapters."""
+    from lorasrv.ids import AdapterId, SeqId, StepId
     from lorasrv.messages import AdapterRows, StepPlan
 
-    pages = context // PAGE_SIZE + 1
     num_base = batch // 2
     lora = [-1] * num_base + sorted(i % NUM_ADAPTERS for i in range(batch - num_base))
     used = sorted({i for i in lora if i >= 0})
@@ -67,19 +68,28 @@ def decode_plan(step: int, batch: int, context: int) -> Any:
         AdapterRows(AdapterId(100 + i), tuple(range(5000 + 16 * i, 5016 + 16 * i))) for i in used
     )
     index = {a: n for n, a in enumerate(used)}
-    return StepPlan(
-        step_id=StepId(step),
-        seq_ids=tuple(SeqId(1_000_000 + r) for r in range(batch)),
-        input_ids=tuple(1000 + 7 * r + step for r in range(batch)),
-        query_lens=(1,) * batch,
-        context_lens=(context,) * batch,
-        block_tables=tuple(
-            tuple(BlockId(r * pages + p) for p in range(pages)) for r in range(batch)
-        ),
-        lora_adapters=tuple(index[i] if i >= 0 else -1 for i in lora),
-        adapters=adapters,
-        sample_rows=(True,) * batch,
-    )
+    contexts = [context + r for r in range(batch)]  # rows cross page boundaries apart
+    blocks = [list(range(r * 1000, r * 1000 + c // PAGE_SIZE + 1)) for r, c in enumerate(contexts)]
+    plans = []
+    for step in range(num_steps):
+        plans.append(
+            StepPlan(
+                step_id=StepId(step),
+                seq_ids=tuple(SeqId(1_000_000 + r) for r in range(batch)),
+                input_ids=tuple(1000 + 7 * r + step for r in range(batch)),
+                query_lens=(1,) * batch,
+                context_lens=tuple(contexts),
+                block_tables=tuple(tuple(b) for b in blocks),
+                lora_adapters=tuple(index[i] if i >= 0 else -1 for i in lora),
+                adapters=adapters,
+                sample_rows=(True,) * batch,
+            )
+        )
+        for r in range(batch):
+            contexts[r] += 1
+            if contexts[r] // PAGE_SIZE >= len(blocks[r]):
+                blocks[r].append(blocks[r][-1] + 1)
+    return plans
 
 
 def time_codec(plans: list[Any]) -> tuple[float, float]:
@@ -104,7 +114,7 @@ def time_codec(plans: list[Any]) -> tuple[float, float]:
 def time_batch(runner: Any, batch: int, args: argparse.Namespace) -> dict[str, Any]:
     from lorasrv.tp.null_runner import expected_tokens
 
-    plans = [decode_plan(step, batch, args.context) for step in range(args.warmup + args.steps)]
+    plans = decode_plans(batch, args.context, args.warmup + args.steps)
     encode_us, decode_us = time_codec(plans) if _has_codec() else (None, None)
     times = []
     for n, plan in enumerate(plans):

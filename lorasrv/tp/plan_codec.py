@@ -200,9 +200,14 @@ class PlanDecoder:
         memory = self._tables
         tables = []
         for seq_id, keep, length in zip(seq_ids, keeps, lens, strict=True):
-            new = tuple(w[p : p + length])
+            if keep:
+                prev = memory[seq_id]
+                if keep < len(prev):
+                    prev = prev[:keep]
+                table = prev + tuple(w[p : p + length]) if length else prev  # usually `prev`
+            else:
+                table = tuple(w[p : p + length])
             p += length
-            table = memory[seq_id][:keep] + new if keep else new
             memory[seq_id] = table
             tables.append(table)
         _bound(memory)
