@@ -1,12 +1,18 @@
-"""Tensor parallelism on the GPU: --tp-size 2 against --tp-size 1 on one random model.
+"""Tensor parallelism: --tp-size 2 against --tp-size 1 on one random model, in one run.
 
-Builds (or reuses) a random Llama-3-8B-shaped bf16 checkpoint with two rank-16 adapters
-(bench/make_random_model.py, weights drawn on the GPU), then runs each mode in a child process
-through the library Engine: the same greedy prompts (base and adapter rows mixed in one batch)
-and decode-throughput batches. Prints token agreement and decode throughput side by side.
+    python bench/tp_check.py            # 2 GPUs: random Llama-3-8B-shaped bf16, CUDA graphs
+    python bench/tp_check.py --eager    # the same without CUDA graphs
+    python bench/tp_check.py --small    # CPU: tiny float32 model, gloo between ranks, ~1-2 min
 
-    python bench/tp_check.py                      # 2 GPUs, about 4-5 minutes with the model build
-    python bench/tp_check.py --shape tiny --device cpu --dtype float32   # a CPU smoke run
+Builds (or reuses) a random checkpoint with 8 rank-16 adapters on every module
+(make_random_model.py), then runs each mode of `--tp-sizes` in its own child process through the
+library Engine: greedy prompts with base rows and the 8 adapters' rows mixed in one batch (the
+first mode, the reference, runs them twice: the second time submitted in another order, so
+batches differ), then decode throughput at batch 1, 16 and 64, base rows and rows over the 8
+adapters. Prints and writes to `--out` (default $TMPDIR/lorasrv-bench/tp_check.json, never
+bench/results/latest.json) every figure: `tp2_vs_tp1_decode_bs64` (throughput ratio),
+`tp2_vs_tp1_itl_bs1` (step time ratio) and the other batches and kinds, token agreement of tp 2
+and of the reordered tp 1 run against tp 1, and the issue's targets (tp_check_figures.py).
 
 Exit status: 0 when every mode ran and first tokens agree on at least --min-first-match of the
 prompts (a sharding bug agrees on almost none), 1 otherwise.
@@ -28,7 +34,10 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-NUM_ADAPTERS = 2
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from tp_check_figures import report_lines, summarize  # noqa: E402
+
+NUM_ADAPTERS = 8
 
 
 def prepare_environment() -> None:
@@ -49,25 +58,33 @@ def prepare_environment() -> None:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--shape", default="llama3-8b", help="make_random_model.py shape")
+    parser.add_argument("--small", action="store_true", help="tiny model on CPU: tests the script")
+    parser.add_argument("--eager", action="store_true", help="no CUDA graphs in any mode")
+    parser.add_argument("--shape", help="make_random_model.py shape (llama3-8b; small: tiny)")
     parser.add_argument("--num-layers", type=int, help="override the shape's layer count")
     parser.add_argument("--model-dir", type=Path, help="default /tmp/lorasrv-bench/<shape>-random")
-    parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
-    parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--tp-sizes", default="1,2", help="modes to run, first = reference")
-    parser.add_argument("--cuda-graph", action="store_true", help="(default: eager in all modes)")
-    parser.add_argument("--num-prompts", type=int, default=48)
+    parser.add_argument("--num-prompts", type=int, help="compared prompts (48; small: 9)")
     parser.add_argument("--input-len", type=int, default=48)
-    parser.add_argument("--output-len", type=int, default=48, help="tokens compared per prompt")
+    parser.add_argument("--output-len", type=int, help="tokens compared per prompt (48; small: 8)")
     parser.add_argument("--decode-batches", default="1,16,64")
-    parser.add_argument("--decode-len", type=int, default=128)
+    parser.add_argument("--decode-len", type=int, help="tokens per decode request (128; small: 8)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--child-timeout-s", type=float, default=300)
+    parser.add_argument("--child-timeout-s", type=float, default=900)
     parser.add_argument("--min-first-match", type=float, default=0.75)
-    parser.add_argument("--json", type=Path, help="write every figure here too")
+    parser.add_argument("--out", type=Path, help="default $TMPDIR/lorasrv-bench/tp_check.json")
     parser.add_argument("--child", type=int, help=argparse.SUPPRESS)  # internal: run one mode
     parser.add_argument("--child-out", type=Path, help=argparse.SUPPRESS)
-    return parser.parse_args(argv)
+    parser.add_argument("--reorder", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    small = args.small
+    args.shape = args.shape or ("tiny" if small else "llama3-8b")
+    args.device, args.dtype = ("cpu", "float32") if small else ("cuda", "bfloat16")
+    args.num_prompts = args.num_prompts or (9 if small else 48)
+    args.output_len = args.output_len or (8 if small else 48)
+    args.decode_len = args.decode_len or (8 if small else 128)
+    args.out = args.out or Path(tempfile.gettempdir()) / "lorasrv-bench" / "tp_check.json"
+    return args
 
 
 # ----------------------------------------------------------------------------- parent
@@ -82,13 +99,23 @@ def main(argv: list[str] | None = None) -> int:
     if not build_model(args, model_dir):
         return 1
     modes = [int(t) for t in args.tp_sizes.split(",")]
-    results: dict[int, dict[str, Any]] = {}
-    for tp_size in modes:
-        results[tp_size] = run_mode(args, model_dir, tp_size)
-    report = summarize(args, results, modes)
-    if args.json:
-        args.json.write_text(json.dumps({"args": _jsonable(vars(args)), **report}, indent=2))
-    return 0 if report["ok"] else 1
+    results = {
+        tp_size: run_mode(args, model_dir, tp_size, tp_size == modes[0]) for tp_size in modes
+    }
+    summary = summarize(results, modes)
+    print("\n" + "\n".join(report_lines(results, modes, summary)))
+    ok = all("error" not in r for r in results.values())
+    for key, value in summary.items():
+        if key.startswith(f"tp{modes[0]}_vs") or not key.endswith("_agreement"):
+            continue
+        if value["first_token_match"] < args.min_first_match:
+            print(f"FAIL: {key}: first-token agreement below {args.min_first_match:.0%}")
+            ok = False
+    report = {"args": _jsonable(vars(args)), **summary, "ok": ok, "results": results}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2))
+    print(f"\nwritten to {args.out}\nRESULT: {'ok' if ok else 'FAILED'}")
+    return 0 if ok else 1
 
 
 def build_model(args: argparse.Namespace, model_dir: Path) -> bool:
@@ -112,10 +139,14 @@ def build_model(args: argparse.Namespace, model_dir: Path) -> bool:
     return done.returncode == 0
 
 
-def run_mode(args: argparse.Namespace, model_dir: Path, tp_size: int) -> dict[str, Any]:
+def run_mode(
+    args: argparse.Namespace, model_dir: Path, tp_size: int, is_reference: bool
+) -> dict[str, Any]:
     out = Path(tempfile.mkdtemp(prefix="tp-check.")) / f"tp{tp_size}.json"
     command = [sys.executable, str(Path(__file__).resolve()), *sys.argv[1:]]
     command += ["--model-dir", str(model_dir), "--child", str(tp_size), "--child-out", str(out)]
+    if is_reference:
+        command.append("--reorder")
     print(f"== tp {tp_size}: running", flush=True)
     started = time.perf_counter()
     try:
@@ -129,87 +160,9 @@ def run_mode(args: argparse.Namespace, model_dir: Path, tp_size: int) -> dict[st
     else:
         result = {"error": f"child exited ({status}) without results; see its log above"}
     result["wall_s"] = elapsed
-    print(f"   tp {tp_size}: {'FAILED: ' + result['error'] if 'error' in result else 'ok'} "
-          f"in {elapsed:.0f}s", flush=True)  # fmt: skip
+    state = "FAILED: " + result["error"] if "error" in result else "ok"
+    print(f"   tp {tp_size}: {state} in {elapsed:.0f}s", flush=True)
     return result
-
-
-def summarize(
-    args: argparse.Namespace, results: dict[int, dict[str, Any]], modes: list[int]
-) -> dict[str, Any]:
-    print("\n== decode throughput (output tokens/s after the first token; eager unless "
-          f"--cuda-graph; {args.decode_len} tokens per request)")  # fmt: skip
-    print(f"{'mode':<6}{'startup s':>10}" + "".join(f"{f'bs {b}':>12}" for b in _batches(args)))
-    for tp_size in modes:
-        r = results[tp_size]
-        if "error" in r:
-            print(f"tp{tp_size:<4} FAILED: {r['error']}")
-            continue
-        rates = "".join(f"{d['tokens_per_s']:>12.1f}" for d in r["decode"])
-        print(f"tp{tp_size:<4}{r['startup_s']:>10.1f}{rates}")
-    reference, ok = results[modes[0]], all("error" not in r for r in results.values())
-    report: dict[str, Any] = {"results": {str(k): v for k, v in results.items()}, "compare": {}}
-    for tp_size in modes[1:]:
-        r = results[tp_size]
-        if "error" in r or "error" in reference:
-            continue
-        match = token_match(reference["outputs"], r["outputs"])
-        speedups = [
-            d["tokens_per_s"] / base["tokens_per_s"]
-            for d, base in zip(r["decode"], reference["decode"], strict=True)
-        ]
-        match["decode_speedup"] = speedups
-        report["compare"][f"tp{tp_size}_vs_tp{modes[0]}"] = match
-        print(
-            f"\n== tp{tp_size} vs tp{modes[0]} on {match['num_prompts']} prompts "
-            f"(base and adapter rows mixed), {args.output_len} greedy tokens each, {args.dtype}"
-        )
-        print(f"first token equal:       {match['first_token_match']:.1%}")
-        print(f"whole sequence equal:    {match['sequence_match']:.1%}")
-        print(f"tokens before divergence {match['prefix_match']:.1%} of all positions")
-        for kind, rate in match["first_token_match_by_lora"].items():
-            print(f"  first token equal, {kind:<5} rows: {rate:.1%}")
-        print("decode speedup: " + ", ".join(
-            f"bs {b}: {s:.2f}x" for b, s in zip(_batches(args), speedups, strict=True)
-        ))  # fmt: skip
-        if match["first_token_match"] < args.min_first_match:
-            print(f"FAIL: first-token agreement below {args.min_first_match:.0%}")
-            ok = False
-    print("\nNOTE: in bf16, sums in another order (sharded matmuls, all-reduces) move logits by")
-    print("rounding noise, so later tokens drift where two candidates nearly tie; a sharding bug")
-    print("shows up as disagreement from the first token on.")
-    report["ok"] = ok
-    print("\nRESULT:", "ok" if ok else "FAILED")
-    return report
-
-
-def token_match(reference: list[dict[str, Any]], other: list[dict[str, Any]]) -> dict[str, Any]:
-    first = sequences = prefix = total = 0
-    by_kind: dict[str, list[int]] = {}
-    for a, b in zip(reference, other, strict=True):
-        ids_a, ids_b = a["output_ids"], b["output_ids"]
-        same_first = bool(ids_a) and bool(ids_b) and ids_a[0] == ids_b[0]
-        first += same_first
-        sequences += ids_a == ids_b
-        n = 0
-        while n < min(len(ids_a), len(ids_b)) and ids_a[n] == ids_b[n]:
-            n += 1
-        prefix += n
-        total += len(ids_a)
-        kind = "base" if a["lora"] is None else "lora"
-        by_kind.setdefault(kind, []).append(int(same_first))
-    count = len(reference)
-    return {
-        "num_prompts": count,
-        "first_token_match": first / count,
-        "sequence_match": sequences / count,
-        "prefix_match": prefix / max(total, 1),
-        "first_token_match_by_lora": {k: sum(v) / len(v) for k, v in by_kind.items()},
-    }
-
-
-def _batches(args: argparse.Namespace) -> list[int]:
-    return [int(b) for b in args.decode_batches.split(",")]
 
 
 def _jsonable(values: dict[str, Any]) -> dict[str, Any]:
@@ -231,57 +184,81 @@ def run_child(args: argparse.Namespace) -> int:
     return 0 if "error" not in result else 1
 
 
+def engine_config(args: argparse.Namespace, names: list[str]) -> Any:
+    from lorasrv.config import build_config
+
+    adapters = args.model_dir.with_name(args.model_dir.name + "-adapters")
+    options: dict[str, Any] = {
+        "model_path": str(args.model_dir),
+        "device": args.device,
+        "dtype": args.dtype,
+        "tp_size": args.child,
+        "lora_paths": [f"{n}={adapters / n}" for n in names],
+        "max_lora_rank": 16,
+        "context_length": 1024 if args.small else 4096,
+        "disable_cuda_graph": args.eager,
+        "max_running_requests": 256,
+        "chunked_prefill_size": 2048 if args.small else 8192,
+        "port": 0,
+        "log_level": "warning",
+    }
+    if args.small:
+        options["num_kv_pages"] = 2048  # CPU: no device memory to size the arena from
+    return build_config(options)
+
+
 async def measure(args: argparse.Namespace) -> dict[str, Any]:
     import logging
 
-    from lorasrv.config import build_config
     from lorasrv.engine.engine import Engine
 
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s")
-    model_dir: Path = args.model_dir
-    adapters = model_dir.with_name(model_dir.name + "-adapters")
     names = [f"a{i}" for i in range(NUM_ADAPTERS)]
-    config = build_config(
-        {
-            "model_path": str(model_dir),
-            "device": args.device,
-            "dtype": args.dtype,
-            "tp_size": args.child,
-            "lora_paths": [f"{n}={adapters / n}" for n in names],
-            "max_loras_per_batch": NUM_ADAPTERS + 1,
-            "max_lora_rank": 16,
-            "context_length": 4096,
-            "disable_cuda_graph": not args.cuda_graph,
-            "max_running_requests": 256,
-            "chunked_prefill_size": 8192,
-            "port": 0,
-            "log_level": "warning",
-        }
-    )
     started = time.perf_counter()
-    async with Engine(config) as engine:
+    async with Engine(engine_config(args, names)) as engine:
         startup_s = time.perf_counter() - started
         vocab = engine.ready_info.vocab_size
         rng = random.Random(args.seed)
         loras: list[str | None] = [None, *names]
         # Warm-up (kernel compiles), then the compared prompts: rows of every kind in a batch.
-        await greedy(engine, [prompt(rng, vocab, 16) for _ in range(6)], loras * 2, 8)
+        await greedy(engine, [prompt(rng, vocab, 16) for _ in loras], loras, 4)
         prompts = [prompt(rng, vocab, args.input_len) for _ in range(args.num_prompts)]
         rows = [loras[i % len(loras)] for i in range(args.num_prompts)]
         outputs = await greedy(engine, prompts, rows, args.output_len)
+        reordered = None
+        if args.reorder:  # the same prompts submitted in another order: other batches
+            order = list(range(len(prompts)))
+            random.Random(args.seed + 1).shuffle(order)
+            shuffled = await greedy(
+                engine, [prompts[i] for i in order], [rows[i] for i in order], args.output_len
+            )
+            reordered = [shuffled[order.index(i)] for i in range(len(prompts))]
         decode = []
-        for batch in _batches(args):
-            batch_prompts = [prompt(rng, vocab, 32) for _ in range(batch)]
-            decode.append(await decode_rate(engine, batch_prompts, args.decode_len))
-        ready = engine.ready_info
+        for kind in ("base", f"lora{NUM_ADAPTERS}"):
+            for batch in (int(b) for b in args.decode_batches.split(",")):
+                batch_prompts = [prompt(rng, vocab, 32) for _ in range(batch)]
+                adapters = [None if kind == "base" else names[i % len(names)] for i in range(batch)]
+                rate = await decode_rate(engine, batch_prompts, adapters, args.decode_len)
+                decode.append({"kind": kind, **rate})
+        device = engine.ready_info.device
     return {
         "tp_size": args.child,
+        "device": _device_name(device),
         "startup_s": startup_s,
-        "num_kv_pages": ready.num_kv_pages,
-        "device": ready.device,
         "outputs": [{"lora": r, "output_ids": o} for r, o in zip(rows, outputs, strict=True)],
+        "outputs_reordered": None
+        if reordered is None
+        else [{"lora": r, "output_ids": o} for r, o in zip(rows, reordered, strict=True)],
         "decode": decode,
     }
+
+
+def _device_name(device: str) -> str:
+    import torch
+
+    if device.startswith("cuda"):
+        return f"{torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}"
+    return f"cpu ({os.cpu_count()} cores)"
 
 
 def prompt(rng: random.Random, vocab: int, length: int) -> list[int]:
@@ -303,7 +280,9 @@ async def greedy(
     return [list(r.token_ids) for r in results]
 
 
-async def decode_rate(engine: Any, prompts: list[list[int]], num_new: int) -> dict[str, Any]:
+async def decode_rate(
+    engine: Any, prompts: list[list[int]], loras: list[str | None], num_new: int
+) -> dict[str, Any]:
     """All requests start together (one prefill step), so after the last first token every
     step is a decode step of the whole batch: tokens after it / time after it."""
     from lorasrv.engine.requests import Submission
@@ -311,15 +290,16 @@ async def decode_rate(engine: Any, prompts: list[list[int]], num_new: int) -> di
 
     params = SamplingParams(max_new_tokens=num_new, temperature=0, ignore_eos=True)
 
-    async def one(ids: list[int]) -> tuple[float, float, int]:
+    async def one(ids: list[int], lora: str | None) -> tuple[float, float, int]:
         first, count = 0.0, 0
-        async for out in engine.submit(Submission(input_ids=tuple(ids), params=params)):
+        submission = Submission(input_ids=tuple(ids), lora_name=lora, params=params)
+        async for out in engine.submit(submission):
             count += len(out.token_ids)
             if not first and count:
                 first = time.perf_counter()
         return first, time.perf_counter(), count
 
-    runs = await asyncio.gather(*(one(p) for p in prompts))
+    runs = await asyncio.gather(*(one(p, a) for p, a in zip(prompts, loras, strict=True)))
     t_first = max(r[0] for r in runs)
     t_end = max(r[1] for r in runs)
     tokens = sum(r[2] - 1 for r in runs)
