@@ -71,10 +71,12 @@ class TpGroup:
 class RowParallelLoraLinear(LoraLinear):
     """o/down: this rank's input columns; partial outputs are summed by one all-reduce.
 
-    LoRA (S-LoRA): A is split by input columns like the weight, so `x·Aᵀ` is partial too; the
-    small `[tokens, max_rank]` intermediate is all-reduced (the backend's shrink and expand run
-    apart for it), then rank 0 alone adds `v·Bᵀ` to its partial output before the output
-    all-reduce: no extra full-width communication.
+    LoRA (S-LoRA shards: A split by input columns like the weight, B whole): each rank adds
+    `scaling·(x_r·A_rᵀ)·Bᵀ` from its own partial `x_r·A_rᵀ` to its partial output, through the
+    backend's ordinary `linear`. The delta is linear in that partial, so the layer's one
+    all-reduce sums the LoRA deltas with the base: `Σ_r (x_r·A_rᵀ)·Bᵀ = (x·Aᵀ)·Bᵀ`. LoRA adds no
+    collective at all (no all-reduce of the rank-r intermediate); every rank runs the expand,
+    in parallel. The bias lives on rank 0 only (sharding.py), so it is added once.
     """
 
     __slots__ = ("tp",)
@@ -84,14 +86,7 @@ class RowParallelLoraLinear(LoraLinear):
         self.tp = tp
 
     def forward(self, x: torch.Tensor, lora: LoraStep | None) -> torch.Tensor:
-        y = F.linear(x, self.weight, self.bias)  # [num_tokens, out], this rank's partial sum
-        if lora is not None and self.lora is not None:
-            v = lora.shrink(x, self.lora).contiguous()  # [num_tokens, max_rank], partial
-            self.tp.all_reduce(v)
-            if self.tp.rank == 0:
-                # NOTE: y is summed over ranks next; a second rank adding it would double it.
-                lora.expand(v, y, self.lora)
-        return self.tp.all_reduce(y)
+        return self.tp.all_reduce(super().forward(x, lora))  # [num_tokens, out], summed
 
 
 class TpLlamaModel(LlamaModel):
