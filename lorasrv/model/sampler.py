@@ -30,7 +30,8 @@ class _SeqState:
     sample_row: tuple[float, float, float, float]  # temperature, top_k, top_p, min_p
     penalty_row: tuple[float, float, float]  # repetition, frequency, presence
     penalty_slot: int  # row of the count tables; -1 = no penalties, no history kept
-    generator: torch.Generator | None  # own noise stream when params.seed is set
+    seed: int | None  # own noise stream (params.seed) for a row that draws; None: the shared one
+    num_drawn: int  # tokens sampled for it so far (its outputs at add_seq included)
     wants_logprobs: bool
     num_top_logprobs: int
 
@@ -40,7 +41,7 @@ class _Batch(NamedTuple):
 
     sampled_rows: list[int]  # rows that are not greedy
     sample_params: torch.Tensor | None  # [num_sampled, 4] like _SeqState.sample_row
-    seeded: list[tuple[int, torch.Generator]]  # (index into sampled_rows, generator)
+    seeded: list[tuple[int, int]]  # (index into sampled_rows, seed of this draw)
     unseeded: list[int]  # indices into sampled_rows that draw from the shared generator
     uses_top_k_top_p: bool
     uses_min_p: bool
@@ -99,9 +100,11 @@ class Sampler:
     histories; memory is 5 bytes * vocab per penalized seq (the table doubles when full).
     Seqs without penalties keep no history: their params are frozen, so they never need it.
 
-    Seeds: a seeded seq gets its own `torch.Generator` at add_seq and draws only its own noise
-    row, so its tokens depend on its seed and logits alone. Unseeded rows share `seed`'s
-    generator, or torch's default generator of `device` when `seed` is None.
+    Seeds: a seeded seq draws only its own noise row, from a generator seeded with
+    `draw_seed(seed, k)` for its k-th generated token, so its tokens depend on its seed, their
+    position and the logits alone: not on the batch, and not on a preemption (re-added with its
+    outputs so far, it goes on from the next position). Unseeded rows share `seed`'s generator,
+    or torch's default generator of `device` when `seed` is None.
     """
 
     def __init__(self, vocab_size: int, device: torch.device, *, seed: int | None = None) -> None:
@@ -111,6 +114,7 @@ class Sampler:
         self._shared_generator: torch.Generator | None = None
         if seed is not None:
             self._shared_generator = _make_generator(seed, device)
+        self._seeded_generator = torch.Generator(device=device)  # reseeded for every draw
         self._counts = torch.zeros((0, vocab_size), dtype=torch.int32, device=device)
         self._prompt_mask = torch.zeros((0, vocab_size), dtype=torch.bool, device=device)
         self._free_slots: list[int] = []
@@ -127,9 +131,6 @@ class Sampler:
             params.presence_penalty,
         )
         slot = self._prepare_penalty_slot(seq) if penalty_row != (1.0, 0.0, 0.0) else -1
-        generator = None
-        if params.seed is not None and not is_greedy:
-            generator = _make_generator(params.seed, self.device)
         self._seqs[seq.seq_id] = _SeqState(
             is_greedy=is_greedy,
             sample_row=(
@@ -140,7 +141,8 @@ class Sampler:
             ),
             penalty_row=penalty_row,
             penalty_slot=slot,
-            generator=generator,
+            seed=params.seed if not is_greedy else None,
+            num_drawn=len(seq.output_ids),
             wants_logprobs=params.logprobs or params.top_logprobs > 0,
             num_top_logprobs=params.top_logprobs,
         )
@@ -171,11 +173,11 @@ class Sampler:
 
     def is_replayable(self, seq_ids: Sequence[SeqId]) -> bool:
         """Whether a sample for these seqs may be thrown away unseen: no penalty history and
-        no own generator would move (unseeded draws use the shared stream, which nobody can
-        replay anyway)."""
+        no own seed's position would move (unseeded draws use the shared stream, which nobody
+        can replay anyway)."""
         for seq_id in seq_ids:
             state = self._seqs[seq_id]
-            if state.penalty_slot >= 0 or state.generator is not None:
+            if state.penalty_slot >= 0 or state.seed is not None:
                 return False
         return True
 
@@ -184,6 +186,8 @@ class Sampler:
         `logits` are queued before this returns, so the caller may reuse its buffer."""
         states = [self._seqs[seq_id] for seq_id in seq_ids]
         batch = self._prepare_batch(states)
+        for state in states:
+            state.num_drawn += 1
         penalized = logits
         if batch.penalty_params is not None:
             penalized = self._penalize(logits, batch)
@@ -198,7 +202,7 @@ class Sampler:
     def _prepare_batch(self, states: list[_SeqState]) -> _Batch:
         sampled_rows: list[int] = []
         sample_rows: list[tuple[float, float, float, float]] = []
-        seeded: list[tuple[int, torch.Generator]] = []
+        seeded: list[tuple[int, int]] = []
         unseeded: list[int] = []
         penalty_rows: list[int] = []
         penalty_slots: list[int] = []
@@ -207,8 +211,8 @@ class Sampler:
                 penalty_rows.append(row)
                 penalty_slots.append(state.penalty_slot)
             if not state.is_greedy:
-                if state.generator is not None:
-                    seeded.append((len(sampled_rows), state.generator))
+                if state.seed is not None:
+                    seeded.append((len(sampled_rows), draw_seed(state.seed, state.num_drawn)))
                 else:
                     unseeded.append(len(sampled_rows))
                 sampled_rows.append(row)
@@ -279,9 +283,11 @@ class Sampler:
                 shared = probs.new_empty((len(batch.unseeded), probs.shape[1]))
                 shared.exponential_(generator=self._shared_generator)
                 noise.index_copy_(0, self._ids_tensor(batch.unseeded), shared)
-            # NOTE: one draw of exactly `vocab` values per step per seeded row, independent of the
-            # batch; changing this changes every seeded request's tokens.
-            for index, generator in batch.seeded:
+            # NOTE: one draw of exactly `vocab` values per seeded row from a generator seeded for
+            # this token, independent of the batch; changing this changes seeded requests' tokens.
+            generator = self._seeded_generator
+            for index, seed in batch.seeded:
+                generator.manual_seed(seed)
                 noise[index].exponential_(generator=generator)
         # An exact 0 would turn a zero-probability token into 0/0 = nan, which argmax may pick.
         return noise.clamp_min_(torch.finfo(noise.dtype).tiny)
@@ -353,6 +359,15 @@ def upload(host: torch.Tensor, device: torch.device) -> torch.Tensor:
     # NOTE: pinned and non-blocking: a pageable copy waits for the queued forward pass, and the
     # runner could no longer queue the next step behind it (lookahead.py).
     return host.pin_memory().to(device, non_blocking=True)
+
+
+def draw_seed(seed: int, index: int) -> int:
+    """The seed of a seeded row's draw for its `index`-th generated token: splitmix64 of both,
+    so neighbouring positions and seeds get unrelated streams."""
+    z = (seed + (index + 1) * 0x9E37_79B9_7F4A_7C15) & _UINT64_MASK
+    z = ((z ^ (z >> 30)) * 0xBF58_476D_1CE4_E5B9) & _UINT64_MASK
+    z = ((z ^ (z >> 27)) * 0x94D0_49BB_1331_11EB) & _UINT64_MASK
+    return z ^ (z >> 31)
 
 
 def _make_generator(seed: int, device: torch.device) -> torch.Generator:

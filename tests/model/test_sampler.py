@@ -10,7 +10,7 @@ import torch
 
 from lorasrv.ids import SeqId
 from lorasrv.messages import NewSeq, SamplingParams
-from lorasrv.model.sampler import Sampler, apply_penalties, apply_top_k_top_p
+from lorasrv.model.sampler import Sampler, apply_penalties, apply_top_k_top_p, draw_seed
 
 CPU = torch.device("cpu")
 # probs of the 4-token distribution below: [0.5, 0.3, 0.15, 0.05]
@@ -318,7 +318,27 @@ def test_readded_seed_restarts_its_stream() -> None:
     assert len(set(first)) > 1
 
 
-# ----------------------------------------------------------------------------- lookahead
+def test_readded_with_its_outputs_a_seeded_seq_goes_on_with_its_stream() -> None:
+    """A preempted sequence is re-added with the tokens it generated: its next draw is the one it
+    would have made without the preemption (seeded by position), not its first one again."""
+    sampler = make_sampler(30)
+    logits = torch.zeros(1, 30)
+    seq_id = add(sampler, 3, seed=11)
+    first = [sampler.sample(logits, [seq_id]).token_ids[0] for _ in range(8)]
+    add(sampler, 3, seed=11, output_ids=tuple(first[:5]))
+    assert [sampler.sample(logits, [seq_id]).token_ids[0] for _ in range(3)] == first[5:]
+    # a neighbouring seed is another stream, not this one shifted by a position
+    other = add(sampler, 4, seed=12)
+    assert [sampler.sample(logits, [other]).token_ids[0] for _ in range(7)] != first[1:]
+
+
+def test_draw_seeds_differ_by_seed_and_position() -> None:
+    seeds = {draw_seed(seed, k) for seed in (0, 1, 2, -1, 12345) for k in range(50)}
+    assert len(seeds) == 250
+    assert all(0 <= s < 1 << 64 for s in seeds)
+
+
+# ----------------------------------------------------------------------------- pending samples
 
 
 def test_only_rows_without_history_or_own_seed_are_replayable() -> None:
