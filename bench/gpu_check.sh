@@ -3,6 +3,8 @@
 # (several modes: `tests,bench`). tests: the gpu-marked kernel and model tests (graphs vs eager,
 # uploads under graphs, runner vs HF, PEFT, stale pages); bench: bench/bench_engine.py (8 x r16);
 # many: bench/bench_many.py (64+ adapters); layer: bench/lora_layer.py; prefix: bench_prefix.py.
+# tp (2 GPUs; not part of all): the gpu-marked TP tests, then bench/tp_check.py (graphs);
+# tp-eager: bench/tp_check.py --eager.
 # Each part runs even if the other failed; logs and latest.json go to $OUT (default /tmp/gpu-check).
 # PYDEPS may name a folder of carried packages (msgspec) to put first on PYTHONPATH.
 set -uo pipefail
@@ -54,6 +56,21 @@ if want prefix; then
     echo "== bench/bench_prefix.py"
     OUT="$OUT" "$PYTHON" bench/bench_prefix.py >"$OUT/prefix.log" 2>&1 || status=1
     tail -15 "$OUT/prefix.log"
+fi
+if [[ "$MODE" == *",tp,"* ]]; then
+    echo "== pytest -m gpu tests/tp"
+    "$PYTHON" -m pytest -q -p no:cacheprovider -m gpu -rA tests/tp >"$OUT/pytest-tp.log" 2>&1 \
+        || status=1
+    grep -E "passed|failed|skipped|error|FAILED|ERROR" "$OUT/pytest-tp.log" | tail -20
+    echo "== bench/tp_check.py"
+    "$PYTHON" bench/tp_check.py --out "$OUT/tp_check.json" >"$OUT/tp_check.log" 2>&1 || status=1
+    tail -45 "$OUT/tp_check.log"
+fi
+if [[ "$MODE" == *",tp-eager,"* ]]; then
+    echo "== bench/tp_check.py --eager"
+    "$PYTHON" bench/tp_check.py --eager --out "$OUT/tp_check_eager.json" >"$OUT/tp_check_eager.log" \
+        2>&1 || status=1
+    tail -45 "$OUT/tp_check_eager.log"
 fi
 rm -rf "$SHIM"
 exit "$status"

@@ -1,6 +1,7 @@
-"""A TP worker's ModelRunner that insists on the static decode path (the one CUDA graphs replay):
-a decode plan it cannot run there ends the worker with an AssertionError, which the coordinator
-reports (TpWorkerError naming it). Used through `TpRunner(runner_class=STATIC_DECODE_RUNNER)`."""
+"""A TP worker's ModelRunner that insists on the static decode path (the one CUDA graphs replay),
+captured when on CUDA: a decode plan it cannot run there, or a CUDA runner without graphs, ends
+the worker with an AssertionError, which the coordinator reports (TpWorkerError naming it). Used
+through `TpRunner(runner_class=STATIC_DECODE_RUNNER)`."""
 
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ class StaticDecodeRunner(ModelRunner):
     def __init__(self, **options: Any) -> None:
         super().__init__(**options)
         assert self.decode is not None, "no static decode path under TP"
+        if self.device.type == "cuda":
+            assert self.decode.use_graphs, "no CUDA graphs under TP"
         assert not self.lookahead, "lookahead under TP: rank 0 alone would launch the guess"
 
     def step(self, plan: StepPlan) -> StepResult:
