@@ -2,7 +2,8 @@
 Triton kernels and as plain-torch references.
 
 LoRA over arena rows (`LoraBatchInfo`; `lora_shrink`, `lora_expand`, `lora_apply`,
-`lora_silu_mul`, references in `lora_reference`) supersedes the slot-based ops (`SlotBatchInfo`,
+`lora_silu_mul`, references in `lora_reference`; `lora_expand_cols`/`lora_silu_mul_cols` read
+a stacked `[W; A_hot]` GEMM's shrink columns) supersedes the slot-based ops (`SlotBatchInfo`,
 `sgmv_*`, `triton_lora_forward`, `silu_mul_lora`, `reference.lora_forward`), which stay until the
 model stops using them. Imports torch and triton only, never lorasrv.
 """
@@ -25,8 +26,8 @@ from .norm_rope import add_rms_norm, apply_rotary, rms_norm
 from .paged_decode import paged_decode_attention, pick_num_splits
 from .paged_prefill import paged_prefill_attention
 from .reference import lora_forward
-from .row_activation import ActConfig, lora_silu_mul
-from .row_expand import ExpandConfig, lora_expand
+from .row_activation import ActConfig, lora_silu_mul, lora_silu_mul_cols
+from .row_expand import ExpandConfig, lora_expand, lora_expand_cols
 from .row_ops import lora_apply
 from .row_shrink import ShrinkConfig, lora_shrink
 from .slot_batch_info import SlotBatchInfo, prepare_slot_batch_info
@@ -45,10 +46,12 @@ __all__ = [
     "expand_partials",
     "lora_apply",
     "lora_expand",
+    "lora_expand_cols",
     "lora_forward",
     "lora_reference",
     "lora_shrink",
     "lora_silu_mul",
+    "lora_silu_mul_cols",
     "paged_decode_attention",
     "paged_prefill_attention",
     "pick_num_splits",

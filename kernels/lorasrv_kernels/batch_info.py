@@ -48,9 +48,10 @@ class LoraBatchLayout(NamedTuple):
         )
 
     def sizes(self) -> list[int]:
-        """counts, seg_indptr, seg_rank, seg_row_start, seg_scaling, row_index, tiles (int32s)."""
+        """counts, seg_indptr, seg_rank, seg_row_start, seg_scaling, seg_v_col, row_index, tiles
+        (int32s)."""
         n = self.max_segments
-        return [4, n + 1, n, n, n, self.max_row_entries, 3 * self.max_shrink_tiles,
+        return [4, n + 1, n, n, n, n, self.max_row_entries, 3 * self.max_shrink_tiles,
                 2 * self.max_token_tiles]  # fmt: skip
 
     def num_elems(self) -> int:
@@ -75,6 +76,9 @@ class LoraBatchInfo(NamedTuple):
     seg_rank: torch.Tensor  # [max_segments]; 0 = no LoRA
     seg_row_start: torch.Tensor  # [max_segments] into row_index
     seg_scaling: torch.Tensor  # [max_segments] float32 (lora_alpha / r, alpha / sqrt(r) rsLoRA)
+    # [max_segments]: where the segment's rank columns start in a stacked v (the `*_cols` ops'
+    # v, e.g. a `[W; A_hot]` GEMM's shrink columns); 0 when not given, unread by the others
+    seg_v_col: torch.Tensor
     row_index: torch.Tensor  # [max_row_entries] physical arena rows
     shrink_tiles: torch.Tensor  # [max_shrink_tiles, 3]: (segment, first token, first rank)
     # [max_token_tiles, 2]: (segment, first token); tiles of LoRA segments first, then base ones
@@ -102,9 +106,12 @@ def _check(
     seg_rows: Sequence[Sequence[int]],
     seg_scaling: Sequence[float],
     max_rank: int,
+    seg_v_col: Sequence[int] | None = None,
 ) -> None:
     if not len(seg_lens) == len(seg_rows) == len(seg_scaling):
         raise ValueError("seg_lens, seg_rows and seg_scaling need one entry per segment")
+    if seg_v_col is not None and (len(seg_v_col) != len(seg_lens) or min(seg_v_col, default=0) < 0):
+        raise ValueError("seg_v_col needs one non-negative entry per segment")
     if min(seg_lens, default=0) < 0:
         raise ValueError("segment lengths must be non-negative")
     rank = max((len(rows) for rows in seg_rows), default=0)
@@ -117,10 +124,11 @@ def _pack(
     seg_lens: Sequence[int],
     seg_rows: Sequence[Sequence[int]],
     seg_scaling: Sequence[float],
+    seg_v_col: Sequence[int] | None = None,
 ) -> _Packed:
     """Segments -> the layout's int32 buffer (scaling as float32 bits). Raises ValueError on
     input that does not fit or does not make sense."""
-    _check(seg_lens, seg_rows, seg_scaling, layout.max_rank)
+    _check(seg_lens, seg_rows, seg_scaling, layout.max_rank, seg_v_col)
     num_segments = len(seg_lens)
     if num_segments > layout.max_segments:
         raise ValueError(f"{num_segments} segments > capacity {layout.max_segments}")
@@ -154,10 +162,12 @@ def _pack(
     fields[2][:num_segments] = ranks
     fields[3][:num_segments] = row_start[:-1]
     fields[4][:num_segments] = np.asarray(seg_scaling, dtype=np.float32).view(np.int32)
+    if seg_v_col is not None:
+        fields[5][:num_segments] = seg_v_col
     if row_start[-1]:
-        fields[5][: row_start[-1]] = np.concatenate([np.asarray(r) for r in seg_rows])
-    fields[6][: 3 * len(shrink_tiles)] = np.asarray(shrink_tiles, dtype=np.int32).reshape(-1)
-    fields[7][: 2 * len(token_tiles)] = np.asarray(token_tiles, dtype=np.int32).reshape(-1)
+        fields[6][: row_start[-1]] = np.concatenate([np.asarray(r) for r in seg_rows])
+    fields[7][: 3 * len(shrink_tiles)] = np.asarray(shrink_tiles, dtype=np.int32).reshape(-1)
+    fields[8][: 2 * len(token_tiles)] = np.asarray(token_tiles, dtype=np.int32).reshape(-1)
     return _Packed(buffer, len(shrink_tiles), len(lora_tiles), len(token_tiles))
 
 
@@ -167,12 +177,15 @@ def _views(
     counters: torch.Tensor,
     bounds: tuple[int, int, int],
 ) -> LoraBatchInfo:
-    counts, indptr, rank, row_start, scaling, rows, shrink, tokens = buffer.split(layout.sizes())
+    counts, indptr, rank, row_start, scaling, v_col, rows, shrink, tokens = buffer.split(
+        layout.sizes()
+    )
     return LoraBatchInfo(
         seg_indptr=indptr,
         seg_rank=rank,
         seg_row_start=row_start,
         seg_scaling=scaling.view(torch.float32),
+        seg_v_col=v_col,
         row_index=rows,
         shrink_tiles=shrink.view(-1, 3),
         token_tiles=tokens.view(-1, 2),
@@ -199,6 +212,7 @@ def prepare_lora_batch_info(
     max_rank: int,
     device: torch.device | str = "cpu",
     block_m: int | None = None,
+    seg_v_col: Sequence[int] | None = None,
 ) -> LoraBatchInfo:
     """An eager step's LoraBatchInfo, sized exactly (one H2D copy plus the counters' memset).
 
@@ -208,8 +222,9 @@ def prepare_lora_batch_info(
         seg_scaling: each segment's LoRA scaling (ignored for base segments).
         max_rank: v's columns per slice (>= every segment's rank; the model's max LoRA rank).
         block_m: token tile height; None picks one from the longest segment.
+        seg_v_col: each segment's first column in a stacked v (`lora_expand_cols`); None = 0s.
     """
-    _check(seg_lens, seg_rows, seg_scaling, max_rank)
+    _check(seg_lens, seg_rows, seg_scaling, max_rank, seg_v_col)
     if block_m is None:
         block_m = default_block_m(max(seg_lens, default=0))
     layout = LoraBatchLayout(
@@ -221,7 +236,7 @@ def prepare_lora_batch_info(
         max_rank=max_rank,
         block_m=block_m,
     )  # fmt: skip
-    packed = _pack(layout, seg_lens, seg_rows, seg_scaling)
+    packed = _pack(layout, seg_lens, seg_rows, seg_scaling, seg_v_col)
     buffer = torch.from_numpy(packed.buffer).to(device)
     counters = torch.zeros(NUM_COUNTERS, dtype=torch.int32, device=device)
     bounds = (packed.num_shrink_tiles, packed.num_lora_tiles, packed.num_token_tiles)
@@ -275,12 +290,13 @@ class LoraBatchBuffers:
         seg_lens: Sequence[int],
         seg_rows: Sequence[Sequence[int]],
         seg_scaling: Sequence[float],
+        seg_v_col: Sequence[int] | None = None,
     ) -> None:
         """Write a step's segments (as in `prepare_lora_batch_info`); one pinned H2D copy,
         queued on the current stream without a host sync."""
         if sum(seg_lens) > self.max_tokens:
             raise ValueError(f"{sum(seg_lens)} tokens > capacity {self.max_tokens}")
-        packed = _pack(self.layout, seg_lens, seg_rows, seg_scaling)
+        packed = _pack(self.layout, seg_lens, seg_rows, seg_scaling, seg_v_col)
         turn, self._turn = self._turn, 1 - self._turn
         done = self._copy_done[turn]
         if done is not None:

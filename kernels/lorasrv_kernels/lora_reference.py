@@ -24,6 +24,7 @@ class _Segment(NamedTuple):
     end: int
     rows: torch.Tensor  # [rank] int64 arena rows
     scaling: float
+    v_col: int  # where its rank columns start in a stacked v (the `*_cols` ops)
 
 
 def active_segments(info: LoraBatchInfo) -> list[_Segment]:
@@ -33,12 +34,13 @@ def active_segments(info: LoraBatchInfo) -> list[_Segment]:
     ranks = info.seg_rank[:num_segments].tolist()
     starts = info.seg_row_start[:num_segments].tolist()
     scaling = info.seg_scaling[:num_segments].tolist()
+    v_cols = info.seg_v_col[:num_segments].tolist()
     segments = []
     for seg in range(num_segments):
         if ranks[seg] == 0 or indptr[seg + 1] <= indptr[seg]:
             continue
         rows = info.row_index[starts[seg] : starts[seg] + ranks[seg]].long()
-        segments.append(_Segment(indptr[seg], indptr[seg + 1], rows, scaling[seg]))
+        segments.append(_Segment(indptr[seg], indptr[seg + 1], rows, scaling[seg], v_cols[seg]))
     return segments
 
 
@@ -91,14 +93,50 @@ def lora_expand(
         slice_offsets: num_slices + 1 host ints, the last == out_total.
     """
     num_slices = len(slice_offsets) - 1
-    max_rank = info.max_rank
-    assert v.shape[1] == num_slices * max_rank, "v must be [tokens, slices * max_rank]"
+    assert v.shape[1] == num_slices * info.max_rank, "v must be [tokens, slices * max_rank]"
+    _expand(v, bt_rows, y, info, slice_offsets, info.max_rank, stacked=False)
+
+
+def lora_expand_cols(
+    v: torch.Tensor,
+    bt_rows: torch.Tensor,
+    y: torch.Tensor,
+    info: LoraBatchInfo,
+    slice_offsets: tuple[int, ...],
+    slice_stride: int,
+) -> None:
+    """Reference expand of a stacked v, in place: segment s reads its rank columns at
+    `seg_v_col[s] + j * slice_stride` (a `[W; A_hot]` GEMM's shrink columns).
+
+    Semantics: `y[t, off_j:off_{j+1}] += scaling[s] * sum_i v[t, seg_v_col[s] + j*slice_stride
+    + i] * bt_rows[row_index[row_start[s] + i], off_j:off_{j+1}]`, i < rank[s]; float32 sums,
+    one rounding into y.dtype. Other columns of v are never read.
+
+    Args:
+        v: [num_tokens, >= num_slices * slice_stride], float32 or bt_rows.dtype, any strides.
+        Others as `lora_expand`.
+    """
+    assert v.shape[1] >= (len(slice_offsets) - 1) * slice_stride, "v too narrow"
+    _expand(v, bt_rows, y, info, slice_offsets, slice_stride, stacked=True)
+
+
+def _expand(
+    v: torch.Tensor,
+    bt_rows: torch.Tensor,
+    y: torch.Tensor,
+    info: LoraBatchInfo,
+    slice_offsets: tuple[int, ...],
+    slice_stride: int,
+    *,
+    stacked: bool,
+) -> None:
     for seg in active_segments(info):
         b = bt_rows[seg.rows].float()  # [rank, out_total]
         rank = b.shape[0]
-        for j in range(num_slices):
+        for j in range(len(slice_offsets) - 1):
             lo, hi = slice_offsets[j], slice_offsets[j + 1]
-            v_seg = v[seg.start : seg.end, j * max_rank : j * max_rank + rank].float()
+            col = j * slice_stride + (seg.v_col if stacked else 0)
+            v_seg = v[seg.start : seg.end, col : col + rank].float()
             # In-place add of a float32 tensor computes in float32: one rounding into y.dtype.
             y[seg.start : seg.end, lo:hi].add_(v_seg @ b[:, lo:hi], alpha=seg.scaling)
 
@@ -142,5 +180,25 @@ def lora_silu_mul(
     num_cols = gate_up.shape[1] // 2
     y = gate_up.clone()
     lora_expand(v, bt_rows, y, info, (0, num_cols, 2 * num_cols))
+    gate, up = y.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+def lora_silu_mul_cols(
+    gate_up: torch.Tensor,
+    v: torch.Tensor,
+    bt_rows: torch.Tensor,
+    info: LoraBatchInfo,
+    slice_stride: int,
+) -> torch.Tensor:
+    """Reference gated activation with gate/up's delta from a stacked v: `silu(g) * u` of
+    `gate_up` after `lora_expand_cols(v, bt_rows, y, info, (0, n, 2n), slice_stride)`.
+
+    Returns:
+        [num_tokens, n] in gate_up.dtype; gate_up itself is not modified.
+    """
+    num_cols = gate_up.shape[1] // 2
+    y = gate_up.clone()
+    lora_expand_cols(v, bt_rows, y, info, (0, num_cols, 2 * num_cols), slice_stride)
     gate, up = y.chunk(2, dim=-1)
     return F.silu(gate) * up

@@ -45,19 +45,20 @@ class ActConfig(NamedTuple):
 def _lora_silu_mul_kernel(
     # pointers
     gate_up_ptr,  # [num_tokens, 2 * num_cols]: the base GEMM's gate, then up columns
-    v_ptr,  # [num_tokens, 2 * max_rank] float32: gate's shrink, then up's
+    v_ptr,  # [num_tokens, >= 2 * v_slice] float32 or 16-bit: gate's shrink, then up's
     bt_ptr,  # [max_rows, 2 * num_cols], arena rows (any row stride)
     out_ptr,  # [num_tokens, num_cols]
     seg_indptr_ptr,  # [max_segments + 1] int32
     seg_rank_ptr,  # [max_segments] int32
     seg_row_start_ptr,  # [max_segments] int32
     seg_scaling_ptr,  # [max_segments] float32
+    seg_v_col_ptr,  # [max_segments] int32: the segment's first v column (read when V_COL)
     row_index_ptr,  # [max_row_entries] int32
     tiles_ptr,  # [max_token_tiles, 2] int32: (segment, first token)
     counts_ptr,  # [4] int32
     # sizes
     num_cols,
-    max_rank,
+    v_slice,  # v columns from gate's rank block to up's (max_rank for lora_silu_mul)
     # strides
     stride_gt,
     stride_vt,
@@ -69,6 +70,7 @@ def _lora_silu_mul_kernel(
     BLOCK_R: tl.constexpr,
     SPLIT_V: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    V_COL: tl.constexpr,
 ):
     pid = tl.program_id(0)
     num_programs = tl.num_programs(0)
@@ -92,6 +94,8 @@ def _lora_silu_mul_kernel(
         rank = tl.load(seg_rank_ptr + seg)
         row_index = row_index_ptr + tl.load(seg_row_start_ptr + seg)
         v_row = v_ptr + offs_m.to(tl.int64)[:, None] * stride_vt
+        if V_COL:  # a stacked v: the segment's rank block where its adapter's A rows sit
+            v_row += tl.load(seg_v_col_ptr + seg)
         acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for r0 in range(0, rank, BLOCK_R):  # no iteration for base rows
@@ -99,7 +103,7 @@ def _lora_silu_mul_kernel(
             rows = tl.load(row_index + r0 + offs_tr, mask=mask_r, other=0)
             mask_v = mask_m[:, None] & mask_r[None, :]
             v_g = tl.load(v_row + (r0 + offs_tr)[None, :], mask=mask_v, other=0.0)
-            v_u = tl.load(v_row + (max_rank + r0 + offs_tr)[None, :], mask=mask_v, other=0.0)
+            v_u = tl.load(v_row + (v_slice + r0 + offs_tr)[None, :], mask=mask_v, other=0.0)
             mask_b = mask_r[:, None] & mask_n[None, :]
             b_ptrs = bt_ptr + rows.to(tl.int64)[:, None] * stride_br + offs_n[None, :]
             b_g = tl.load(b_ptrs, mask=mask_b, other=0.0)  # [BLOCK_R, BLOCK_N]
@@ -140,14 +144,53 @@ def lora_silu_mul(
     Returns:
         [num_tokens, n] in gate_up.dtype, contiguous; rows outside every segment unset.
     """
+    assert v.shape == (gate_up.shape[0], 2 * info.max_rank), "v: [tokens, 2 * max_rank]"
+    assert v.dtype == torch.float32, "v: the shrink's float32 output"
+    return _launch(gate_up, v, bt_rows, info, config, v_slice=info.max_rank, v_col=False)
+
+
+def lora_silu_mul_cols(
+    gate_up: torch.Tensor,
+    v: torch.Tensor,
+    bt_rows: torch.Tensor,
+    info: LoraBatchInfo,
+    slice_stride: int,
+    *,
+    config: ActConfig | None = None,
+) -> torch.Tensor:
+    """`lora_silu_mul` reading each segment's v at its own columns (a stacked `[W; A_hot]`
+    GEMM's shrink columns, as `lora_expand_cols`).
+
+    Semantics: `silu_mul(y)` where `y = gate_up` after `lora_expand_cols(v, bt_rows, y, info,
+    (0, n, 2n), slice_stride)`, with the same roundings, without writing y.
+
+    Args:
+        v: [num_tokens, >= 2 * slice_stride], float32 or gate_up.dtype, contiguous columns;
+            gate's rank block of segment s at `seg_v_col[s]`, up's `slice_stride` further.
+        Others as `lora_silu_mul`.
+    """
+    assert v.shape[0] == gate_up.shape[0], "v and gate_up: one row per token"
+    assert v.shape[1] >= 2 * slice_stride, "v: [tokens, >= 2 * slice_stride]"
+    assert v.dtype in (torch.float32, gate_up.dtype), "v: float32 or gate_up's dtype"
+    return _launch(gate_up, v, bt_rows, info, config, v_slice=slice_stride, v_col=True)
+
+
+def _launch(
+    gate_up: torch.Tensor,
+    v: torch.Tensor,
+    bt_rows: torch.Tensor,
+    info: LoraBatchInfo,
+    config: ActConfig | None,
+    *,
+    v_slice: int,
+    v_col: bool,
+) -> torch.Tensor:
     cfg = config or ActConfig()
     num_tokens, width = gate_up.shape
     assert width % 2 == 0, "gate_up must hold gate and up halves"
     assert bt_rows.shape[1] == width, "bt_rows must have gate_up's width"
     assert gate_up.stride(1) == 1, "gate_up: columns must be contiguous"
     assert bt_rows.stride(1) == 1, "bt_rows: columns must be contiguous"
-    assert v.shape == (num_tokens, 2 * info.max_rank), "v: [tokens, 2 * max_rank]"
-    assert v.dtype == torch.float32, "v: the shrink's float32 output"
     assert v.stride(1) == 1, "v: columns must be contiguous"
     assert gate_up.dtype == bt_rows.dtype, "one dtype for gate_up and B"
     num_cols = width // 2
@@ -156,16 +199,16 @@ def lora_silu_mul(
     if max_work == 0 or num_tokens == 0:
         return out
     num_programs = cfg.num_programs or cfg.programs_per_sm * num_sms(gate_up.device)
-    split_v, precision = dot_flags(bt_rows.dtype)
+    split_v, precision = dot_flags(bt_rows.dtype, v.dtype)
     split_v = split_v and cfg.exact_v
     _lora_silu_mul_kernel[(min(num_programs, max_work),)](
         gate_up, v, bt_rows, out,
-        info.seg_indptr, info.seg_rank, info.seg_row_start, info.seg_scaling, info.row_index,
-        info.token_tiles, info.counts,
-        num_cols, info.max_rank,
+        info.seg_indptr, info.seg_rank, info.seg_row_start, info.seg_scaling, info.seg_v_col,
+        info.row_index, info.token_tiles, info.counts,
+        num_cols, v_slice,
         gate_up.stride(0), v.stride(0), bt_rows.stride(0), out.stride(0),
         BLOCK_M=info.block_m, BLOCK_N=cfg.block_n, BLOCK_R=cfg.block_r,
-        SPLIT_V=split_v, DOT_PRECISION=precision,
+        SPLIT_V=split_v, DOT_PRECISION=precision, V_COL=v_col,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
     return out

@@ -70,11 +70,12 @@ def _lora_expand_kernel(
     seg_rank_ptr,  # [max_segments] int32
     seg_row_start_ptr,  # [max_segments] int32
     seg_scaling_ptr,  # [max_segments] float32
+    seg_v_col_ptr,  # [max_segments] int32: the segment's first v column (read when V_COL)
     row_index_ptr,  # [max_row_entries] int32
     tiles_ptr,  # [max_token_tiles, 2] int32: (segment, first token), LoRA tiles first
     counts_ptr,  # [4] int32
     # sizes
-    max_rank,
+    v_slice,  # v columns from one slice's rank block to the next (max_rank for lora_expand)
     slice_off0,
     slice_off1,
     slice_off2,
@@ -92,6 +93,7 @@ def _lora_expand_kernel(
     BLOCK_R: tl.constexpr,
     SPLIT_V: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    V_COL: tl.constexpr,
 ):
     pid = tl.program_id(0)
     num_programs = tl.num_programs(0)
@@ -121,10 +123,13 @@ def _lora_expand_kernel(
         mask_n = offs_n < col_hi
         rank = tl.load(seg_rank_ptr + seg)
         row_index = row_index_ptr + tl.load(seg_row_start_ptr + seg)
+        v_col = slice_idx * v_slice
+        if V_COL:  # a stacked v: each segment's rank block where its adapter's A rows sit
+            v_col += tl.load(seg_v_col_ptr + seg)
         v_ptrs = (
             v_ptr
             + offs_m.to(tl.int64)[:, None] * stride_vt
-            + (slice_idx * max_rank + offs_tr)[None, :] * stride_vr
+            + (v_col + offs_tr)[None, :] * stride_vr
         )  # [BLOCK_M, BLOCK_R]
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for r0 in range(0, rank, BLOCK_R):
@@ -145,10 +150,12 @@ def _lora_expand_kernel(
         tl.store(y_ptrs, (y_tile + acc * scaling).to(y_ptr.dtype.element_ty), mask=mask_y)
 
 
-def dot_flags(dtype: torch.dtype) -> tuple[bool, str]:
-    """(SPLIT_V, DOT_PRECISION) for B of this dtype: 16-bit B gets the split float32 v; float32
-    runs in IEEE precision (exact in the interpreter and on the GPU alike)."""
-    return dtype != torch.float32, "ieee" if dtype == torch.float32 else "tf32"
+def dot_flags(dtype: torch.dtype, v_dtype: torch.dtype = torch.float32) -> tuple[bool, str]:
+    """(SPLIT_V, DOT_PRECISION) for B of this dtype: a float32 v against 16-bit B is split into
+    two 16-bit parts; float32 runs in IEEE precision (exact in the interpreter and on the GPU
+    alike); a 16-bit v (a stacked GEMM's output) takes one dot."""
+    split = dtype != torch.float32 and v_dtype == torch.float32
+    return split, "ieee" if dtype == torch.float32 else "tf32"
 
 
 def lora_expand(
@@ -174,12 +181,58 @@ def lora_expand(
         slice_offsets: num_slices + 1 host ints (num_slices <= 3), the last == out_total.
         config: launch parameters (sweeps); None = the tuned defaults.
     """
+    num_slices = len(slice_offsets) - 1
+    assert v.shape == (y.shape[0], num_slices * info.max_rank), "v: [tokens, slices * max_rank]"
+    assert v.dtype == torch.float32, "v must be the shrink's float32 output"
+    _launch(v, bt_rows, y, info, slice_offsets, config, v_slice=info.max_rank, v_col=False)
+
+
+def lora_expand_cols(
+    v: torch.Tensor,
+    bt_rows: torch.Tensor,
+    y: torch.Tensor,
+    info: LoraBatchInfo,
+    slice_offsets: tuple[int, ...],
+    slice_stride: int,
+    *,
+    config: ExpandConfig | None = None,
+) -> None:
+    """`lora_expand` reading each segment's v at its own columns: the expand of a stacked
+    `[W; A_hot]` GEMM, whose shrink columns hold a few adapters' A rows side by side.
+
+    Semantics: `y[t, off_j:off_{j+1}] += scaling[s] * sum_i v[t, seg_v_col[s] + j*slice_stride
+    + i] * bt_rows[row_index[row_start[s] + i], off_j:off_{j+1}]` for token t of segment s,
+    i < rank[s]; float32 sums, one rounding into y.dtype. Columns no segment names are never
+    read (NaN there cannot leak).
+
+    Args:
+        v: [num_tokens, >= num_slices * slice_stride], float32 or bt_rows.dtype; any strides
+            (a column window of the GEMM output).
+        slice_stride: v columns from slice j's block to slice j+1's (the hot rows per slice).
+        Others as `lora_expand`.
+    """
+    num_slices = len(slice_offsets) - 1
+    assert v.shape[0] == y.shape[0], "v and y: one row per token"
+    assert v.shape[1] >= num_slices * slice_stride, "v: [tokens, >= slices * slice_stride]"
+    assert v.dtype in (torch.float32, bt_rows.dtype), "v: float32 or B's dtype"
+    _launch(v, bt_rows, y, info, slice_offsets, config, v_slice=slice_stride, v_col=True)
+
+
+def _launch(
+    v: torch.Tensor,
+    bt_rows: torch.Tensor,
+    y: torch.Tensor,
+    info: LoraBatchInfo,
+    slice_offsets: tuple[int, ...],
+    config: ExpandConfig | None,
+    *,
+    v_slice: int,
+    v_col: bool,
+) -> None:
     cfg = config or ExpandConfig()
     num_slices = len(slice_offsets) - 1
     assert 1 <= num_slices <= MAX_SLICES, f"1..{MAX_SLICES} slices supported"
     num_tokens, out_total = y.shape
-    assert v.shape == (num_tokens, num_slices * info.max_rank), "v: [tokens, slices * max_rank]"
-    assert v.dtype == torch.float32, "v must be the shrink's float32 output"
     assert bt_rows.shape[1] == out_total == slice_offsets[-1], "bt_rows, y and slices disagree"
     assert all(a <= b for a, b in itertools.pairwise(slice_offsets)), "slices out of order"
     num_col_blocks = sum(triton.cdiv(slice_offsets[j + 1] - slice_offsets[j], cfg.block_n)
@@ -189,16 +242,16 @@ def lora_expand(
         return
     num_programs = cfg.num_programs or cfg.programs_per_sm * num_sms(y.device)
     offs = list(slice_offsets) + [slice_offsets[-1]] * (MAX_SLICES + 1 - len(slice_offsets))
-    split_v, precision = dot_flags(bt_rows.dtype)
+    split_v, precision = dot_flags(bt_rows.dtype, v.dtype)
     split_v = split_v and cfg.exact_v
     _lora_expand_kernel[(min(num_programs, max_work),)](
         v, bt_rows, y,
-        info.seg_indptr, info.seg_rank, info.seg_row_start, info.seg_scaling, info.row_index,
-        info.token_tiles, info.counts,
-        info.max_rank, offs[0], offs[1], offs[2], offs[3],
+        info.seg_indptr, info.seg_rank, info.seg_row_start, info.seg_scaling, info.seg_v_col,
+        info.row_index, info.token_tiles, info.counts,
+        v_slice, offs[0], offs[1], offs[2], offs[3],
         v.stride(0), v.stride(1), bt_rows.stride(0), bt_rows.stride(1),
         y.stride(0), y.stride(1),
         BLOCK_M=info.block_m, BLOCK_N=cfg.block_n, BLOCK_R=cfg.block_r,
-        SPLIT_V=split_v, DOT_PRECISION=precision,
+        SPLIT_V=split_v, DOT_PRECISION=precision, V_COL=v_col,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
