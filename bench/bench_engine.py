@@ -53,6 +53,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--num-adapters", type=int, default=8)
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--skip", default="", help="comma list of sections to skip")
+    p.add_argument("--lora-hot-rows", type=int, default=None,
+                   help="runner's hot A cache rows (default: its cost rule; 0: off)")  # fmt: skip
     args = p.parse_args(argv)
     small = args.small
     args.batch = args.batch or (8 if small else 64)
@@ -121,6 +123,7 @@ def runner_kwargs(args: argparse.Namespace, **extra: Any) -> dict[str, Any]:
         "lora_target_modules": ("all",),
         "enable_cuda_graph": True,
         "cuda_graph_max_batch_size": args.batch,
+        "lora_hot_rows": args.lora_hot_rows,
         **(_interpreted_kernels() if args.small else {}),
         **extra,
     }
@@ -322,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
         "workload": {"batch": args.batch, "prompt_len": args.prompt_len,
                      "new_tokens": args.new_tokens, "num_adapters": args.num_adapters,
                      "rank": args.rank, "targets": "all seven", "shape": "tiny" if args.small
-                     else "llama3-8b"},
+                     else "llama3-8b", "lora_hot_rows": args.lora_hot_rows},
     })  # fmt: skip
     if args.device.type == "cuda" and "triton" not in skip:
         import triton

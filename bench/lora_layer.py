@@ -5,8 +5,10 @@ paths, on the same shapes in the same run; prints µs per layer, the byte floor,
 Each path's LoRA cost is (its layer) - (the base layer: the four GEMMs and SiLU-and-multiply),
 both timed in graphs over `--layers` distinct layers (weights never warm in L2). `rows` is what
 the model runs (`lora_apply` per module on static graph buffers, then `silu_mul`); its cost is
-`lora_layer_us_<case>`. Measured on an H100 (see the report in docs/architecture.md). `--check` runs
-bf16 checks first (reference, poisoned outputs, NaN arena rows, graph replay with new contents);
+`lora_layer_us_<case>`. `hot` is the runner's hot A cache where the step's adapters fit its
+128 hot rows (a `[W; A_hot]` GEMM, `lora_expand_cols`, gate/up's `lora_silu_mul_cols`).
+Measured on an H100 (see the report in docs/architecture.md). `--check` runs bf16 checks first
+(reference, poisoned outputs, NaN arena rows, graph replay with new contents);
 `--sweep` times launch configurations per module. `--smoke`: a tiny eager run on CPU.
 Usage: python bench/lora_layer.py --check --sweep --out /tmp/lora_layer.json
 """
@@ -24,14 +26,16 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from lora_layer_checks import run_checks
-from lora_layer_setup import CASES, Case, Setup, build, byte_floor, offsets, weight
+from lora_layer_setup import CASES, HOT_ROWS, Case, Setup, build, byte_floor, offsets, weight
 from lora_layer_sweep import Tuned, best_configs, run_sweep
 from lorasrv_kernels import (
     LoraBatchInfo,
     SlotBatchInfo,
     lora_expand,
+    lora_expand_cols,
     lora_shrink,
     lora_silu_mul,
+    lora_silu_mul_cols,
     sgmv_expand_stacked,
     silu_mul,
     silu_mul_lora,
@@ -138,6 +142,27 @@ def layer_paths(setup: Setup, tuned: Tuned | None = None) -> dict[str, LayerOp]:
 
         return op
 
+    def hot(info: LoraBatchInfo, fused: bool) -> LayerOp:
+        def op(li: int) -> None:  # as the runner's hot A cache: [W; A_hot] GEMM + expand_cols
+            layer = setup.layers[li]
+            for name in ("qkv", "o", "down", "gate_up"):
+                out, num_slices = offs[name][-1], len(offs[name]) - 1
+                # the slot stack's first slices * HOT_ROWS A rows stand in for the hot rows
+                wide = F.linear(x[name], layer.stacked[name][: out + num_slices * HOT_ROWS])
+                y, v = wide[:, :out], wide[:, out:]
+                if name == "gate_up" and fused:
+                    lora_silu_mul_cols(y, v, layer.bt_rows[name], info, HOT_ROWS)
+                    continue
+                lora_expand_cols(v, layer.bt_rows[name], y, info, offs[name], HOT_ROWS)
+                if name == "gate_up":
+                    silu_mul(y)
+
+        return op
+
+    hot_paths = {}
+    if setup.hot_bucket is not None:
+        hot_paths = {"hot": hot(setup.hot_bucket, fused=True),
+                     "hot_unfused_act": hot(setup.hot_bucket, fused=False)}  # fmt: skip
     if tuned is not None:
         return {
             "rows_tuned": rows(setup.rows_bucket, fused=False, tuned=tuned),
@@ -154,6 +179,7 @@ def layer_paths(setup: Setup, tuned: Tuned | None = None) -> dict[str, LayerOp]:
         "slot_two_op_exact": slot_two_op(setup.slot_exact),
         "slot_stacked": slot_stacked(setup.slot_padded),
         "slot_stacked_exact": slot_stacked(setup.slot_exact),
+        **hot_paths,
     }
 
 
@@ -242,8 +268,8 @@ def main() -> int:
 def print_table(result: dict) -> None:
     checks = result["check_failures"] or "OK"
     print(f"\n{result['device']}, copy {result['copy_bandwidth_gbps']:.0f} GB/s; checks: {checks}")
-    cols = ["rows", "rows_fused_act", "rows_tuned", "slot_two_op", "slot_stacked",
-            "slot_stacked_exact"]  # fmt: skip
+    cols = ["rows", "rows_fused_act", "rows_tuned", "hot", "hot_unfused_act", "slot_two_op",
+            "slot_stacked", "slot_stacked_exact"]  # fmt: skip
     print(f"{'case (LoRA us/layer)':20} {'floor':>6} " + " ".join(f"{c[:12]:>12}" for c in cols))
     for row in result["cases"]:
         cells = " ".join(f"{row.get(f'{c}_lora_us', float('nan')):>12.1f}" for c in cols)

@@ -79,6 +79,12 @@ class Setup(NamedTuple):
     slot_exact: SlotBatchInfo
     slot_padded: SlotBatchInfo  # today's decode graph: segments and lengths padded to the bucket
     adapter_bytes: int  # one layer's A and B bytes of the adapters the step uses
+    # static buffers with each segment's hot columns (the used adapters side by side in HOT_ROWS
+    # hot rows, as the runner's hot A cache); None when they do not fit
+    hot_bucket: LoraBatchInfo | None
+
+
+HOT_ROWS = 128  # the runner's cost rule at Llama-3-8B shapes (lorasrv/model/hot_cache.py)
 
 
 def weight(layer: Layer, module: str, modules: dict[str, tuple[int, tuple[int, ...]]]
@@ -154,6 +160,14 @@ def _metadata(case: Case, rows: list[list[int]], modules: dict[str, tuple[int, t
                                max_row_entries=min(num_tokens, case.num_resident) * max_rank,
                                max_rank=max_rank, device=torch.device(device))  # fmt: skip
     buffers.fill(lens, seg_rows, scaling)
+    hot_bucket = None
+    if sum(len(rows) for rows in seg_rows) <= HOT_ROWS:
+        hot_buffers = LoraBatchBuffers(max_tokens=num_tokens, max_segments=num_tokens,
+                                       max_row_entries=HOT_ROWS, max_rank=max_rank,
+                                       device=torch.device(device))  # fmt: skip
+        cols = [sum(len(r) for r in seg_rows[:s]) for s in range(len(seg_rows))]
+        hot_buffers.fill(lens, seg_rows, scaling, cols)
+        hot_bucket = hot_buffers.info(num_tokens)
     slot_rank = [case.rank(a) for a in range(case.num_resident)]
     slot_scaling = [2.0 / r for r in slot_rank]
     slot_exact = prepare_slot_batch_info(lens, list(used), slot_rank, slot_scaling, device)
@@ -166,7 +180,7 @@ def _metadata(case: Case, rows: list[list[int]], modules: dict[str, tuple[int, t
     total_rank = sum(case.rank(a) for a in used)
     adapter_bytes = sum(total_rank * (len(w) * i + sum(w)) * 2 for i, w in modules.values())
     return (seg_rows, scaling, rows_exact, buffers.info(num_tokens), slot_exact, slot_padded,
-            adapter_bytes)  # fmt: skip
+            adapter_bytes, hot_bucket)  # fmt: skip
 
 
 def byte_floor(case: Case, setup: Setup) -> int:

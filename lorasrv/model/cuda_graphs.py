@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Mapping
-from typing import NamedTuple
+from typing import TYPE_CHECKING, Literal, NamedTuple
 
 import torch
 
@@ -20,6 +20,9 @@ from lorasrv.model.batch import check_pages
 from lorasrv.model.llama import LlamaModel
 from lorasrv.model.lora_backend import AdapterInfo, LoraBackend, LoraStep, lora_segments
 
+if TYPE_CHECKING:
+    from lorasrv.model.hot_cache import HotCache
+
 logger = logging.getLogger(__name__)
 
 BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 256)
@@ -29,13 +32,20 @@ def buckets_up_to(max_batch_size: int) -> tuple[int, ...]:
     return tuple(sorted({b for b in BUCKETS if b < max_batch_size} | {max_batch_size}))
 
 
+# A decode graph's LoRA: none (every row base), the row kernels, or stacked over the hot A
+# cache's `[W; A_hot]` buffers (hot_cache.py).
+Variant = Literal["base", "rows", "hot"]
+
+
 class DecodeLora(NamedTuple):
     """What decode needs of the runner's LoRA: the backend, each adapter's rank and scaling
-    (the runner's live table), and how many row entries a step can name at most."""
+    (the runner's live table), how many row entries a step can name at most, and the hot A
+    cache when the runner keeps one."""
 
     backend: LoraBackend
     adapters: Mapping[AdapterId, AdapterInfo]
     max_row_entries: int
+    hot: HotCache | None = None
 
 
 class DecodeRunner:
@@ -45,8 +55,9 @@ class DecodeRunner:
     one context token, slot -1 so they store no K/V, in no LoRA segment). The LoRA metadata
     lives in static buffers sized for the worst case (every row its own adapter of the largest
     rank) and holds the step's exact segments and work lists, so one graph serves any mix of
-    adapters and ranks and the kernels do only the step's work. Two graphs per bucket: with
-    and without LoRA kernels.
+    adapters and ranks and the kernels do only the step's work. Up to three graphs per
+    bucket: without LoRA, with the row kernels, and stacked (a step whose adapters the hot A
+    cache holds).
     """
 
     def __init__(
@@ -80,7 +91,7 @@ class DecodeRunner:
         self._sample_index = torch.arange(b_max, dtype=torch.int64, device=device)
         self._staging = torch.empty(0, dtype=torch.int32)
         self._upload_done: torch.cuda.Event | None = None
-        self._graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph] = {}
+        self._graphs: dict[tuple[int, Variant], torch.cuda.CUDAGraph] = {}
         self._logits: torch.Tensor | None = None  # [b_max, vocab] float32, graph output
         self.use_graphs = False  # set by capture(); False runs the same buckets eagerly
 
@@ -118,13 +129,13 @@ class DecodeRunner:
         """
         num_rows = len(plan.seq_ids)
         bucket = self._bucket(num_rows)
-        with_lora = self._fill_lora(plan)
+        variant = self._fill_lora(plan)
         self._upload(plan, page_limit)
         if input_ids is not None:
             self._views()[0][:num_rows].copy_(input_ids)  # queued after the header upload
-        graph = self._graphs.get((bucket, with_lora)) if self.use_graphs else None
+        graph = self._graphs.get((bucket, variant)) if self.use_graphs else None
         if graph is None:
-            return self._forward(bucket, with_lora)[:num_rows]
+            return self._forward(bucket, variant)[:num_rows]
         graph.replay()
         assert self._logits is not None
         return self._logits[:num_rows]
@@ -136,26 +147,28 @@ class DecodeRunner:
         """Capture every bucket (largest first, one shared pool); CUDA only."""
         assert self.device.type == "cuda", "CUDA graphs need a CUDA device"
         started = time.monotonic()
-        variants = (False, True) if self.lora is not None else (False,)
+        variants: tuple[Variant, ...] = ("base",)
+        if self.lora is not None:
+            variants += ("rows", "hot") if self.lora.hot is not None else ("rows",)
         vocab = self.model.lm_head.shape[0]
         self._logits = torch.empty(self.buckets[-1], vocab, dtype=torch.float32, device=self.device)
         mempool = torch.cuda.graph_pool_handle()
         side = torch.cuda.Stream(self.device)  # type: ignore[no-untyped-call]
         for bucket in reversed(self.buckets):
-            for with_lora in variants:
+            for variant in variants:
                 self._fill_padding()
                 # Warm-up off the capture: Triton compiles, cuBLAS picks its kernels.
                 side.wait_stream(torch.cuda.current_stream(self.device))
                 with torch.cuda.stream(side):
                     for _ in range(2):
-                        self._forward(bucket, with_lora)
+                        self._forward(bucket, variant)
                 torch.cuda.current_stream(self.device).wait_stream(side)
                 graph = torch.cuda.CUDAGraph()
                 # thread_local: another thread's CUDA calls (pinning a host buffer) cannot break it
                 with torch.cuda.graph(graph, pool=mempool, capture_error_mode="thread_local"):
-                    logits = self._forward(bucket, with_lora)
+                    logits = self._forward(bucket, variant)
                     self._logits[:bucket].copy_(logits)
-                self._graphs[bucket, with_lora] = graph
+                self._graphs[bucket, variant] = graph
         torch.cuda.synchronize(self.device)
         self.use_graphs = True
         logger.info(
@@ -174,17 +187,25 @@ class DecodeRunner:
         """ids, positions, slot_mapping, kv_lens (full length)."""
         return tuple(self._header.split_with_sizes([self.buckets[-1]] * 4))
 
-    def _fill_lora(self, plan: StepPlan) -> bool:
-        """The step's segments into the static LoRA buffers; whether any row has an adapter."""
+    def _fill_lora(self, plan: StepPlan) -> Variant:
+        """The step's segments into the static LoRA buffers (the hot A cache's columns when it
+        runs stacked); which graph runs it."""
         if self.lora is None or self._lora_buffers is None:
-            return False
+            return "base"
         segments = lora_segments(plan, [1] * len(plan.seq_ids), self.lora.adapters)
         if segments is None:
-            return False
-        self._lora_buffers.fill(segments.seg_lens, segments.seg_rows, segments.seg_scaling)
-        return True
+            return "base"
+        variant: Variant = "rows"
+        if self.lora.hot is not None:
+            stacked = self.lora.hot.place(plan, segments, len(plan.seq_ids))
+            if stacked is not None:
+                segments, variant = stacked, "hot"
+        self._lora_buffers.fill(
+            segments.seg_lens, segments.seg_rows, segments.seg_scaling, segments.seg_v_col
+        )
+        return variant
 
-    def _forward(self, bucket: int, with_lora: bool) -> torch.Tensor:
+    def _forward(self, bucket: int, variant: Variant) -> torch.Tensor:
         ids, positions, slots, kv_lens = self._views()
         metadata = AttentionMetadata(
             positions=positions[:bucket],
@@ -198,10 +219,12 @@ class DecodeRunner:
             dense=None,
         )
         lora = None
-        if with_lora and self.lora is not None and self._lora_buffers is not None:
+        if variant != "base" and self.lora is not None and self._lora_buffers is not None:
             # NOTE: the views never move; the grids are sized for the bucket, the work follows
             # the counts that `_fill_lora` wrote.
-            lora = LoraStep(self.lora.backend, self._lora_buffers.info(bucket))
+            hot = self.lora.hot
+            backend = hot.backend if variant == "hot" and hot is not None else self.lora.backend
+            lora = LoraStep(backend, self._lora_buffers.info(bucket))
         return self.model.forward(
             ids[:bucket], metadata, self.kv_cache, lora, self._sample_index[:bucket]
         )

@@ -40,6 +40,10 @@ class LoraSegments(NamedTuple):
     seg_lens: list[int]  # tokens per segment
     seg_rows: list[tuple[int, ...]]  # each segment's adapter rows (len == its rank); () = base
     seg_scaling: list[float]
+    seg_adapters: Sequence[int] = ()  # each segment's index into plan.adapters; -1 = base
+    # each segment's first column in a stacked `[W; A_hot]` GEMM's shrink (hot_cache.py); None
+    # = the row kernels' shrink
+    seg_v_col: Sequence[int] | None = None
 
     @property
     def num_row_entries(self) -> int:
@@ -56,11 +60,13 @@ def lora_segments(
     seg_lens: list[int] = []
     seg_rows: list[tuple[int, ...]] = []
     seg_scaling: list[float] = []
+    seg_adapters: list[int] = []
     current: int | None = None
     for index, num_tokens in zip(plan.lora_adapters, query_lens, strict=True):
         if index != current:
             current = index
             seg_lens.append(0)
+            seg_adapters.append(max(index, -1))
             if index < 0:
                 seg_rows.append(())
                 seg_scaling.append(0.0)
@@ -69,7 +75,7 @@ def lora_segments(
                 seg_rows.append(entry.rows)
                 seg_scaling.append(adapters[entry.adapter_id].scaling)
         seg_lens[-1] += num_tokens
-    return LoraSegments(seg_lens, seg_rows, seg_scaling)
+    return LoraSegments(seg_lens, seg_rows, seg_scaling, seg_adapters)
 
 
 class LoraBackend(Protocol):
@@ -159,6 +165,7 @@ class _Metadata:
             segments.seg_scaling,
             max_rank=self.max_rank,
             device=device,
+            seg_v_col=segments.seg_v_col,
         )
 
     def static_buffers(
@@ -202,6 +209,25 @@ class _Ops(Protocol):
 
     def lora_silu_mul(
         self, gate_up: torch.Tensor, v: torch.Tensor, bt_rows: torch.Tensor, info: LoraBatchInfo
+    ) -> torch.Tensor: ...
+
+    def lora_expand_cols(
+        self,
+        v: torch.Tensor,
+        bt_rows: torch.Tensor,
+        y: torch.Tensor,
+        info: LoraBatchInfo,
+        slice_offsets: tuple[int, ...],
+        slice_stride: int,
+    ) -> None: ...
+
+    def lora_silu_mul_cols(
+        self,
+        gate_up: torch.Tensor,
+        v: torch.Tensor,
+        bt_rows: torch.Tensor,
+        info: LoraBatchInfo,
+        slice_stride: int,
     ) -> torch.Tensor: ...
 
 

@@ -15,6 +15,15 @@ import torch
 from lorasrv.model.lora_layout import RowLayout, row_runs
 
 
+class HotModule(NamedTuple):
+    """A targeted linear's stacked buffer (hot_cache.py): its weight's rows, then one block of
+    `hot` A rows per slice, so one GEMM gives the base output and the hot adapters' shrink."""
+
+    stacked: torch.Tensor  # [out_features + num_slices * hot, in_features]; W = stacked[:out]
+    bias: torch.Tensor | None  # [out_features + num_slices * hot]: the bias, zeros under A
+    hot: int  # hot rows per slice block
+
+
 class ModuleLora(NamedTuple):
     """One (layer, pool module)'s LoRA weights over every row of the arena.
 
@@ -25,6 +34,7 @@ class ModuleLora(NamedTuple):
     a_rows: torch.Tensor  # [max_rows, num_slices * in_features]
     bt_rows: torch.Tensor  # [max_rows, out_features]
     slice_offsets: tuple[int, ...]  # num_slices + 1 host ints, the last one == out_features
+    hot: HotModule | None = None  # the stacked `[W; A_hot]` buffer, when the runner keeps one
 
 
 class LoraPool:

@@ -16,6 +16,7 @@ from lorasrv.model.adapter_loader import load_adapter
 from lorasrv.model.arch import ModelArch
 from lorasrv.model.arena import Arena
 from lorasrv.model.cuda_graphs import DecodeLora
+from lorasrv.model.hot_cache import HotCache
 from lorasrv.model.llama import LlamaModel
 from lorasrv.model.lora_backend import LoraBackend, LoraStep, lora_segments
 from lorasrv.model.lora_layout import HostAdapter, RowLayout, pack_rows
@@ -35,6 +36,7 @@ class LoraRuntime:
         *,
         max_rank: int,
         device: torch.device,
+        hot: HotCache | None = None,
     ) -> None:
         rows = arena.rows
         if rows is None or arena.geometry.max_rows < max_rank:
@@ -45,8 +47,15 @@ class LoraRuntime:
             )
         self.pool = LoraPool(rows, layout)
         for layer, name, linear in model.lora_linears():
-            linear.lora = self.pool.module(layer, name)
+            module = self.pool.module(layer, name)
+            if module is not None and hot is not None:
+                module = module._replace(hot=hot.modules.get((layer, name)))
+            linear.lora = module
         self.uploader = Uploader(self.pool, device)
+        # Steps whose adapters fit it run stacked (hot_cache.py); the runner alone decides.
+        self.hot = hot
+        if hot is not None:
+            hot.attach(self.pool, self.uploader)
         self.geometry = arena.geometry
         self.backend = backend
         self.max_rank = max_rank
@@ -81,13 +90,17 @@ class LoraRuntime:
         segments = lora_segments(plan, plan.query_lens, self.uploader.info)
         if segments is None:
             return None
+        if self.hot is not None:
+            stacked = self.hot.place(plan, segments, sum(plan.query_lens))
+            if stacked is not None:
+                return LoraStep(self.hot.backend, self.hot.backend.prepare(stacked, self.device))
         return LoraStep(self.backend, self.backend.prepare(segments, self.device))
 
     def decode_lora(self, max_batch_size: int) -> DecodeLora:
         """What the static decode path needs: at most every row's worth of row entries (a step
         names each adapter's rows once when its rows are sorted), and never more than exist."""
         entries = min(max_batch_size * self.max_rank, self.pool.max_rows)
-        return DecodeLora(self.backend, self.uploader.info, entries)
+        return DecodeLora(self.backend, self.uploader.info, entries, self.hot)
 
     def make_loader(
         self,

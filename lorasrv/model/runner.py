@@ -20,6 +20,7 @@ from lorasrv.model.arch import ModelArch, read_arch
 from lorasrv.model.attention import KvCache, make_attention, needs_dense_metadata
 from lorasrv.model.batch import StepPreparer
 from lorasrv.model.cuda_graphs import DecodeRunner
+from lorasrv.model.hot_cache import make_hot_cache
 from lorasrv.model.llama import LlamaModel
 from lorasrv.model.loader import load_model_weights
 from lorasrv.model.lookahead import Guess, guess_holds, next_decode_plan
@@ -56,6 +57,7 @@ class ModelRunner:
         lora_max_rank: int = 0,
         lora_target_modules: tuple[str, ...] = (),
         lora_backend: str = "auto",
+        lora_hot_rows: int | None = None,
         seed: int = 0,
         enable_cuda_graph: bool = False,
         allow_pickle: bool = False,
@@ -83,6 +85,10 @@ class ModelRunner:
         self.lora_max_rank = lora_max_rank
         self.lora_backend = make_lora_backend(lora_backend, self.device, lora_max_rank)
         layout = row_layout(self.shard_arch, self.lora_target_modules) if enable_lora else None
+        # Before the arena: the hot A cache's memory comes out of the arena's budget.
+        hot = None
+        if layout is not None:
+            hot = make_hot_cache(self.model, layout, self.lora_backend, lora_hot_rows)
         self.arena = startup.make_arena(
             self.shard_arch,
             page_size=page_size,
@@ -105,6 +111,7 @@ class ModelRunner:
                 self.lora_backend,
                 max_rank=lora_max_rank,
                 device=self.device,
+                hot=hot,
             )
         self.preparer = StepPreparer(
             page_size=page_size,

@@ -38,6 +38,9 @@ class Uploader:
         self._current: dict[AdapterId, torch.cuda.Event] = {}
         self._earlier: list[torch.cuda.Event] = []
         self.num_uploads = 0
+        # row -> the upload (its `num_uploads` count) that last wrote it: copies taken from the
+        # rows before that (the hot A cache's) are stale
+        self.row_writes: dict[int, int] = {}
 
     def add(self, adapter_id: AdapterId, host: object, rank: int, scaling: float) -> None:
         if not isinstance(host, HostAdapter):
@@ -77,6 +80,7 @@ class Uploader:
                     f"upload of adapter {entry.adapter_id}: {len(entry.rows)} rows for rank {rank}"
                 )
             self.num_uploads += 1
+            self.row_writes.update(dict.fromkeys(entry.rows, self.num_uploads))
             if self._stream is None:
                 self.pool.write(entry.rows, host.rows)
                 continue

@@ -137,19 +137,24 @@ def test_bf16_triton_lora_vs_peft(small_dir: Path, tmp_path: Path) -> None:
     prompts = [p for p, _ in rows]
     ids: list[int | None] = [names.index(a) if a else None for _, a in rows]
     outputs, firsts = {}, {}
-    for backend in ("triton", "torch"):
-        driver = lora_driver(small_dir, adapters, backend)
+    # the runner's default (stacked over the hot A cache: a 16-bit v), and the row kernels
+    for backend, hot_rows in (("triton", None), ("torch", None), ("triton_rows", 0)):
+        driver = lora_driver(small_dir, adapters, backend.removesuffix("_rows"),
+                             lora_hot_rows=hot_rows)  # fmt: skip
         outputs[backend] = driver.generate(prompts, ids, NEW_TOKENS)
         firsts[backend] = [driver.first_logits[i] for i in range(len(rows))]
     expected, hf_first = hf_bf16(small_dir, [(p, adapters[a] if a else None) for p, a in rows])
     rate = match_rate(outputs["triton"], expected)
     max_diff, cosine = logit_report(firsts["triton"], hf_first)
+    rows_diff, rows_cosine = logit_report(firsts["triton_rows"], hf_first)
     backend_rate = match_rate(outputs["triton"], outputs["torch"])
     print(
-        f"bf16 triton LoRA vs PEFT: token match rate {rate:.2%} (prefix to first divergence), "
-        f"first-step max |logit diff| {max_diff:.4f}, min cosine {cosine:.5f}; "
+        f"bf16 triton LoRA (stacked) vs PEFT: token match rate {rate:.2%} (prefix to first "
+        f"divergence), first-step max |logit diff| {max_diff:.4f}, min cosine {cosine:.5f}; "
+        f"row kernels: max |diff| {rows_diff:.4f}, min cosine {rows_cosine:.5f}; "
         f"triton vs torch backend token match {backend_rate:.2%}"
     )
+    assert rows_cosine > 0.98
     # Last measured on an H200 (2026-11-28, slots, bf16 intermediate): prefix match 37.5%, max
     # |diff| 0.46, min cosine 0.9933, backends 75%. These random adapters (PEFT's
     # init_lora_weights=False) give deltas larger than the base path, so the rounding of the
@@ -181,8 +186,9 @@ def test_kv_pages_sized_from_free_memory(small_dir: Path) -> None:
 
 
 def test_cuda_graphs_match_eager(small_dir: Path, tmp_path: Path) -> None:
-    """Decode replayed from CUDA graphs gives the same tokens as the same buckets run eagerly;
-    the generic eager path (no bucket padding) agrees up to bf16 rounding."""
+    """Decode replayed from CUDA graphs gives the same tokens as the same buckets run eagerly,
+    stacked over the hot A cache and on the row kernels alike; the generic eager path (no bucket
+    padding) and the row kernels agree with the stacked path up to bf16 rounding."""
     names = ("qv_r4", "all_r8_rslora", "mlp_r16_patterns")
     adapters = {n: build_adapter(small_dir, tmp_path / n, **ADAPTERS[n]) for n in names}
     # 7 rows (bucket 8 pads one), base rows and three adapters of ranks 4/8/16, then base rows.
@@ -196,6 +202,9 @@ def test_cuda_graphs_match_eager(small_dir: Path, tmp_path: Path) -> None:
         "stepwise": lora_driver(
             small_dir, adapters, enable_cuda_graph=True, enable_lookahead=False
         ),
+        # no hot A cache: the row kernels' graphs
+        "rows_graphed": lora_driver(small_dir, adapters, enable_cuda_graph=True, lora_hot_rows=0),
+        "rows_eager": lora_driver(small_dir, adapters, enable_cuda_graph=False, lora_hot_rows=0),
     }
     graphed, eager = drivers["graphed"].runner, drivers["eager"].runner
     assert graphed.decode is not None
@@ -203,31 +212,37 @@ def test_cuda_graphs_match_eager(small_dir: Path, tmp_path: Path) -> None:
     assert eager.decode is not None
     assert not eager.decode.use_graphs
     drivers["generic"].runner.decode = None  # every step through StepPreparer, as prefill is
-    hits: list[tuple[int, bool]] = []
+    hits: list[tuple[int, str]] = []
 
-    class CountingGraphs(dict[tuple[int, bool], torch.cuda.CUDAGraph]):
+    class CountingGraphs(dict[tuple[int, str], torch.cuda.CUDAGraph]):
         def get(self, key, default=None):  # type: ignore[no-untyped-def, override]
             hits.append(key)
             return super().get(key, default)
 
-    graphed.decode._graphs = CountingGraphs(graphed.decode._graphs)
+    for name in ("graphed", "rows_graphed"):
+        decode = drivers[name].runner.decode
+        assert decode is not None
+        decode._graphs = CountingGraphs(decode._graphs)  # type: ignore[assignment]
     outputs = {}
     for name, driver in drivers.items():
         lora_out = driver.generate(prompts, ids, NEW_TOKENS)
         base_out = driver.generate(prompts[:3], None, NEW_TOKENS)
         outputs[name] = lora_out + base_out
-    # decode steps really replayed graphs, with and without the LoRA kernels
-    assert sum(with_lora for _, with_lora in hits) >= NEW_TOKENS // 2
-    assert sum(not with_lora for _, with_lora in hits) >= NEW_TOKENS // 2
-    assert (8, True) in hits  # 7 rows padded to bucket 8
+    # decode steps really replayed graphs: stacked, row kernels, and without LoRA
+    for variant in ("hot", "rows", "base"):
+        assert sum(v == variant for _, v in hits) >= NEW_TOKENS // 2, variant
+    assert (8, "hot") in hits  # 7 rows padded to bucket 8
+    assert (8, "rows") in hits
     assert outputs["graphed"] == outputs["eager"]
+    assert outputs["rows_graphed"] == outputs["rows_eager"]
     # steps launched ahead of their plan (lookahead.py) were used, and changed nothing
     assert graphed.num_guesses_used >= NEW_TOKENS // 2
     assert drivers["stepwise"].runner.num_guesses_used == 0
     assert outputs["graphed"] == outputs["stepwise"]
-    rate = match_rate(outputs["generic"], outputs["graphed"])
-    print(f"bucketed decode vs generic eager path: token match rate {rate:.2%}")
-    assert rate > 0.8
+    for other in ("generic", "rows_graphed"):
+        rate = match_rate(outputs[other], outputs["graphed"])
+        print(f"stacked bucketed decode vs {other}: token match rate {rate:.2%}")
+        assert rate > 0.8
 
 
 def test_upload_rides_a_replayed_step(small_dir: Path, tmp_path: Path) -> None:

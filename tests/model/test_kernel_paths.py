@@ -72,13 +72,17 @@ def generate(
     return driver.generate(prompts, adapters, NEW_TOKENS), driver
 
 
-@pytest.mark.parametrize("token_budget", [7, 64])  # chunked + mixed steps; one prefill step
+# chunked + mixed steps on the row kernels; one prefill step, then stacked (the hot A cache)
+@pytest.mark.parametrize(("token_budget", "hot_rows"), [(7, 0), (64, None)])
 def test_kernel_runner_matches_reference(
-    checkpoint_dir: Callable[[str], Path], adapter_dir: Callable[[str], Path], token_budget: int
+    checkpoint_dir: Callable[[str], Path],
+    adapter_dir: Callable[[str], Path],
+    token_budget: int,
+    hot_rows: int | None,
 ) -> None:
     base = checkpoint_dir("llama")
-    reference = make_runner(base, kernels=False)
-    kernels = make_runner(base, kernels=True)
+    reference = make_runner(base, kernels=False, lora_hot_rows=0)  # torch, row ops
+    kernels = make_runner(base, kernels=True, lora_hot_rows=hot_rows)
     assert kernels.decode is not None
     assert reference.decode is None
     expected, ref_driver = generate(reference, token_budget, adapter_dir)
@@ -92,6 +96,12 @@ def test_kernel_runner_matches_reference(
     assert 5 in decode_steps  # the static decode path ran, all rows in bucket 8
     for seq_id, logits in ref_driver.first_logits.items():
         torch.testing.assert_close(driver.first_logits[seq_id], logits, atol=1e-4, rtol=1e-4)
+    assert kernels.lora is not None
+    hot = kernels.lora.hot
+    assert (hot is None) == (hot_rows == 0)
+    if hot is not None:  # every step with adapter rows ran stacked, decode steps included
+        assert hot.num_steps >= NEW_TOKENS
+        assert hot.num_fills == 3
 
 
 def test_decode_runner_padding_writes_no_kv(checkpoint_dir: Callable[[str], Path]) -> None:
