@@ -118,6 +118,10 @@ def runner_kwargs(args: argparse.Namespace, **extra: Any) -> dict[str, Any]:
         "page_size": 16,
         # the arena: that much KV and the adapters' rows
         "num_kv_pages": bm.arena_pages(args.model_dir, kv_pages, args.num_adapters, args.rank),
+        # NOTE: the planner keeps one full context of KV pages for good (engine/arena.py); at
+        # the shape's 131,072 tokens that floor would take this small arena's pages and leave
+        # rows for one adapter at a time: the workload's longest sequence and a page instead
+        "context_length": args.prompt_len + args.new_tokens + 16,
         "enable_lora": True,
         "lora_max_rank": args.rank,
         "lora_target_modules": ("all",),

@@ -239,10 +239,15 @@ def test_cuda_graphs_match_eager(small_dir: Path, tmp_path: Path) -> None:
     assert graphed.num_guesses_used >= NEW_TOKENS // 2
     assert drivers["stepwise"].runner.num_guesses_used == 0
     assert outputs["graphed"] == outputs["stepwise"]
-    for other in ("generic", "rows_graphed"):
+    # Free-running greedy tokens part at the first bf16 near-tie. The row kernels keep v in
+    # float32 where the stacked GEMM rounds it to bf16, and these random adapters' deltas exceed
+    # the base path's (see test_bf16_triton_lora_vs_peft): measured on an H100 (911bcd2) 100%
+    # against the generic path, 71.6% against the row kernels (base rows are 30% of the tokens
+    # and equal). Their equality in float32 is tests/model/test_kernel_paths.py's.
+    for other, floor in (("generic", 0.8), ("rows_graphed", 0.5)):
         rate = match_rate(outputs[other], outputs["graphed"])
         print(f"stacked bucketed decode vs {other}: token match rate {rate:.2%}")
-        assert rate > 0.8
+        assert rate > floor
 
 
 def test_upload_rides_a_replayed_step(small_dir: Path, tmp_path: Path) -> None:
