@@ -99,6 +99,9 @@ class Results:
 
 
 def commit() -> str:
+    """The commit measured: LORASRV_COMMIT when set (a copied .git may be stale), else git."""
+    if os.environ.get("LORASRV_COMMIT"):
+        return os.environ["LORASRV_COMMIT"]
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, timeout=10,
                              capture_output=True, text=True, check=True)  # fmt: skip

@@ -214,6 +214,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     data: dict[str, Any] = {
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "commit": os.environ.get("LORASRV_COMMIT", "unknown"),
         "args": {k: v for k, v in vars(args).items() if k != "out"},
         "runs": {},
         "errors": {},

@@ -280,6 +280,7 @@ def main(argv: list[str] | None = None) -> int:
     out: dict[str, Any] = {
         "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu (--small)",
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "commit": os.environ.get("LORASRV_COMMIT", "unknown"),
         "workload": {k: getattr(args, k) for k in ("num_adapters", "per_adapter", "system_len",
                                                    "user_len", "reply_len", "turns", "rank")},
     }  # fmt: skip
