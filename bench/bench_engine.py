@@ -149,9 +149,8 @@ def _interpreted_kernels() -> dict[str, Any]:
 def section_decode(args: argparse.Namespace, res: Results, model_dir: Path,
                    adapters: dict[str, Path]) -> None:  # fmt: skip
     """Decode step time through ModelRunner.step vs the HBM floor; graphs on and eager."""
-    # NOTE: the same plan is stepped again and again, so a step launched ahead (lookahead.py)
-    # would never be used and would double the time; one step is the same GPU work either way.
-    kwargs = runner_kwargs(args, enable_lookahead=False)
+    # NOTE: `step` waits for each step's tokens: the GPU time of one step, without overlap.
+    kwargs = runner_kwargs(args)
     runner = bm.build_runner(model_dir, args.shape.std, **kwargs)
     placed = bm.load_adapters(runner, list(adapters.values()))
     context = args.prompt_len + args.new_tokens // 2  # the workload's mean decode position
@@ -208,13 +207,9 @@ async def _engine_runs(args: argparse.Namespace, model_dir: Path,
     })  # fmt: skip
     parts = await prepare_parts(config)
     kwargs = runner_kwargs(args)
-    built: list[Any] = []  # the runner, to read its lookahead counters
-
-    def build() -> Any:
-        built.append(bm.build_runner(model_dir, args.shape.std, **kwargs))
-        return built[-1]
-
-    parts = parts._replace(runner_factory=build)
+    parts = parts._replace(
+        runner_factory=lambda: bm.build_runner(model_dir, args.shape.std, **kwargs)
+    )
     gen = torch.Generator().manual_seed(0)
     vocab = args.shape.vocab
     prompts = torch.randint(10, vocab - 10, (args.batch, args.prompt_len), generator=gen).tolist()
@@ -226,7 +221,7 @@ async def _engine_runs(args: argparse.Namespace, model_dir: Path,
         for new_tokens in (4, args.new_tokens):  # warm-up (Triton, adapters into slots), then run
             for mix, loras in mixes.items():
                 params = SamplingParams(max_new_tokens=new_tokens, temperature=0, ignore_eos=True)
-                used, dropped = _guesses(built)
+                before = engine.last_stats
                 started = time.perf_counter()
                 handles = [
                     engine.submit(Submission(input_ids=tuple(p), lora_name=lora, params=params))
@@ -234,9 +229,7 @@ async def _engine_runs(args: argparse.Namespace, model_dir: Path,
                 ]
                 results = await asyncio.gather(*(handle.result() for handle in handles))
                 wall = time.perf_counter() - started
-                after = _guesses(built)
-                out[f"{mix}_lookahead_used"] = after[0] - used
-                out[f"{mix}_lookahead_dropped"] = after[1] - dropped
+                out.update(_overlap_counts(mix, before, await _settled_stats(engine)))
                 tokens = sum(r.completion_tokens for r in results)
                 out[f"{mix}_tok_s"] = round(tokens / wall, 1)
                 out[f"{mix}_wall_s"] = round(wall, 3)
@@ -244,10 +237,25 @@ async def _engine_runs(args: argparse.Namespace, model_dir: Path,
     return out
 
 
-def _guesses(built: list[Any]) -> tuple[int, int]:
-    """(steps run ahead and used, dropped) so far; zeros before the runner exists."""
-    runner = built[-1] if built else None
-    return getattr(runner, "num_guesses_used", 0), getattr(runner, "num_guesses_dropped", 0)
+async def _settled_stats(engine: Any) -> Any:
+    """The scheduler's stats once it has published the batch's last step (it publishes after
+    each inbox batch, so the last finish may come a moment before its snapshot)."""
+    for _ in range(200):
+        stats = engine.last_stats
+        if stats.num_running == 0 and stats.num_waiting == 0:
+            return stats
+        await asyncio.sleep(0.005)
+    return engine.last_stats
+
+
+def _overlap_counts(mix: str, before: Any, after: Any) -> dict[str, int]:
+    """The overlap schedule over one batch: steps run, of which planned while the previous one
+    still ran (overlapped), and tokens sampled for rows that had finished (dropped)."""
+    return {
+        f"{mix}_steps": after.num_steps - before.num_steps,
+        f"{mix}_steps_overlapped": after.num_steps_overlapped - before.num_steps_overlapped,
+        f"{mix}_tokens_dropped": after.num_tokens_dropped - before.num_tokens_dropped,
+    }
 
 
 def section_engine(args: argparse.Namespace, res: Results, model_dir: Path,

@@ -65,11 +65,11 @@ class _StepCounter:
     def __init__(self, inner: Any, steps: PromCounter, adapters: PromCounter) -> None:
         self.inner, self._steps, self._adapters = inner, steps, adapters
 
-    def step(self, plan: Any) -> Any:
+    def launch(self, plan: Any) -> Any:
         if plan.seq_ids:
             self._steps.inc()
-            self._adapters.inc(len({slot for slot in plan.lora_slots if slot >= 0}))
-        return self.inner.step(plan)
+            self._adapters.inc(len({index for index in plan.lora_adapters if index >= 0}))
+        return self.inner.launch(plan)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)

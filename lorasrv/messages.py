@@ -276,12 +276,10 @@ class StepPlan(Msg, frozen=True, kw_only=True):
     # uploads of adapters it uses. Never rows that the previous plan's adapters hold.
     uploads: tuple[AdapterRows, ...] = ()
     sample_rows: tuple[bool, ...] = ()  # the row yields a token (decode or last prefill chunk)
-    # No prefill work was waiting when this was planned: the next step should decode these rows
-    # again, so the runner may launch it ahead (model/lookahead.py); False saves a wasted guess.
-    expect_next_decode: bool = True
-    # Per row: it stops after this step by length (max_new_tokens, context), known in advance;
-    # a step launched ahead leaves it out. Empty: no row is known to stop.
-    last_rows: tuple[bool, ...] = ()
+    # Per row (empty: none): its one new token is the token its sequence sampled last, which the
+    # host does not have yet (the overlap schedule plans a step before the previous one's tokens
+    # are back); `input_ids` holds 0 there and the runner reads the token on the device.
+    device_inputs: tuple[bool, ...] = ()
 
     @property
     def is_decode(self) -> bool:

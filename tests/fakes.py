@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 
 from lorasrv.engine.arena import ArenaGeometry
+from lorasrv.engine.step_runner import DoneStep, HostInputs
 from lorasrv.ids import AdapterId
 from lorasrv.messages import (
     AdapterRows,
@@ -92,6 +93,7 @@ class FakeRunner:
         self.gate.set()
         self.num_steps_started = 0
         self.fail_at_step: int | None = None  # the step with this number raises (a crash)
+        self.inputs = HostInputs()  # device inputs: the tokens it returned, as TpRunner does
 
     def ready(self) -> RunnerReady:
         return self.ready_info
@@ -116,7 +118,11 @@ class FakeRunner:
         """Every sequence the runner was given, in order: its prompt and sampling params."""
         return [new for plan in self.plans for new in plan.new_seqs]
 
+    def launch(self, plan: StepPlan) -> DoneStep:
+        return DoneStep(self.step(plan))
+
     def step(self, plan: StepPlan) -> StepResult:
+        """Runs the plan at once; `plans` keeps it as sent (device inputs unfilled)."""
         self.num_steps_started += 1
         if self.num_steps_started == self.fail_at_step:
             raise RuntimeError(f"fake GPU failure at step {self.num_steps_started}")
@@ -134,7 +140,10 @@ class FakeRunner:
         for upload in plan.uploads:
             self._upload(upload)
         salts = [self._adapter_salt(a) for a in plan.adapters]
-        return self._run_rows(plan, salts)
+        resolved = self.inputs.resolve(plan)
+        result = self._run_rows(resolved, salts)
+        self.inputs.record(resolved, result)
+        return result
 
     def _upload(self, upload: AdapterRows) -> None:
         assert upload.adapter_id in self.host, (

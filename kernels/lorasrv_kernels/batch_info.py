@@ -237,7 +237,13 @@ def prepare_lora_batch_info(
         block_m=block_m,
     )  # fmt: skip
     packed = _pack(layout, seg_lens, seg_rows, seg_scaling, seg_v_col)
-    buffer = torch.from_numpy(packed.buffer).to(device)
+    host = torch.from_numpy(packed.buffer)
+    if torch.device(device).type == "cuda":
+        # NOTE: pinned and non-blocking: a pageable copy waits for every step already queued,
+        # and the overlap schedule launches a step while the one before it still runs.
+        buffer = host.pin_memory().to(device, non_blocking=True)
+    else:
+        buffer = host.to(device)
     counters = torch.zeros(NUM_COUNTERS, dtype=torch.int32, device=device)
     bounds = (packed.num_shrink_tiles, packed.num_lora_tiles, packed.num_token_tiles)
     return _views(layout, buffer, counters, bounds)

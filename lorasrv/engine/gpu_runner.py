@@ -1,5 +1,8 @@
 """GpuRunnerActor: the one owner of the model. Runs the StepRunner on its own single thread so the
 event loop never blocks on the GPU; the only engine module that imports `lorasrv.model`.
+
+Steps are launched on that thread and answered from another one as their tokens reach the host,
+so a step planned before the previous one's tokens are back is launched behind it at once.
 """
 
 from __future__ import annotations
@@ -7,13 +10,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import itertools
 import logging
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, assert_never
 
 from lorasrv.engine.actor import Actor, Sender
-from lorasrv.engine.step_runner import StepRunner
+from lorasrv.engine.step_runner import DoneStep, PendingStep, StepRunner
 from lorasrv.messages import (
     HostCopyDropped,
     HostCopyReady,
@@ -22,6 +26,7 @@ from lorasrv.messages import (
     RunStep,
     SchedulerInbox,
     StepDone,
+    StepPlan,
 )
 
 if TYPE_CHECKING:
@@ -32,8 +37,8 @@ logger = logging.getLogger(__name__)
 
 
 class GpuRunnerActor(Actor[RunnerInbox]):
-    """Inbox order is execution order: a host copy sent before a RunStep is there for its
-    uploads."""
+    """Inbox order is launch order: a host copy sent before a RunStep is there for its uploads.
+    StepDone comes in launch order too, each as soon as its step's tokens are on the host."""
 
     name = "gpu_runner"
 
@@ -44,6 +49,9 @@ class GpuRunnerActor(Actor[RunnerInbox]):
         self._factory = factory
         self._scheduler = scheduler
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lorasrv-gpu")
+        # Waits for launched steps' tokens, so the runner thread is free to launch the next one.
+        self._waiter = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lorasrv-gpu-wait")
+        self._launched: asyncio.Queue[tuple[StepPlan, PendingStep]] = asyncio.Queue()
         self._runner: StepRunner | None = None
 
     @property
@@ -59,16 +67,19 @@ class GpuRunnerActor(Actor[RunnerInbox]):
 
     async def run(self) -> None:
         # A tensor-parallel runner also reports a failed worker while no step runs.
-        serve = asyncio.ensure_future(self._serve())
-        failed = asyncio.ensure_future(_reported_failure(self.runner.on_failure))
+        tasks = (
+            asyncio.ensure_future(_reported_failure(self.runner.on_failure)),
+            asyncio.ensure_future(self._serve()),
+            asyncio.ensure_future(self._collect()),
+        )
         try:
-            await asyncio.wait((serve, failed), return_when=asyncio.FIRST_COMPLETED)
-            for task in (failed, serve):
+            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            for task in tasks:
                 if task.done():
                     task.result()  # raises: the engine's supervisor stops everything
         finally:
-            serve.cancel()
-            failed.cancel()
+            for task in tasks:
+                task.cancel()
 
     async def _serve(self) -> None:
         loop = asyncio.get_running_loop()
@@ -76,13 +87,24 @@ class GpuRunnerActor(Actor[RunnerInbox]):
             batch = [await self.inbox.get()]
             while not self.inbox.empty():
                 batch.append(self.inbox.get_nowait())
-            for done in await loop.run_in_executor(self._executor, self._execute, batch):
-                self._scheduler.send(done)
+            await loop.run_in_executor(self._executor, self._execute, batch, loop)
 
-    def _execute(self, batch: list[RunnerInbox]) -> list[StepDone]:
-        """Runs on the runner thread, in inbox order."""
+    async def _collect(self) -> None:
+        """Answers launched steps in launch order, each once its tokens are on the host."""
+        loop = asyncio.get_running_loop()
+        while True:
+            plan, pending = await self._launched.get()
+            if isinstance(pending, DoneStep):
+                result = pending.result()
+            else:
+                result = await loop.run_in_executor(self._waiter, pending.result)
+            sampled = tuple(itertools.compress(plan.seq_ids, plan.sample_rows))
+            self._scheduler.send(StepDone(step_id=plan.step_id, seq_ids=sampled, result=result))
+
+    def _execute(self, batch: list[RunnerInbox], loop: asyncio.AbstractEventLoop) -> None:
+        """Runs on the runner thread, in inbox order; each launched step goes to `_collect` at
+        once (a later step of the batch may launch while it runs)."""
         runner = self.runner
-        results: list[StepDone] = []
         for msg in batch:
             match msg:
                 case HostCopyReady():
@@ -90,24 +112,18 @@ class GpuRunnerActor(Actor[RunnerInbox]):
                 case HostCopyDropped(adapter_id=adapter_id):
                     runner.drop_host_copy(adapter_id)
                 case RunStep(plan=plan):
-                    result = runner.step(plan)
-                    if not plan.seq_ids:
-                        continue  # freed sequences and uploads only: nobody waits for an answer
-                    sampled = tuple(
-                        s
-                        for s, is_sampled in zip(plan.seq_ids, plan.sample_rows, strict=True)
-                        if is_sampled
-                    )
-                    results.append(StepDone(step_id=plan.step_id, seq_ids=sampled, result=result))
+                    pending = runner.launch(plan)
+                    if plan.seq_ids:  # else freed sequences and uploads only: nobody waits
+                        loop.call_soon_threadsafe(self._launched.put_nowait, (plan, pending))
                 case _:
                     assert_never(msg)
-        return results
 
     async def shutdown(self) -> None:
         if self._runner is not None:
             loop = asyncio.get_running_loop()
             await loop.run_in_executor(self._executor, self._runner.shutdown)
         self._executor.shutdown(wait=False, cancel_futures=True)
+        self._waiter.shutdown(wait=False, cancel_futures=True)
 
 
 def model_runner_factory(
@@ -142,7 +158,6 @@ def model_runner_factory(
             seed=model.seed,
             enable_cuda_graph=not model.disable_cuda_graph,
             allow_pickle=model.allow_pickle,
-            enable_lookahead=not config.scheduler.disable_overlap_schedule,
         )
         return runner
 

@@ -4,7 +4,8 @@ and plans each step against them, synchronously. Pure: no asyncio, no torch.
 A plan's adapters are resident by the time it is sent: the ones it brings in are in its
 `uploads` (with prefetches for queued requests), which the runner writes before the step's
 compute. Rows of adapters that the previous plan used or uploaded are never reassigned while a
-sequence runs; with nothing running no step can still read them.
+sequence runs. Steps still in flight (the overlap schedule) never see a page or row change under
+them: the runner orders every upload after the steps launched before it, and steps run in order.
 """
 
 from __future__ import annotations

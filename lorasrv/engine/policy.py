@@ -6,7 +6,9 @@ when it binds, cheap adapters first, with a bounded wait). Rows that do not fit 
 never dropped. When pages run out, idle adapters' rows are reclaimed first, then the newest
 running rows are preempted (pages freed, recomputed later). As in SGLang, a step is prefill-only
 or decode-only unless mixed chunks are enabled: pure decode steps replay CUDA graphs, mixed ones
-cannot.
+cannot. Tokens still in flight (`Sequence.num_pending`) count as the sequence's own: a row never
+goes past max_new_tokens or the context counting them, and a sequence waits for them before it
+is admitted again.
 """
 
 from __future__ import annotations
@@ -27,9 +29,6 @@ class PlanLimits(NamedTuple):
     context_length: int
     starvation_steps: int = 16  # after this many skipped steps, an adapter's request jumps the line
     mixed_chunk: bool = False  # prefill chunks and decode rows in one step (--enable-mixed-chunk)
-    # Decode steps also give each row the page of its next token, when free pages allow, so the
-    # runner can launch that step before this one's tokens are back (the overlap schedule).
-    lookahead: bool = False
 
 
 class Row(NamedTuple):
@@ -65,10 +64,7 @@ def plan_batch(
     `prefill_turn` (the scheduler clears it after a prefill-only step, so decoding rows advance
     at least every other step); otherwise the step decodes.
     """
-    decision = _plan_rows(running, waiting, memory, limits, step_no, prefill_turn)
-    if limits.lookahead and decision.rows and all(r.seq.is_decode for r in decision.rows):
-        _reserve_next_token_pages(decision.rows, memory, limits)
-    return decision
+    return _plan_rows(running, waiting, memory, limits, step_no, prefill_turn)
 
 
 def _plan_rows(
@@ -80,29 +76,26 @@ def _plan_rows(
     prefill_turn: bool,
 ) -> BatchDecision:
     plan = _Planning(running, waiting, memory, limits, step_no)
+    context_length = limits.context_length
+
+    def is_decode(seq: Sequence) -> bool:
+        return seq.is_decode and seq.can_grow(context_length)
+
     if limits.mixed_chunk:
-        return plan.run(_any_row, admit=True)
-    has_decode = any(seq.is_decode for seq in running)
+        return plan.run(lambda seq: seq.can_grow(context_length), admit=True)
+    has_decode = any(map(is_decode, running))
     has_prefill = bool(waiting) or any(not seq.is_decode for seq in running)
     if has_prefill and (prefill_turn or not has_decode):
         first = plan.run(_is_prefill, admit=True)
         if first.rows or first.exhausted or not has_decode:
             return first._replace(is_prefill_only=bool(first.rows))
-        second = plan.run(_is_decode, admit=False)
+        second = plan.run(is_decode, admit=False)
         return second._replace(preempted=first.preempted + second.preempted)
-    return plan.run(_is_decode, admit=False)
-
-
-def _any_row(seq: Sequence) -> bool:
-    return True
-
-
-def _is_decode(seq: Sequence) -> bool:
-    return seq.is_decode
+    return plan.run(is_decode, admit=False)
 
 
 def _is_prefill(seq: Sequence) -> bool:
-    return not seq.is_decode
+    return not seq.is_decode  # no token in flight: it can grow
 
 
 class _Planning:
@@ -164,6 +157,8 @@ class _Planning:
         for seq in order:
             if budget <= 0 or len(running) >= limits.max_running:
                 break
+            if seq.num_pending:
+                continue  # preempted with tokens in flight: it needs them before it runs again
             if not memory.fits(seq) or (block_adapters and seq.adapter_id is not None):
                 block_adapters = block_adapters or self.is_starving(seq)
                 continue
@@ -206,20 +201,6 @@ class _Planning:
         seq.num_computed = 0
         seq.status = SeqStatus.WAITING
         self.waiting.appendleft(seq)
-
-
-def _reserve_next_token_pages(rows: list[Row], memory: BatchAdapters, limits: PlanLimits) -> None:
-    """Opportunistic: a row whose next token starts a page gets it now if one is free (it needs
-    it next step anyway, unless it stops). Never preempts nor evicts; rows left without one are
-    simply not run ahead."""
-    arena = memory.residency.arena
-    for row in rows:
-        seq = row.seq
-        next_len = seq.num_computed + row.num_new + 1  # tokens once the next step has run
-        if next_len > limits.context_length:
-            continue
-        if pages_needed(next_len, limits.page_size) > len(seq.blocks) and arena.can_allocate(1):
-            seq.blocks.extend(arena.allocate(1))
 
 
 def _pick_victim(running: list[Sequence], index: int, scheduled: set[int]) -> Sequence:

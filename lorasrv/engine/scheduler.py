@@ -3,6 +3,12 @@
 Owns every Sequence and the planner (KV pages, LoRA rows, GPU residency), so each step is
 planned synchronously: plan -> run -> apply. Never touches tensors: the GPU runner gets a
 StepPlan, the tokenizer gets token ids.
+
+The overlap schedule: up to two steps are in flight. Step N+1 is planned and sent as soon as N
+is, without N's tokens (they stay on the device and feed N+1's `device_inputs` rows); N's
+tokens are applied one step late (stop checks, streaming, freeing), and a row that finished in
+N is simply absent from the steps planned after that, its token from N+1 dropped.
+`--disable-overlap-schedule`: one step in flight, each planned after the previous one's tokens.
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ from lorasrv.engine.sequence import (
     token_message,
 )
 from lorasrv.engine.stats import SchedulerStats, StatsSink
-from lorasrv.engine.step_plan import build_step_plan, has_prefill_work
+from lorasrv.engine.step_plan import build_step_plan
 from lorasrv.ids import AdapterId, RequestId, SeqId, StepId
 from lorasrv.messages import (
     Abort,
@@ -76,7 +82,6 @@ class SchedulerActor(Actor[SchedulerInbox]):
             page_size=ready.page_size,
             context_length=ready.context_length,
             mixed_chunk=cfg.enable_mixed_chunk,
-            lookahead=not cfg.disable_overlap_schedule,
         )
         self.planner = Planner(
             ready,
@@ -88,12 +93,16 @@ class SchedulerActor(Actor[SchedulerInbox]):
         self._by_seq: dict[SeqId, Sequence] = {}
         self._running: list[Sequence] = []
         self._waiting: deque[Sequence] = deque()
-        self._is_running_step = False  # a RunStep with rows is out: wait for its StepDone
+        self._max_in_flight = 1 if cfg.disable_overlap_schedule else 2
+        # Steps with rows sent, awaiting StepDone: id, when sent.
+        self._in_flight: deque[tuple[StepId, float]] = deque()
         self._step_id = StepId(0)
-        self._step_started_s = 0.0
         self._next_seq_id = 0
         self._freed_in_runner: list[SeqId] = []
         self._last_step = (0.0, 0)  # seconds, sampled tokens
+        self._last_done_s = time.monotonic()
+        self._num_overlapped = 0  # steps sent while another was in flight
+        self._num_dropped = 0  # tokens of rows that had finished by the time they arrived
         self._prefill_turn = True  # cleared after a prefill-only step: decoding rows go next
         self._num_finished = 0
         self._num_aborted = 0
@@ -120,8 +129,8 @@ class SchedulerActor(Actor[SchedulerInbox]):
                 assert_never(msg)
 
     def after_batch(self) -> None:
-        if not self._is_running_step:
-            self._plan_step()
+        while len(self._in_flight) < self._max_in_flight and self._plan_step():
+            pass
         if invariants.enabled:
             self.planner.check_invariants(self._running)
         self.publish_stats()
@@ -178,10 +187,11 @@ class SchedulerActor(Actor[SchedulerInbox]):
 
     # ------------------------------------------------------------------ step pipeline
 
-    def _plan_step(self) -> None:
+    def _plan_step(self) -> bool:
+        """Plan and send the next step; whether it has rows (then its StepDone will come)."""
         if not self._running and not self._waiting:
             self._send_rowless(())
-            return
+            return False
         planned = self.planner.plan(
             self._running, self._waiting, self._step_id, prefill_turn=self._prefill_turn
         )
@@ -194,23 +204,17 @@ class SchedulerActor(Actor[SchedulerInbox]):
             self._finish(seq, reason="length")
         if not decision.rows:
             self._send_rowless(planned.uploads)
-            return
-        # Prefill had its turn and nothing could start (no pages, adapters or room): the waiting
-        # requests do not make the next step a prefill step by themselves.
-        prefill_blocked = self._prefill_turn and not decision.is_prefill_only
+            return False
         self._prefill_turn = not decision.is_prefill_only
         self._step_id = StepId(self._step_id + 1)
-        self._is_running_step = True
-        self._step_started_s = time.monotonic()
-        expect_next_decode = prefill_blocked or not has_prefill_work(
-            decision.rows, self._running, self._waiting
-        )
+        self._num_overlapped += bool(self._in_flight)
+        self._in_flight.append((self._step_id, time.monotonic()))
         freed, self._freed_in_runner = tuple(self._freed_in_runner), []
         plan = build_step_plan(
-            self._step_id, decision.rows, planned.adapters, planned.uploads, freed,
-            expect_next_decode=expect_next_decode, context_length=self._ready.context_length,
-        )  # fmt: skip
+            self._step_id, decision.rows, planned.adapters, planned.uploads, freed
+        )
         self._runner.send(RunStep(plan=plan))
+        return True
 
     def _send_rowless(self, uploads: tuple[AdapterRows, ...]) -> None:
         """No rows to run: still drop finished sequences' runner state and start the uploads
@@ -221,21 +225,27 @@ class SchedulerActor(Actor[SchedulerInbox]):
             self._runner.send(RunStep(plan=plan))
 
     def _apply(self, msg: StepDone) -> None:
-        if not self._is_running_step or msg.step_id != self._step_id:
+        """A step's tokens, one step late: append, check stops, stream, finish."""
+        if not self._in_flight or msg.step_id != self._in_flight[0][0]:
             logger.warning("stale StepDone for step %d", msg.step_id)
             return
-        self._is_running_step = False
+        _, sent_s = self._in_flight.popleft()
         result = msg.result
         for i, (seq_id, token_id) in enumerate(zip(msg.seq_ids, result.token_ids, strict=True)):
             seq = self._by_seq.get(seq_id)
-            if seq is None or seq.status is not SeqStatus.RUNNING:
-                continue  # aborted while the step ran
+            if seq is None:
+                self._num_dropped += 1  # it finished (or was aborted) while this step ran
+                continue
+            seq.num_pending -= 1
             seq.output_ids.append(token_id)
             reason, matched = stop_reason(seq, token_id, self._eos_ids, self._ready.context_length)
             self._tokenizer.send(token_message(seq, result, i, reason, matched))
             if reason is not None:
                 self._finish(seq, reason=reason, notify=False)
-        self._last_step = (time.monotonic() - self._step_started_s, len(result.token_ids))
+        # The GPU ran it from when it was sent or the previous step ended, whichever is later.
+        now = time.monotonic()
+        self._last_step = (now - max(sent_s, self._last_done_s), len(result.token_ids))
+        self._last_done_s = now
 
     # ------------------------------------------------------------------ endings
 
@@ -304,5 +314,7 @@ class SchedulerActor(Actor[SchedulerInbox]):
                 num_steps=int(self._step_id),
                 num_finished=self._num_finished,
                 num_aborted=self._num_aborted,
+                num_steps_overlapped=self._num_overlapped,
+                num_tokens_dropped=self._num_dropped,
             )
         )

@@ -26,15 +26,18 @@ class Sequence:
     adapter_rank: int = 0  # LoRA rows its adapter holds on the GPU
     is_pinned_adapter: bool = False
     status: SeqStatus = SeqStatus.ACQUIRING
-    output_ids: list[int] = field(default_factory=list)
-    num_computed: int = 0  # tokens whose KV is in the cache
+    output_ids: list[int] = field(default_factory=list)  # tokens the host has
+    # Tokens sampled by launched steps that have not reached the host yet (the overlap schedule
+    # plans a step before the previous one's tokens are back); counted in num_tokens.
+    num_pending: int = 0
+    num_computed: int = 0  # tokens whose KV is written by launched steps
     blocks: list[BlockId] = field(default_factory=list)
     in_runner: bool = False  # the runner holds sampler state for it
     waiting_since_step: int = 0
 
     @property
     def num_tokens(self) -> int:
-        return len(self.prompt_ids) + len(self.output_ids)
+        return len(self.prompt_ids) + len(self.output_ids) + self.num_pending
 
     @property
     def num_uncomputed(self) -> int:
@@ -45,8 +48,15 @@ class Sequence:
         """Its next step feeds one token and samples one (the engine's one decode rule)."""
         return self.num_uncomputed == 1 and self.num_computed > 0
 
+    def can_grow(self, context_length: int) -> bool:
+        """Another token may follow the ones sampled so far, pending ones included: below
+        max_new_tokens and the context. False means its last token is already on its way."""
+        num_generated = len(self.output_ids) + self.num_pending
+        return num_generated < self.params.max_new_tokens and self.num_tokens < context_length
+
     def token_slice(self, start: int, stop: int) -> tuple[int, ...]:
-        """Tokens [start, stop) of prompt + output, without building the whole list."""
+        """Tokens [start, stop) of prompt + output (tokens the host has), without building the
+        whole list."""
         num_prompt = len(self.prompt_ids)
         if stop <= num_prompt:
             return self.prompt_ids[start:stop]
@@ -78,7 +88,8 @@ def prompt_problem(
 def stop_reason(
     seq: Sequence, token_id: int, eos_ids: frozenset[int], context_length: int
 ) -> tuple[str | None, int | None]:
-    """(finish reason, matched stop token) once `token_id` is appended; (None, None) goes on."""
+    """(finish reason, matched stop token) once `token_id` is appended to the host's outputs;
+    (None, None) goes on."""
     params = seq.params
     if token_id in params.stop_token_ids:
         return "stop", token_id
@@ -86,7 +97,7 @@ def stop_reason(
         return "stop", token_id
     if len(seq.output_ids) >= params.max_new_tokens:
         return "length", None
-    if seq.num_tokens >= context_length:
+    if len(seq.prompt_ids) + len(seq.output_ids) >= context_length:  # pending ones aside
         return "length", None
     return None, None
 
@@ -94,15 +105,20 @@ def stop_reason(
 def token_message(
     seq: Sequence, result: StepResult | None, index: int, reason: str | None, matched: int | None
 ) -> EmitTokens:
-    """Row `index` of `result` for the tokenizer (None: no token, only the end `reason`)."""
+    """Row `index` of `result` for the tokenizer (None: no token, only the end `reason`).
+    Logprobs only when the request asked: a step computes them for every row once any row
+    asks, and what another request asked must not change this one's output."""
     if result is None:
         return EmitTokens(request_id=seq.request_id, token_ids=(), finish_reason=reason,
                           prompt_tokens=len(seq.prompt_ids))  # fmt: skip
+    params = seq.params
+    wants = (params.logprobs or params.top_logprobs > 0) and bool(result.logprobs)
+    wants_top = params.top_logprobs > 0 and bool(result.top_logprobs)
     return EmitTokens(
         request_id=seq.request_id,
         token_ids=(result.token_ids[index],),
-        logprobs=(result.logprobs[index],) if result.logprobs else (),
-        top_logprobs=(result.top_logprobs[index],) if result.top_logprobs else (),
+        logprobs=(result.logprobs[index],) if wants else (),
+        top_logprobs=(result.top_logprobs[index],) if wants_top else (),
         finish_reason=reason,
         matched_stop=matched,
         prompt_tokens=len(seq.prompt_ids),

@@ -30,6 +30,10 @@ class SchedulerStats(NamedTuple):
     num_steps: int = 0
     num_finished: int = 0  # requests that left the scheduler, however they ended
     num_aborted: int = 0  # of which aborted (client gone, stop string, explicit abort)
+    # The overlap schedule: steps sent while another was still in flight (planned without its
+    # tokens), and sampled tokens dropped because their row had finished meanwhile.
+    num_steps_overlapped: int = 0
+    num_tokens_dropped: int = 0
 
 
 class StatsSink(Protocol):

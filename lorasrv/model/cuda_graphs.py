@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Literal, NamedTuple
 
 import torch
@@ -118,21 +118,21 @@ class DecodeRunner:
     def run(
         self,
         plan: StepPlan,
-        input_ids: torch.Tensor | None = None,
+        fill_inputs: Callable[[torch.Tensor], None] | None = None,
         page_limit: int | None = None,
     ) -> torch.Tensor:
         """Logits `[num_rows, vocab]` float32 of a decode plan (valid until the next step).
 
-        `input_ids` [num_rows] on the device replaces `plan.input_ids` (the previous step's
-        tokens, not yet on the host: see lookahead.py). `page_limit`: the lowest page under the
-        plan's LoRA rows (its pages must lie below).
+        `fill_inputs(ids)` may overwrite rows of the static input ids `[num_rows]` on the device
+        after the plan's upload (its `device_inputs`: tokens the host does not have yet).
+        `page_limit`: the lowest page under the plan's LoRA rows (its pages must lie below).
         """
         num_rows = len(plan.seq_ids)
         bucket = self._bucket(num_rows)
         variant = self._fill_lora(plan)
         self._upload(plan, page_limit)
-        if input_ids is not None:
-            self._views()[0][:num_rows].copy_(input_ids)  # queued after the header upload
+        if fill_inputs is not None:
+            fill_inputs(self._views()[0][:num_rows])  # queued after the header upload
         graph = self._graphs.get((bucket, variant)) if self.use_graphs else None
         if graph is None:
             return self._forward(bucket, variant)[:num_rows]

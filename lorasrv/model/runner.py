@@ -12,6 +12,7 @@ from collections.abc import Callable
 
 import torch
 
+from lorasrv.engine.step_runner import DoneStep, PendingStep
 from lorasrv.hub import resolve_path
 from lorasrv.ids import AdapterId, SeqId
 from lorasrv.messages import HostCopyReady, RunnerReady, StepPlan, StepResult
@@ -20,16 +21,16 @@ from lorasrv.model.arch import ModelArch, read_arch
 from lorasrv.model.attention import KvCache, make_attention, needs_dense_metadata
 from lorasrv.model.batch import StepPreparer
 from lorasrv.model.cuda_graphs import DecodeRunner
+from lorasrv.model.device_tokens import DeviceTokens
 from lorasrv.model.hot_cache import make_hot_cache
 from lorasrv.model.llama import LlamaModel
 from lorasrv.model.loader import load_model_weights
-from lorasrv.model.lookahead import Guess, guess_holds, next_decode_plan
 from lorasrv.model.lora_backend import make_lora_backend
 from lorasrv.model.lora_layout import HostAdapter, row_layout
 from lorasrv.model.lora_runtime import LoraRuntime
 from lorasrv.model.parallel import TpGroup, TpLlamaModel
 from lorasrv.model.pending_sample import PendingSample
-from lorasrv.model.sampler import Sampler, upload
+from lorasrv.model.sampler import Sampler
 from lorasrv.model.sharding import load_sharded_weights, shard_arch
 
 logger = logging.getLogger(__name__)
@@ -64,7 +65,6 @@ class ModelRunner:
         tp: TpGroup | None = None,
         attention_backend: str = "auto",
         cuda_graph_max_batch_size: int = 256,
-        enable_lookahead: bool = True,
     ) -> None:
         started = time.monotonic()
         torch.manual_seed(seed)
@@ -121,12 +121,9 @@ class ModelRunner:
         )
         self.decode = self._make_decode_runner(enable_cuda_graph, cuda_graph_max_batch_size)
         self.sampler = Sampler(self.arch.vocab_size, self.device, seed=seed)
-        # The next decode step runs while the host plans it (lookahead.py); static decode only.
-        # NOTE: not under TP: rank 0 alone would launch it, its collectives waiting forever.
-        self.lookahead = enable_lookahead and self.decode is not None and tp is None
-        self._guess: Guess | None = None
-        self.num_guesses_used = 0
-        self.num_guesses_dropped = 0
+        # Under TP the coordinator fills device inputs on the host (only rank 0 may have the
+        # tokens), so workers keep no table.
+        self.tokens = DeviceTokens(self.device) if tp is None else None
         logger.info(
             "model %s (%s) on %s in %s: arena of %.2f GiB, %d KV pages of %d tokens, "
             "%d LoRA rows, %.1fs",
@@ -160,28 +157,32 @@ class ModelRunner:
             dtype=str(self.dtype).removeprefix("torch."),
         )
 
-    def step(self, plan: StepPlan) -> StepResult:
+    def launch(self, plan: StepPlan) -> PendingStep:
+        """Queue the step (uploads, compute, sampling, the tokens' copies to the host) and
+        return without waiting: the next step may be launched behind it at once, its device
+        inputs reading the tokens this one samples."""
         for seq_id in plan.freed_seq_ids:
             self.sampler.remove_seq(seq_id)
+            if self.tokens is not None:
+                self.tokens.remove(seq_id)
         for seq in plan.new_seqs:
             self.sampler.add_seq(seq)
+            if self.tokens is not None:
+                self.tokens.add(seq.seq_id)
         self._upload(plan)
-        guess = self._take_guess()
         if not plan.seq_ids:
-            self.num_guesses_dropped += guess is not None
-            return StepResult()
-        if guess is not None and guess_holds(guess, plan, self.page_size):
-            self.num_guesses_used += 1
-            pending = guess.pending
-        else:
-            self.num_guesses_dropped += guess is not None
-            logits, seq_ids = self._forward(plan)
-            sampled = self._sample(logits, seq_ids) if seq_ids else None
-            if sampled is None:
-                return StepResult()  # nothing sampled, or a TP rank other than 0
-            pending = sampled
-        self._launch_guess(plan, pending)  # queued behind this step, before waiting for it
-        return pending.result()
+            return DoneStep(StepResult())
+        logits, seq_ids = self._forward(plan)
+        sampled = self._sample(logits, seq_ids) if seq_ids else None
+        if sampled is None:
+            return DoneStep(StepResult())  # nothing sampled, or a TP rank other than 0
+        if self.tokens is not None:
+            self.tokens.record(seq_ids, sampled.token_ids)
+        return sampled
+
+    def step(self, plan: StepPlan) -> StepResult:
+        """`launch`, then wait for the tokens (tests, benches, TP workers)."""
+        return self.launch(plan).result()
 
     def forward(self, plan: StepPlan) -> torch.Tensor:
         """Logits `[num_sampled, vocab]` float32 of a plan (its uploads first), writing its K/V;
@@ -206,7 +207,6 @@ class ModelRunner:
         """A single-process runner fails only inside a call, which raises: nothing to report."""
 
     def shutdown(self) -> None:
-        self._guess = None
         self.lora = None
         self.decode = None  # its graphs hold their memory pool
         del self.kv_cache, self.arena, self.model
@@ -230,31 +230,6 @@ class ModelRunner:
             return self.model.sample(self.sampler, logits, seq_ids)
         return self.sampler.sample_async(logits, seq_ids)
 
-    def _take_guess(self) -> Guess | None:
-        guess, self._guess = self._guess, None
-        return guess
-
-    @torch.inference_mode()
-    def _launch_guess(self, plan: StepPlan, parent: PendingSample) -> None:
-        """Queue the step after `plan`, fed `parent`'s tokens on the device, if it can be
-        guessed (see lookahead.py); its results wait in `self._guess`."""
-        if not self.lookahead or self.decode is None or not plan.expect_next_decode:
-            return
-        planned = next_decode_plan(plan, self.page_size, self.context_length)
-        if planned is None:
-            return
-        guess, keep = planned
-        if not self.decode.can_run(guess) or not self.sampler.is_replayable(guess.seq_ids):
-            return
-        input_ids = parent.token_ids
-        if len(keep) < len(plan.seq_ids):  # rows that stop by length are left out
-            rows = upload(torch.tensor(keep, dtype=torch.int64), self.device)
-            input_ids = input_ids.index_select(0, rows)
-        page_limit = self.lora.page_limit(guess) if self.lora is not None else None
-        logits = self.decode.run(guess, input_ids=input_ids, page_limit=page_limit)
-        pending = self.sampler.sample_async(logits, guess.seq_ids)
-        self._guess = Guess(guess, keep, parent, pending)
-
     @torch.inference_mode()
     def _forward(self, plan: StepPlan) -> tuple[torch.Tensor, list[SeqId]]:
         page_limit = None
@@ -262,9 +237,16 @@ class ModelRunner:
             page_limit = self.lora.before_compute(plan)
         elif plan.adapters or any(a >= 0 for a in plan.lora_adapters):
             raise ValueError("plan has adapter rows but this runner has LoRA off")
+        tokens = self.tokens
+        if tokens is None and any(plan.device_inputs):
+            raise ValueError("plan has device inputs, which a TP worker cannot read")
         if self.decode is not None and self.decode.can_run(plan):
-            return self.decode.run(plan, page_limit=page_limit), list(plan.seq_ids)
+            fill = (lambda ids: tokens.fill(ids, plan)) if tokens is not None else None
+            logits = self.decode.run(plan, fill_inputs=fill, page_limit=page_limit)
+            return logits, list(plan.seq_ids)
         batch = self.preparer.prepare(plan, page_limit)
+        if tokens is not None:
+            tokens.fill(batch.input_ids, plan)
         logits = self.model.forward(
             batch.input_ids,
             batch.metadata,

@@ -84,7 +84,7 @@ class Uploader:
             if self._stream is None:
                 self.pool.write(entry.rows, host.rows)
                 continue
-            # NOTE: rows may overlay KV pages that a step in flight (an overlap guess) still
+            # NOTE: rows may overlay KV pages that a step in flight (the overlap schedule) still
             # writes: the side stream starts after everything launched so far.
             self._stream.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(self._stream):

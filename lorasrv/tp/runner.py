@@ -21,6 +21,7 @@ import torch
 import torch.multiprocessing as mp
 from torch._C._distributed_c10d import TCPStore  # typed there; same object
 
+from lorasrv.engine.step_runner import DoneStep, HostInputs
 from lorasrv.errors import ConfigError
 from lorasrv.ids import AdapterId
 from lorasrv.messages import HostCopyReady, RunnerReady, StepPlan, StepResult
@@ -88,6 +89,9 @@ class TpRunner:
         link = ShmLink.create(context, tp_size)
         self._link = CoordinatorLink(link, self._check_alive)
         self._plans = PlanEncoder()
+        # NOTE: each step's tokens are back before the next is sent, so plans' device inputs are
+        # filled here and no worker needs another rank's tokens.
+        self._inputs = HostInputs()
         self._processes, heartbeats = self._spawn(
             context, link, model_path, device_type, runner_options
         )
@@ -123,17 +127,25 @@ class TpRunner:
     def ready(self) -> RunnerReady:
         return self._ready
 
+    def launch(self, plan: StepPlan) -> DoneStep:
+        """The step, run to its tokens: the overlap schedule still plans the next step while
+        this one runs, but the workers get it once this one's tokens are back."""
+        return DoneStep(self.step(plan))
+
     def step(self, plan: StepPlan) -> StepResult:
         # NOTE: a worker stuck inside a collective still beats its heartbeat; only this deadline
         # catches it, so it drops from minutes (kernels compiling) to one minute once warm.
         warm = self._num_steps >= NUM_COLD_STEPS
         self._num_steps += 1
         timeout_s = self.warm_step_timeout_s if warm else self.step_timeout_s
+        plan = self._inputs.resolve(plan)
         with self._guard(f"step {plan.step_id}", timeout_s):
             self._send_plan(plan)
             if not plan.seq_ids:
                 return StepResult()
-            return self._receive_result()
+            result = self._receive_result()
+        self._inputs.record(plan, result)
+        return result
 
     def add_host_copy(self, copy: HostCopyReady) -> None:
         """Ship every worker its packed shard now: the workers keep the host copies, so a

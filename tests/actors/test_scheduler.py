@@ -12,6 +12,7 @@ import pytest
 from lorasrv.config import AdapterConfig, SchedulerConfig
 from lorasrv.engine.gpu_runner import GpuRunnerActor
 from lorasrv.engine.scheduler import SchedulerActor
+from lorasrv.engine.stats import SchedulerStats
 from lorasrv.ids import AdapterId, RequestId
 from lorasrv.messages import (
     Abort,
@@ -71,21 +72,44 @@ class FakeAdapters:
                 )
 
 
+class Tee(Recorder):
+    """Records what it forwards (the plans the scheduler sends, before the runner runs them)."""
+
+    def __init__(self, to: GpuRunnerActor) -> None:
+        super().__init__()
+        self.to = to
+
+    def send(self, msg: object, /) -> None:
+        super().send(msg)
+        self.to.send(msg)  # type: ignore[arg-type]
+
+
+class StatsRecorder:
+    def __init__(self) -> None:
+        self.last = SchedulerStats()
+
+    def scheduler_stats(self, stats: SchedulerStats) -> None:
+        self.last = stats
+
+
 class Harness:
     def __init__(
         self, *, pages: int = 128, budget: int = 64, cap: int | None = 2, max_running: int = 8,
-        lora_rows: int | None = None,
+        lora_rows: int | None = None, overlap: bool = True,
     ) -> None:  # fmt: skip
         self.fake = FakeRunner(num_kv_pages=pages, page_size=4, max_lora_rank=4,
                                lora_rows=lora_rows)  # fmt: skip
         self.tokenizer = Recorder()
         self.adapters = FakeAdapters()
-        cfg = SchedulerConfig(chunked_prefill_size=budget, max_running_requests=max_running)
+        self.stats = StatsRecorder()
+        cfg = SchedulerConfig(chunked_prefill_size=budget, max_running_requests=max_running,
+                              disable_overlap_schedule=not overlap)  # fmt: skip
         self.runner = GpuRunnerActor(factory=lambda: self.fake, scheduler=Recorder())
+        self.sent = Tee(self.runner)
         self.scheduler = SchedulerActor(
             cfg=cfg, adapter_cfg=AdapterConfig(max_loras_per_batch=cap),
             ready=self.fake.ready_info, tokenizer=self.tokenizer, adapters=self.adapters,
-            runner=self.runner,
+            runner=self.sent, stats=self.stats,
         )  # fmt: skip
         self.runner._scheduler = self.scheduler
         self.adapters.scheduler, self.adapters.runner = self.scheduler, self.runner
@@ -233,47 +257,6 @@ async def test_stop_token_ids_and_prompt_too_long() -> None:
         assert huge.code == "prompt_too_long"
 
 
-async def test_plans_say_whether_the_next_step_should_decode_the_same_rows() -> None:
-    # While a request waits or is mid-prefill the next step is likely a prefill step, so the
-    # runner must not launch a decode step ahead (it would be dropped); otherwise it may.
-    async with Harness(budget=8) as h:
-        h.enqueue("a", PROMPTS[0], max_new_tokens=6, temperature=0.0)
-        await h.finished({"a"})
-        h.enqueue("b", PROMPTS[0], max_new_tokens=6, temperature=0.0)
-        h.enqueue("c", PROMPTS[3], max_new_tokens=3, temperature=0.0)  # 30 tokens: 4 chunks
-        await h.finished({"b", "c"})
-    plans = [p for p in h.fake.plans if p.seq_ids]
-    decode_only = [p for p in plans if all(q == 1 for q in p.query_lens)]
-    assert any(p.expect_next_decode for p in decode_only)  # "a" alone, and b+c at the end
-    # "b" decodes while "c" is still in prefill: those decode plans expect a prefill next
-    assert any(not p.expect_next_decode for p in decode_only)
-    for p in decode_only:  # the flag matters after decode steps only: there the runner guesses
-        if not p.expect_next_decode:
-            later = plans[plans.index(p) + 1 :]
-            assert later, "a plan expecting prefill work was the last one"
-            assert any(q > 1 for q in later[0].query_lens) or len(later[0].seq_ids) != len(
-                p.seq_ids
-            )
-
-
-async def test_plans_mark_rows_whose_next_token_is_their_last() -> None:
-    async with Harness() as h:
-        h.enqueue("a", PROMPTS[0], max_new_tokens=3, temperature=0.0)
-        h.enqueue("b", PROMPTS[1], max_new_tokens=5, temperature=0.0)
-        await h.finished({"a", "b"})
-    plans = [p for p in h.fake.plans if p.seq_ids]
-    marked = {}
-    for p in plans:
-        for seq_id, last in zip(p.seq_ids, p.last_rows, strict=True):
-            if last:
-                marked[seq_id] = marked.get(seq_id, 0) + 1
-    assert marked == {0: 1, 1: 1}  # once each: in the step that yields the last token
-    last_plan_of = {seq_id: max(i for i, p in enumerate(plans) if seq_id in p.seq_ids)
-                    for seq_id in (0, 1)}  # fmt: skip
-    for seq_id, i in last_plan_of.items():
-        assert plans[i].last_rows[plans[i].seq_ids.index(seq_id)]
-
-
 async def test_an_adapter_is_uploaded_once_while_resident_and_retired_rows_are_freed() -> None:
     async with Harness() as h:
         for i in range(3):
@@ -303,3 +286,17 @@ async def test_a_queued_requests_adapter_is_prefetched_while_others_decode() -> 
     )
     assert upload_of_a3 < first_run_of_a3  # it rode along a step of a1's, before it could run
     assert not any(a.adapter_id == 3 for a in plans[upload_of_a3].adapters)
+
+
+async def test_logprobs_reach_only_the_requests_that_asked() -> None:
+    # A step computes logprobs for every row once one row asks (the fake always does): what one
+    # request asked must not change what another one gets.
+    async with Harness() as h:
+        h.enqueue("plain", PROMPTS[0], max_new_tokens=4, ignore_eos=True)
+        h.enqueue("chosen", PROMPTS[1], max_new_tokens=4, ignore_eos=True, logprobs=True)
+        h.enqueue("top", PROMPTS[2], max_new_tokens=4, ignore_eos=True, top_logprobs=1)
+        await h.finished({"plain", "chosen", "top"})
+    emitted = [m for m in h.tokenizer.msgs if isinstance(m, EmitTokens) and m.token_ids]
+    for m in emitted:
+        assert bool(m.logprobs) == (m.request_id != "plain"), m
+        assert bool(m.top_logprobs) == (m.request_id == "top"), m

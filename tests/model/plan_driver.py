@@ -1,14 +1,17 @@
 """A minimal scheduler for model tests: page and LoRA-row allocation in one arena, chunked prefill,
 decode, via StepPlans.
 
-Drives `ModelRunner.step` (or `TpRunner.step`) the way the engine's scheduler does, without the
-engine: adapters get rows from the arena's top (shuffled, so never contiguous), KV pages come from
-the rest, and an adapter's upload rides in the next plan.
+Drives `ModelRunner` (or `TpRunner`) the way the engine's scheduler does, without the engine:
+adapters get rows from the arena's top (shuffled, so never contiguous), KV pages come from the
+rest, and an adapter's upload rides in the next plan. With `overlap`, as the engine's overlap
+schedule: each step is launched before the previous one's tokens are read, its continuing rows
+fed those tokens on the device (`device_inputs`).
 """
 
 from __future__ import annotations
 
 import random
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,7 +32,8 @@ class _Seq:
     max_new_tokens: int
     output: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)  # when the params ask for them
-    num_cached: int = 0  # tokens whose K/V are in the cache
+    num_pending: int = 0  # sampled by launched steps, not read yet
+    num_cached: int = 0  # tokens whose K/V are in the cache (or queued)
     pages: list[int] = field(default_factory=list)
     started: bool = False
 
@@ -38,8 +42,16 @@ class _Seq:
         return self.prompt + self.output
 
     @property
+    def num_tokens(self) -> int:
+        return len(self.prompt) + len(self.output) + self.num_pending
+
+    @property
     def done(self) -> bool:
         return len(self.output) >= self.max_new_tokens
+
+    @property
+    def can_grow(self) -> bool:
+        return len(self.output) + self.num_pending < self.max_new_tokens
 
 
 def rows_pages(runner: Any, rows: list[int]) -> set[int]:
@@ -58,9 +70,7 @@ def rows_pages(runner: Any, rows: list[int]) -> set[int]:
 class PlanDriver:
     """Runs prompts to completion through `runner.step`; pages and rows are handed out shuffled.
 
-    As the engine's scheduler does, decode steps also hand each row the page of its next token
-    (`lookahead_pages`, policy.py) and mark rows whose next token is their last
-    (`mark_last_rows`, step_plan.py), so the runner can launch the next step ahead.
+    `overlap`: up to two steps in flight (`runner.launch`), tokens read one step late.
     `lora_rows`: rows set aside for adapters at the arena's top; their pages never hold KV.
     """
 
@@ -71,16 +81,14 @@ class PlanDriver:
         token_budget: int = 16,
         seed: int = 0,
         record_logits: bool = False,
-        lookahead_pages: bool = True,
-        mark_last_rows: bool = True,
+        overlap: bool = False,
         lora_rows: int = 0,
         params: SamplingParams = GREEDY,
     ) -> None:
         self.runner = runner
         self.params = params  # every sequence's sampling params
         self.token_budget = token_budget
-        self.lookahead_pages = lookahead_pages
-        self.mark_last_rows = mark_last_rows
+        self.overlap = overlap
         self.page_size: int = runner.page_size
         max_rows = runner.ready().lora_max_rows
         assert lora_rows <= max_rows, f"{lora_rows} LoRA rows asked, the arena has {max_rows}"
@@ -95,6 +103,7 @@ class PlanDriver:
         self.record_logits = record_logits
         self.first_logits: dict[int, torch.Tensor] = {}  # seq_id -> [vocab] at its first sample
         self.num_steps = 0
+        self.num_device_inputs = 0  # rows fed a token the host had not read yet
         self.last_logprobs: list[list[float]] = []
         self._next_seq_id = 0
 
@@ -146,13 +155,20 @@ class PlanDriver:
             adapter_id = AdapterId(adapter) if adapter is not None else None
             seqs.append(_Seq(SeqId(self._next_seq_id), list(prompt), adapter_id, limit))
             self._next_seq_id += 1
+        in_flight: deque[tuple[StepPlan, list[_Seq], Any]] = deque()
         freed: list[SeqId] = []
         while not all(s.done for s in seqs):
-            plan, rows = self._plan([s for s in seqs if not s.done], freed)
-            self._run(plan, rows)
-            freed = [s.seq_id for s in rows if s.done]
+            runnable = [s for s in seqs if s.can_grow]
+            if runnable and len(in_flight) < (2 if self.overlap else 1):
+                plan, rows = self._plan(runnable, freed)
+                freed = []
+                in_flight.append((plan, rows, self._launch(plan, rows)))
+                continue
+            plan, rows, pending = in_flight.popleft()
+            self._read(plan, rows, pending.result())
             for s in rows:
-                if s.done:
+                if s.done and s.pages:
+                    freed.append(s.seq_id)
                     self.free_pages.extend(s.pages)
                     s.pages = []
         if freed:
@@ -166,7 +182,7 @@ class PlanDriver:
         chosen: list[tuple[_Seq, int]] = []
         # Decode rows first (one token each), then prefill chunks in arrival order.
         for seq in sorted(active, key=lambda s: s.num_cached < len(s.prompt)):
-            query_len = min(len(seq.tokens) - seq.num_cached, budget)
+            query_len = min(seq.num_tokens - seq.num_cached, budget)
             if query_len <= 0:
                 break
             chosen.append((seq, query_len))
@@ -176,10 +192,8 @@ class PlanDriver:
         used = sorted({s.adapter_id for s, _ in chosen if s.adapter_id is not None})
         index = {adapter_id: i for i, adapter_id in enumerate(used)}
         new_seqs = []
-        is_decode = all(n == 1 and s.num_cached == len(s.tokens) - 1 for s, n in chosen)
-        ahead = 1 if self.lookahead_pages and is_decode else 0
         for seq, query_len in chosen:
-            needed = -(-(seq.num_cached + query_len + ahead) // self.page_size)
+            needed = -(-(seq.num_cached + query_len) // self.page_size)
             while len(seq.pages) < needed:
                 seq.pages.append(self.free_pages.pop())
             if not seq.started:
@@ -193,7 +207,9 @@ class PlanDriver:
             freed_seq_ids=tuple(freed),
             seq_ids=tuple(s.seq_id for s, _ in chosen),
             input_ids=tuple(
-                t for s, n in chosen for t in s.tokens[s.num_cached : s.num_cached + n]
+                t
+                for s, n in chosen
+                for t in ([0] if s.num_pending else s.tokens[s.num_cached : s.num_cached + n])
             ),
             query_lens=tuple(n for _, n in chosen),
             context_lens=tuple(s.num_cached for s, _ in chosen),
@@ -203,30 +219,38 @@ class PlanDriver:
             ),
             adapters=tuple(AdapterRows(a, self.adapter_rows[a]) for a in used),
             uploads=tuple(self.pending_uploads),
-            sample_rows=tuple(s.num_cached + n == len(s.tokens) for s, n in chosen),
-            # as the scheduler marks them: the row's next token is its last
-            last_rows=tuple(
-                self.mark_last_rows
-                and s.num_cached + n == len(s.tokens)
-                and len(s.output) + 1 >= s.max_new_tokens
-                for s, n in chosen
-            ),
+            sample_rows=tuple(s.num_cached + n == s.num_tokens for s, n in chosen),
+            device_inputs=tuple(s.num_pending > 0 for s, _ in chosen)
+            if any(s.num_pending for s, _ in chosen)
+            else (),
         )
         self.pending_uploads = []
         return plan, [s for s, _ in chosen]
 
-    def _run(self, plan: StepPlan, rows: list[_Seq]) -> None:
+    def _launch(self, plan: StepPlan, rows: list[_Seq]) -> Any:
+        """Launch `plan` and commit it: its tokens computed, its sampled rows' tokens pending."""
         sampled = [s for s, is_sampled in zip(rows, plan.sample_rows, strict=True) if is_sampled]
-        if self.record_logits and any(not s.output for s in sampled):
+        first = [s for s in sampled if not s.output and not s.num_pending]
+        if self.record_logits and first:
             logits = self.runner.forward(plan)  # K/V writes are idempotent: step rewrites them
             for seq, row in zip(sampled, logits, strict=True):
-                self.first_logits.setdefault(seq.seq_id, row.clone())
+                if seq in first:
+                    self.first_logits.setdefault(seq.seq_id, row.clone())
             plan = msgspec.structs.replace(plan, uploads=())  # forward() already wrote them
-        result = self.runner.step(plan)
+        self.num_device_inputs += sum(plan.device_inputs)
+        pending = self.runner.launch(plan)
         self.num_steps += 1
         for seq, n in zip(rows, plan.query_lens, strict=True):
             seq.num_cached += n
+        for seq in sampled:
+            seq.num_pending += 1
+        return pending
+
+    def _read(self, plan: StepPlan, rows: list[_Seq], result: Any) -> None:
+        """A launched step's tokens, read back."""
+        sampled = [s for s, is_sampled in zip(rows, plan.sample_rows, strict=True) if is_sampled]
         for seq, token in zip(sampled, result.token_ids, strict=True):
+            seq.num_pending -= 1
             seq.output.append(token)
         if result.logprobs:
             for seq, logprob in zip(sampled, result.logprobs, strict=True):

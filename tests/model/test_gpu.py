@@ -105,9 +105,14 @@ def test_bf16_runner_vs_hf(small_dir: Path) -> None:
 
 
 def lora_driver(
-    base: Path, adapters: dict[str, Path], backend: str = "triton", **kwargs: object
+    base: Path,
+    adapters: dict[str, Path],
+    backend: str = "triton",
+    overlap: bool = False,
+    **kwargs: object,
 ) -> PlanDriver:
-    """A runner with every adapter's host copy, uploaded into shuffled rows by the first plan."""
+    """A runner with every adapter's host copy, uploaded into shuffled rows by the first plan;
+    `overlap`: each step launched before the previous one's tokens are read."""
     runner = make_runner(
         base,
         enable_lora=True,
@@ -116,7 +121,7 @@ def lora_driver(
         lora_backend=backend,
         **kwargs,
     )
-    driver = PlanDriver(runner, token_budget=64, record_logits=True, lora_rows=48)
+    driver = PlanDriver(runner, token_budget=64, record_logits=True, lora_rows=48, overlap=overlap)
     load = runner.make_adapter_loader()
     for adapter_id, path in enumerate(adapters.values()):
         driver.add_adapter(adapter_id, load(str(path)))
@@ -187,23 +192,25 @@ def test_kv_pages_sized_from_free_memory(small_dir: Path) -> None:
 
 def test_cuda_graphs_match_eager(small_dir: Path, tmp_path: Path) -> None:
     """Decode replayed from CUDA graphs gives the same tokens as the same buckets run eagerly,
-    stacked over the hot A cache and on the row kernels alike; the generic eager path (no bucket
-    padding) and the row kernels agree with the stacked path up to bf16 rounding."""
+    stacked over the hot A cache and on the row kernels alike, with the overlap schedule (each
+    step launched before the previous one's tokens are read, fed them on the device) as waiting
+    for each step; the generic eager path (no bucket padding) and the row kernels agree with the
+    stacked path up to bf16 rounding."""
     names = ("qv_r4", "all_r8_rslora", "mlp_r16_patterns")
     adapters = {n: build_adapter(small_dir, tmp_path / n, **ADAPTERS[n]) for n in names}
     # 7 rows (bucket 8 pads one), base rows and three adapters of ranks 4/8/16, then base rows.
     prompts = [*PROMPTS, list(range(40, 47)), [9] * 12, list(range(500, 517))]
     ids: list[int | None] = [None, 0, 1, 2, None, 1, 0]
     drivers = {
-        "graphed": lora_driver(small_dir, adapters, enable_cuda_graph=True),
+        "graphed": lora_driver(small_dir, adapters, overlap=True, enable_cuda_graph=True),
         "eager": lora_driver(small_dir, adapters, enable_cuda_graph=False),
         "generic": lora_driver(small_dir, adapters, enable_cuda_graph=False),
-        # the same graphs, each step waited for before the next is launched (no lookahead)
-        "stepwise": lora_driver(
-            small_dir, adapters, enable_cuda_graph=True, enable_lookahead=False
+        # the same graphs, each step waited for before the next is launched
+        "stepwise": lora_driver(small_dir, adapters, enable_cuda_graph=True),
+        # no hot A cache: the row kernels' graphs, overlapped, against eager steps one by one
+        "rows_graphed": lora_driver(
+            small_dir, adapters, overlap=True, enable_cuda_graph=True, lora_hot_rows=0
         ),
-        # no hot A cache: the row kernels' graphs
-        "rows_graphed": lora_driver(small_dir, adapters, enable_cuda_graph=True, lora_hot_rows=0),
         "rows_eager": lora_driver(small_dir, adapters, enable_cuda_graph=False, lora_hot_rows=0),
     }
     graphed, eager = drivers["graphed"].runner, drivers["eager"].runner
@@ -235,9 +242,11 @@ def test_cuda_graphs_match_eager(small_dir: Path, tmp_path: Path) -> None:
     assert (8, "rows") in hits
     assert outputs["graphed"] == outputs["eager"]
     assert outputs["rows_graphed"] == outputs["rows_eager"]
-    # steps launched ahead of their plan (lookahead.py) were used, and changed nothing
-    assert graphed.num_guesses_used >= NEW_TOKENS // 2
-    assert drivers["stepwise"].runner.num_guesses_used == 0
+    # replayed steps read their inputs from the previous step's tokens on the device, queued
+    # behind it before the host had them, and changed nothing
+    for name in ("graphed", "rows_graphed"):
+        assert drivers[name].num_device_inputs >= NEW_TOKENS * len(prompts) // 2, name
+    assert drivers["stepwise"].num_device_inputs == 0
     assert outputs["graphed"] == outputs["stepwise"]
     # Free-running greedy tokens part at the first bf16 near-tie. The row kernels keep v in
     # float32 where the stacked GEMM rounds it to bf16, and these random adapters' deltas exceed

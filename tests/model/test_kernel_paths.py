@@ -10,6 +10,7 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
+import msgspec
 import pytest
 import torch
 
@@ -188,64 +189,56 @@ def test_decode_path_without_lora_matches_reference(checkpoint_dir: Callable[[st
     assert outputs[1] == outputs[0]
 
 
-@pytest.mark.parametrize(
-    ("lookahead_pages", "mark_last_rows"), [(True, True), (True, False), (False, True)]
-)
-def test_lookahead_decode_matches_step_by_step(
-    checkpoint_dir: Callable[[str], Path],
-    adapter_dir: Callable[[str], Path],
-    lookahead_pages: bool,
-    mark_last_rows: bool,
+@pytest.mark.parametrize("kernels", [True, False])
+def test_overlapped_steps_match_step_by_step(
+    checkpoint_dir: Callable[[str], Path], adapter_dir: Callable[[str], Path], kernels: bool
 ) -> None:
-    """Steps launched ahead (lookahead.py) give the same tokens as waiting for each step, with
-    rows stopping at different steps: left out of the guess when the plan marks them, else the
-    guess has one row too many and must be dropped cleanly."""
+    """Each step launched before the previous one's tokens are read, its continuing rows fed them
+    from the device (the static decode path with kernels, the eager path without), gives the
+    tokens of waiting for each step, with rows stopping at different steps."""
     base = checkpoint_dir("llama")
-    step_by_step = make_runner(base, kernels=True, enable_lookahead=False)
-    ahead = make_runner(base, kernels=True)
-    assert ahead.lookahead
-    assert not step_by_step.lookahead
     prompts, adapters = [p for p, _ in ROWS], [a for _, a in ROWS]
     limits = [3, 11, 6, 14, 8]
-
-    def generate(runner: ModelRunner) -> list[list[int]]:
-        driver = make_driver(runner, token_budget=64, lookahead_pages=lookahead_pages,
-                             mark_last_rows=mark_last_rows)  # fmt: skip
+    outputs, drivers = [], []
+    for overlap in (False, True):
+        runner = make_runner(base, kernels=kernels)
+        assert (runner.decode is not None) == kernels
+        driver = make_driver(runner, token_budget=64, overlap=overlap)
         load_adapters(driver, adapter_dir)
-        return driver.generate(prompts, adapters, limits)
-
-    expected = generate(step_by_step)
-    assert generate(ahead) == expected
-    assert [len(t) for t in expected] == limits
-    assert step_by_step.num_guesses_used == 0
-    if lookahead_pages:  # without them most steps have a row at a page boundary: no guess
-        assert ahead.num_guesses_used >= 5
-    if mark_last_rows:  # every stop is by length here, so none costs a guess
-        assert ahead.num_guesses_dropped == 0
-    else:
-        assert ahead.num_guesses_dropped >= 3
+        outputs.append(driver.generate(prompts, adapters, limits))
+        drivers.append(driver)
+    assert outputs[1] == outputs[0]
+    assert [len(t) for t in outputs[0]] == limits
+    assert drivers[0].num_device_inputs == 0
+    # every row after its first token, but for rows decoded when the host already had the token
+    assert drivers[1].num_device_inputs >= sum(limits) - 2 * len(limits)
 
 
-@pytest.mark.parametrize("expect_next_decode", [True, False])
-def test_lookahead_follows_the_schedulers_hint(
-    checkpoint_dir: Callable[[str], Path], expect_next_decode: bool
-) -> None:
+def test_a_device_input_must_follow_a_sampled_token(checkpoint_dir: Callable[[str], Path]) -> None:
+    """A plan that feeds a row from the device before any step sampled for it is refused (the
+    table would hold another sequence's token), on both paths."""
     runner = make_runner(checkpoint_dir("llama"), kernels=True, cuda_graph_max_batch_size=4)
-    tables = ((BlockId(0), BlockId(1)),)  # page 1 already holds position 4: guessable
-    prefill = StepPlan(
-        step_id=StepId(0),
-        new_seqs=(NewSeq(seq_id=SeqId(0), params=GREEDY, prompt_ids=(1, 2, 3)),),
-        seq_ids=(SeqId(0),), input_ids=(1, 2, 3), query_lens=(3,), context_lens=(0,),
-        block_tables=tables, lora_adapters=(-1,), sample_rows=(True,),
-    )  # fmt: skip
-    token = runner.step(prefill).token_ids[0]
+    tables = ((BlockId(0), BlockId(1)),)
+    new = (NewSeq(seq_id=SeqId(0), params=GREEDY, prompt_ids=(1, 2, 3)),)
     decode = StepPlan(
-        step_id=StepId(1), seq_ids=(SeqId(0),), input_ids=(token,), query_lens=(1,),
+        step_id=StepId(0), new_seqs=new, seq_ids=(SeqId(0),), input_ids=(0,), query_lens=(1,),
         context_lens=(3,), block_tables=tables, lora_adapters=(-1,), sample_rows=(True,),
-        expect_next_decode=expect_next_decode,
+        device_inputs=(True,),
     )  # fmt: skip
-    runner.step(decode)
-    assert (runner._guess is not None) == expect_next_decode
+    with pytest.raises(ValueError, match="no step launched since it was added sampled"):
+        runner.step(decode)
+    prefill = StepPlan(
+        step_id=StepId(1), new_seqs=new, seq_ids=(SeqId(0),), input_ids=(1, 2, 3),
+        query_lens=(3,), context_lens=(0,), block_tables=tables, lora_adapters=(-1,),
+        sample_rows=(True,),
+    )  # fmt: skip
+    pending = runner.launch(prefill)
+    token = runner.launch(msgspec.structs.replace(decode, new_seqs=())).result().token_ids
+    on_host = msgspec.structs.replace(
+        decode, new_seqs=(), input_ids=pending.result().token_ids, device_inputs=()
+    )
+    # the same row fed from the host gives the same token (its K/V rewritten identically)
+    assert runner.step(on_host).token_ids == token
 
 
 def test_upload_in_a_static_decode_step(

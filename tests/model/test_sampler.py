@@ -10,7 +10,8 @@ import torch
 
 from lorasrv.ids import SeqId
 from lorasrv.messages import NewSeq, SamplingParams
-from lorasrv.model.sampler import Sampler, apply_penalties, apply_top_k_top_p, draw_seed
+from lorasrv.model.sampler import Sampler
+from lorasrv.model.sampling_ops import apply_penalties, apply_top_k_top_p, draw_seed
 
 CPU = torch.device("cpu")
 # probs of the 4-token distribution below: [0.5, 0.3, 0.15, 0.05]
@@ -339,17 +340,6 @@ def test_draw_seeds_differ_by_seed_and_position() -> None:
 
 
 # ----------------------------------------------------------------------------- pending samples
-
-
-def test_only_rows_without_history_or_own_seed_are_replayable() -> None:
-    sampler = make_sampler(10)
-    greedy = add(sampler, 0, temperature=0.0, logprobs=True)
-    shared_stream = add(sampler, 1, temperature=0.8, top_k=3)
-    seeded = add(sampler, 2, temperature=0.8, seed=5)
-    penalized = add(sampler, 3, temperature=0.0, presence_penalty=0.5)
-    assert sampler.is_replayable([greedy, shared_stream])
-    assert not sampler.is_replayable([greedy, seeded])
-    assert not sampler.is_replayable([penalized])
 
 
 def test_pending_sample_keeps_tokens_on_the_device_and_matches_sample() -> None:

@@ -19,7 +19,7 @@ class StaticDecodeRunner(ModelRunner):
         assert self.decode is not None, "no static decode path under TP"
         if self.device.type == "cuda":
             assert self.decode.use_graphs, "no CUDA graphs under TP"
-        assert not self.lookahead, "lookahead under TP: rank 0 alone would launch the guess"
+        assert self.tokens is None, "a TP worker keeps no device tokens: the coordinator fills"
 
     def step(self, plan: StepPlan) -> StepResult:
         if plan.is_decode:

@@ -86,8 +86,7 @@ def random_plans(rng: random.Random, num_steps: int) -> Iterator[StepPlan]:
             adapters=adapters,
             uploads=adapters[:1],
             sample_rows=tuple(rng.random() < 0.9 for _ in rows),
-            expect_next_decode=rng.random() < 0.5,
-            last_rows=tuple(rng.random() < 0.1 for _ in rows) if rng.random() < 0.5 else (),
+            device_inputs=tuple(rng.random() < 0.5 for _ in rows) if rng.random() < 0.5 else (),
         )
 
 

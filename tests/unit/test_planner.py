@@ -290,7 +290,7 @@ class PlannerMachine(RuleBasedStateMachine):
     def setup(self, num_pages: int, row_bytes: int, cap: int | None, policy: str) -> None:
         limits = PlanLimits(
             token_budget=16, max_running=6, page_size=PAGE_SIZE, context_length=32,
-            starvation_steps=4, lookahead=True,
+            starvation_steps=4,
         )  # fmt: skip
         self.p = Planner(
             ready(num_pages, 100, row_bytes), limits, max_loras_per_batch=cap,

@@ -210,31 +210,59 @@ def test_max_running_caps_admission() -> None:
     assert len(waiting) == 2
 
 
-def test_lookahead_gives_decode_rows_the_page_of_their_next_token() -> None:
-    limits = LIMITS._replace(lookahead=True)
-    pool = Pool(5)
+def test_a_token_in_flight_is_decoded_before_it_reaches_the_host() -> None:
+    pool = Pool(8)
     running: list[Sequence] = []
-    # 7 prompt tokens: the prefill step holds 2 pages (positions 0-7) and reserves nothing
-    waiting = deque([make_seq(0, prompt_len=7), make_seq(1, prompt_len=3)])
-    prefill = plan_batch(running, waiting, pool, limits, 0)
-    assert prefill.is_prefill_only
-    assert [len(s.blocks) for s in running] == [2, 1]
-    run_rows(prefill.rows)
-    # decode: seq 0 computes position 7 (page 1) and its next token starts page 2; seq 1
-    # computes position 3 (page 0), next token position 4 starts page 1
-    decode = plan_batch(running, waiting, pool, limits, 1, prefill_turn=False)
-    assert [r.num_new for r in decode.rows] == [1, 1]
-    assert [len(s.blocks) for s in running] == [3, 2]
-    assert pool.num_free == 0
-    run_rows(decode.rows)
-    # no free page is left: the next decode step plans without lookahead and never preempts
-    second = plan_batch(running, waiting, pool, limits, 2, prefill_turn=False)
-    assert [r.num_new for r in second.rows] == [1, 1]
-    assert not second.preempted
-    assert [len(s.blocks) for s in running] == [3, 2]
+    waiting = deque([make_seq(0, prompt_len=7)])
+    prefill = plan_batch(running, waiting, pool, LIMITS, 0)
+    seq = running[0]
+    seq.num_computed += prefill.rows[0].num_new
+    seq.num_pending = 1  # its first token is sampled by the prefill, still in flight
+    decode = plan_batch(running, waiting, pool, LIMITS, 1, prefill_turn=False)
+    assert [(r.seq.seq_id, r.num_new) for r in decode.rows] == [(0, 1)]
+    assert decode.rows[0].is_sampled
+    assert len(seq.blocks) == 2  # position 7: page 1, the page it already holds
 
 
-def test_without_lookahead_decode_rows_hold_only_the_pages_they_write() -> None:
+def test_a_row_whose_last_token_is_in_flight_gets_no_step() -> None:
+    limits = LIMITS._replace(context_length=10)
+    pool = Pool(8)
+    running: list[Sequence] = []
+    waiting = deque([make_seq(0, prompt_len=4), make_seq(1, prompt_len=4)])
+    waiting[0].params = SamplingParams(max_new_tokens=2)
+    run_rows(plan_batch(running, waiting, pool, limits, 0).rows)  # one token each, on the host
+    by_length, by_context = running
+    by_length.num_computed = 5  # the step that computed its first token samples its second,
+    by_length.num_pending = 1  # its last: on its way
+    by_context.output_ids.extend([7] * 4)  # 9 tokens, the 10th on its way: the context is full
+    by_context.num_computed = 9
+    by_context.num_pending = 1
+    decision = plan_batch(running, waiting, pool, limits, 1, prefill_turn=False)
+    assert decision.rows == []
+    by_length.params = SamplingParams(max_new_tokens=3)  # had it one more to give: a step
+    decision = plan_batch(running, waiting, pool, limits, 2, prefill_turn=False)
+    assert [(r.seq.seq_id, r.num_new) for r in decision.rows] == [(0, 1)]
+
+
+def test_a_preempted_sequence_waits_for_its_token_in_flight() -> None:
+    pool = Pool(8)
+    seq = make_seq(0)
+    seq.output_ids.append(7)
+    seq.num_pending = 1  # preempted while a step sampled it
+    other = make_seq(1)
+    waiting = deque([seq, other])
+    running: list[Sequence] = []
+    decision = plan_batch(running, waiting, pool, LIMITS, 0)
+    assert [r.seq.seq_id for r in decision.rows] == [1]  # it does not hold the others back
+    assert list(waiting) == [seq]
+    run_rows(decision.rows)
+    seq.num_pending = 0
+    seq.output_ids.append(8)
+    decision = plan_batch(running, waiting, pool, LIMITS, 1)
+    assert [(r.seq.seq_id, r.num_new) for r in decision.rows] == [(0, 7)]  # prompt + 2 outputs
+
+
+def test_decode_rows_hold_only_the_pages_they_write() -> None:
     pool = Pool(8)
     running: list[Sequence] = []
     waiting = deque([make_seq(0, prompt_len=7)])
