@@ -48,7 +48,9 @@ async def generate(engine: Engine, rows: Rows) -> list[list[int]]:
     return [list(r.token_ids) for r in results]
 
 
-async def run_scenario(base: Path, adapters: dict[str, Path], tp_size: int) -> dict[str, Any]:
+async def run_scenario(
+    base: Path, adapters: dict[str, Path], tp_size: int, overlap: bool = True
+) -> dict[str, Any]:
     config = tp_config(
         base,
         tp_size,
@@ -56,6 +58,7 @@ async def run_scenario(base: Path, adapters: dict[str, Path], tp_size: int) -> d
         max_loras_per_batch=2,
         max_lora_rank=16,
         lora_target_modules=["all"],
+        disable_overlap_schedule=not overlap,
     )
     async with asyncio.timeout(120), Engine(config) as engine:
         outputs = {"first": await generate(engine, FIRST)}
@@ -65,7 +68,12 @@ async def run_scenario(base: Path, adapters: dict[str, Path], tp_size: int) -> d
         outputs["mixed"] = await generate(engine, MIXED)
         outputs["again"] = await generate(engine, AGAIN)
         statuses = await engine.describe_adapters()
-    return {"outputs": outputs, "evictions": sum(s.num_evictions for s in statuses)}
+        overlapped = engine.last_stats.num_steps_overlapped
+    return {
+        "outputs": outputs,
+        "evictions": sum(s.num_evictions for s in statuses),
+        "overlapped": overlapped,
+    }
 
 
 def tp_children() -> list[multiprocessing.process.BaseProcess]:
@@ -81,6 +89,13 @@ async def test_tp2_matches_tp1_on_mixed_batches_with_dynamic_load_and_eviction(
     assert tp2["outputs"] == tp1["outputs"]
     assert tp1["evictions"] > 0
     assert tp2["evictions"] > 0
+    # overlapped: steps planned before the previous one's tokens, whose device inputs tp1 reads
+    # on its device and tp2's coordinator fills from the tokens it returned; and one at a time
+    assert tp1["overlapped"] > 0
+    assert tp2["overlapped"] > 0
+    serial = await run_scenario(base, adapters, 2, overlap=False)
+    assert serial["outputs"] == tp1["outputs"]
+    assert serial["overlapped"] == 0
     mixed = tp1["outputs"]["mixed"]
     assert mixed[0] != mixed[1] != mixed[5]  # same prompt: base, qv_r4, mlp: adapters matter
     assert not tp_children(), "workers outlived the engine"
