@@ -29,6 +29,8 @@ class DeviceTokens:
         self._free = list(reversed(range(_MIN_SLOTS)))
         self._slots: dict[SeqId, int] = {}
         self._sampled: set[SeqId] = set()  # sequences whose slot a launched step has written
+        # The last index lists uploaded (a decode batch steps the same rows again and again).
+        self._indexes: dict[str, tuple[tuple[int, ...], torch.Tensor]] = {}
 
     def add(self, seq_id: SeqId) -> None:
         """A slot for a new (or re-added) sequence; nothing sampled yet."""
@@ -49,8 +51,7 @@ class DeviceTokens:
     def record(self, seq_ids: Sequence[SeqId], token_ids: torch.Tensor) -> None:
         """Queue the write of a step's sampled tokens (`token_ids` [n] on the device, row i for
         `seq_ids[i]`)."""
-        slots = [self._slots[seq_id] for seq_id in seq_ids]
-        index = upload(torch.tensor(slots, dtype=torch.int64), self.device)
+        index = self._index("record", [self._slots[seq_id] for seq_id in seq_ids])
         self._table.index_copy_(0, index, token_ids.to(torch.int64))
         self._sampled.update(seq_ids)
 
@@ -74,6 +75,17 @@ class DeviceTokens:
                 )
             positions.append(start)
             slots.append(self._slots[seq_id])
-        index = upload(torch.tensor([positions, slots], dtype=torch.int64), self.device)
+        index = self._index("fill", positions + slots).view(2, -1)
         tokens = self._table.index_select(0, index[1]).to(input_ids.dtype)  # [num_device]
         input_ids.index_copy_(0, index[0], tokens)
+
+    def _index(self, use: str, values: list[int]) -> torch.Tensor:
+        """`values` as an int64 device tensor; the previous one of this use when equal (no
+        upload: steps of one decode batch name the same rows)."""
+        key = tuple(values)
+        cached = self._indexes.get(use)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        index = upload(torch.tensor(values, dtype=torch.int64), self.device)
+        self._indexes[use] = (key, index)
+        return index
