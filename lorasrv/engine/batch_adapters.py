@@ -3,9 +3,8 @@ must be uploaded, and which queued requests' adapters to prefetch. Pure: no asyn
 
 The running batch's adapters stay resident (never evicted under a running sequence), and at most
 `cap` distinct adapters run at once when `--max-loras-per-batch` is given; without it, rows bound
-the batch. When that capacity binds, admission prefers requests whose adapters cost nothing
-(already in the batch), then resident ones, then those to upload; a request that has waited
-`starvation_steps` goes first, and if even it does not fit, no new adapter joins until it does.
+the batch. Which requests try first when that capacity binds, and which running adapters drain
+for a starving one, is admission.py's; a draining adapter admits no new request here.
 """
 
 from __future__ import annotations
@@ -35,6 +34,7 @@ class BatchAdapters:
         latest: frozenset[AdapterId],
         running: Iterable[Sequence],
         waiting: Iterable[Sequence],
+        draining: frozenset[AdapterId] = frozenset(),
     ) -> None:
         self.residency = residency
         self.cap = cap
@@ -45,6 +45,9 @@ class BatchAdapters:
             s.adapter_id for s in running if s.adapter_id is not None
         )
         self.wanted = frozenset(s.adapter_id for s in waiting if s.adapter_id is not None)
+        self.draining = draining  # running adapters that take no new request (admission.py)
+        # Starving requests that found no capacity; None when this plan ran no admission.
+        self.blocked: list[Sequence] | None = None
         self.uploads: list[AdapterRows] = []
 
     @property
@@ -58,10 +61,20 @@ class BatchAdapters:
             return 0
         return 1 if self.residency.is_resident(adapter_id) else 2
 
+    def place_rows(self, adapter_id: AdapterId) -> int:
+        """Rows that `adapter_id` gives back once it has left the batch (none if pinned)."""
+        entry = self.residency.entries.get(adapter_id)
+        return 0 if entry is None or entry.pinned else len(entry.rows)
+
+    def obtainable_rows(self) -> int:
+        return self.residency.obtainable_rows(self.protected)
+
     def fits(self, seq: Sequence) -> bool:
         adapter_id = seq.adapter_id
-        if adapter_id is None or adapter_id in self.in_batch:
+        if adapter_id is None:
             return True
+        if adapter_id in self.in_batch:
+            return adapter_id not in self.draining
         if self.cap is not None and len(self.in_batch) >= self.cap:
             return False
         if self.residency.is_resident(adapter_id):

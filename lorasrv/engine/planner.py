@@ -11,9 +11,11 @@ them: the runner orders every upload after the steps launched before it, and ste
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from collections.abc import Sequence as Seq
 from typing import Literal, NamedTuple
 
+from lorasrv.engine.admission import choose_drains
 from lorasrv.engine.arena import Arena, ArenaGeometry, arena_floors
 from lorasrv.engine.batch_adapters import BatchAdapters
 from lorasrv.engine.policy import BatchDecision, PlanLimits, plan_batch
@@ -75,6 +77,7 @@ class Planner:
         self.capacity = lora_capacity(self.arena, ready.max_lora_rank, max_loras_per_batch)
         self.row_bytes = ready.lora_row_bytes
         self.latest: frozenset[AdapterId] = frozenset()  # used or uploaded by the latest plan
+        self.draining: frozenset[AdapterId] = frozenset()  # admit no new request (admission.py)
         self._gpu_snapshot: tuple[int, tuple[GpuAdapter, ...]] = (-1, ())
 
     def plan(
@@ -84,12 +87,16 @@ class Planner:
         requests' adapters; commits pages and rows."""
         latest = self.latest if running else frozenset()
         self.residency.free_retired(latest)
-        memory = BatchAdapters(
-            self.residency, cap=self.cap, latest=latest, running=running, waiting=waiting
-        )
+        draining = self._still_draining(running, waiting, step_no)
+        memory = BatchAdapters(self.residency, cap=self.cap, latest=latest, running=running,
+                               waiting=waiting, draining=draining)  # fmt: skip
         decision = plan_batch(
             running, waiting, memory, self.limits, step_no, prefill_turn=prefill_turn
         )
+        if memory.blocked is not None:  # admission ran: drain for whoever starves now
+            self.draining = choose_drains(memory.blocked, running, waiting, memory,
+                                          draining=draining,
+                                          is_starving=self._is_starving(step_no))  # fmt: skip
         memory.prefetch(waiting, row_bytes=self.row_bytes, min_free_pages=len(running) + 1)
         used = sorted({r.seq.adapter_id for r in decision.rows if r.seq.adapter_id is not None})
         adapters = tuple(AdapterRows(a, self._rows(a)) for a in used)
@@ -98,6 +105,25 @@ class Planner:
         uploads = tuple(memory.uploads)
         self.latest = frozenset(used).union(u.adapter_id for u in uploads)
         return Planned(decision, adapters, uploads)
+
+    def _still_draining(
+        self, running: list[Sequence], waiting: deque[Sequence], step_no: int
+    ) -> frozenset[AdapterId]:
+        """Drains that still serve a starving request: adapters that have left are done, one
+        with a starving request of its own takes it, and all end once nobody outside the batch
+        starves."""
+        if not self.draining:
+            return self.draining
+        in_batch = {s.adapter_id for s in running}
+        is_starving = self._is_starving(step_no)
+        starving = {s.adapter_id for s in waiting if s.adapter_id is not None and is_starving(s)}
+        if not starving - in_batch:
+            return frozenset()
+        return frozenset(self.draining & in_batch - starving)
+
+    def _is_starving(self, step_no: int) -> Callable[[Sequence], bool]:
+        bound = self.limits.starvation_steps
+        return lambda seq: step_no - seq.waiting_since_step >= bound
 
     def gpu_adapters(self) -> tuple[GpuAdapter, ...]:
         """Resident (or once evicted) adapters, for stats; rebuilt only when residency changed."""

@@ -17,6 +17,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import NamedTuple
 
+from lorasrv.engine.admission import admission_order
 from lorasrv.engine.arena import pages_needed
 from lorasrv.engine.batch_adapters import BatchAdapters
 from lorasrv.engine.sequence import SeqStatus, Sequence
@@ -144,23 +145,24 @@ class _Planning:
         return BatchDecision(rows, preempted, exhausted)
 
     def admit(self, rows: list[Row], budget: int, exhausted: list[Sequence]) -> None:
-        """Waiting requests join, first come first served; when adapter capacity binds, those
-        whose adapters cost least go first (FCFS among equals), starving ones before all."""
+        """Waiting requests join, first come first served; when adapter capacity binds, in
+        admission.py's order. A starving request that finds no capacity goes to
+        `memory.blocked` (the planner drains running adapters for it), and no adapter outside
+        the batch joins after it: what frees up is its."""
         memory, limits, running = self.memory, self.limits, self.running
         order = list(self.waiting)
-        if memory.binds(order):  # starving requests first, first come first served
-            order.sort(key=lambda s: 0 if self.is_starving(s) else 1 + memory.cost(s))
+        if memory.binds(order):
+            order = admission_order(order, memory, self.is_starving)
         admitted: set[int] = set()
-        # A starving request that does not fit stops every adapter request after it, those of
-        # adapters already running too, so that some adapter drains and makes room for it.
-        block_adapters = False
+        memory.blocked = []
         for seq in order:
             if budget <= 0 or len(running) >= limits.max_running:
                 break
             if seq.num_pending:
                 continue  # preempted with tokens in flight: it needs them before it runs again
-            if not memory.fits(seq) or (block_adapters and seq.adapter_id is not None):
-                block_adapters = block_adapters or self.is_starving(seq)
+            if (memory.blocked and memory.cost(seq) > 0) or not memory.fits(seq):
+                if self.is_starving(seq) and memory.cost(seq) > 0:
+                    memory.blocked.append(seq)
                 continue
             num_new = min(seq.num_uncomputed, budget)
             memory.take(seq)  # rows first: the pages must fit beside them
