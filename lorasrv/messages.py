@@ -171,6 +171,9 @@ class UnloadAdapter(Msg, frozen=True, kw_only=True):
 
 class DescribeAdapters(Msg, frozen=True, kw_only=True):
     op_id: OpId
+    # Only the live versions of these names (a load or unload checks one name: O(1), not
+    # O(registered)); None: every version.
+    names: tuple[str, ...] | None = None
 
 
 class AdapterStatus(msgspec.Struct, frozen=True, kw_only=True):

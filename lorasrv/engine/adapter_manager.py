@@ -106,11 +106,12 @@ class AdapterManagerActor(Actor[AdapterInbox]):
             registry.check_invariants()
 
     def _describe(self, msg: DescribeAdapters) -> AdapterOpDone:
+        everything = msg.names is None
         return AdapterOpDone(
             op_id=msg.op_id,
             success=True,
-            loaded_adapters=self._registry.loaded_adapters(),
-            adapters=self._registry.describe(),
+            loaded_adapters=self._registry.loaded_adapters() if everything else {},
+            adapters=self._registry.describe(msg.names),
         )
 
     def _on_host_load(self, msg: HostLoadDone) -> list[Effect]:
@@ -170,9 +171,18 @@ class AdapterManagerActor(Actor[AdapterInbox]):
             target_modules=self._target_modules,
         )
         weights = self._load_weights(peft.path)
+        rank, scaling = copy_rank(weights, peft)
         return HostCopy(
-            weights=weights,
-            rank=peft.max_rank,
-            scaling=peft.scaling,
-            load_s=time.monotonic() - start_s,
+            weights=weights, rank=rank, scaling=scaling, load_s=time.monotonic() - start_s
         )
+
+
+def copy_rank(weights: object, peft: PeftLike) -> tuple[int, float]:
+    """Rows and scaling of a host copy: its own (the rank of the tensors it holds, the scaling
+    its B was folded for) when the loader says, else the config's. A config's `r` may exceed
+    every tensor's rank (rank_pattern): rows reserved from it would be zeros, uploaded and read
+    by the kernels for nothing."""
+    rank, scaling = getattr(weights, "rank", None), getattr(weights, "scaling", None)
+    if isinstance(rank, int) and rank > 0 and isinstance(scaling, int | float):
+        return rank, float(scaling)
+    return peft.max_rank, peft.scaling

@@ -65,18 +65,27 @@ class AdapterRegistry:
         limit, self._pin_limit = min(limits, key=lambda limit: limit[0])  # ties: the first
         self.max_pinned = max(0, limit - 1)
         self._out: list[Effect] = []
+        self._loaded: dict[str, str] = {}  # name -> path of each ready version (kept as it changes)
 
     # ------------------------------------------------------------------ queries
 
     def loaded_adapters(self) -> dict[str, str]:
-        return {name: v.path for name, v in self.catalog.by_name.items() if v.num_loads > 0}
+        """Name -> path of every version that serves requests (a copy: O(n) in C, not Python)."""
+        return dict(self._loaded)
 
-    def describe(self) -> tuple[AdapterStatus, ...]:
+    def describe(self, names: tuple[str, ...] | None = None) -> tuple[AdapterStatus, ...]:
+        """Every version; with `names`, only the live versions of those names."""
         host = self.host.state
-        return tuple(status_of(v, host(v.adapter_id)) for v in self.catalog.versions.values())
+        if names is None:
+            versions = list(self.catalog.versions.values())
+        else:
+            versions = [self.catalog.by_name[n] for n in names if n in self.catalog.by_name]
+        return tuple(status_of(v, host(v.adapter_id)) for v in versions)
 
     def check_invariants(self) -> None:
         self.catalog.check_invariants(max_pinned=self.max_pinned)
+        ready = {name: v.path for name, v in self.catalog.by_name.items() if v.num_loads > 0}
+        assert self._loaded == ready, "loaded adapters out of date"
         self.host.check_invariants(self._can_drop)
         for v in self.catalog.versions.values():
             host, where = self.host.state(v.adapter_id), f"adapter {v.name!r}"
@@ -167,6 +176,7 @@ class AdapterRegistry:
         else:
             # NOTE: stop new acquires at once; the version, keyed by id, drains on its own.
             self.catalog.stop_new_requests(version)
+            del self._loaded[name]
             self._fail_waiters(version, "adapter_not_found", f"adapter {name!r} was unloaded")
             self._unload_if_drained(version)
             self._op_done(op_id)
@@ -205,6 +215,7 @@ class AdapterRegistry:
 
     def _ready(self, version: AdapterVersion) -> None:
         version.move_to(Phase.READY)
+        self._loaded[version.name] = version.path
         op_id, version.op_id = version.op_id, None
         self._op_done(op_id)
 

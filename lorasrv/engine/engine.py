@@ -309,7 +309,7 @@ class Engine:
         if not lora_enabled(self.config.adapters):
             raise BadRequest("LoRA is not enabled on this server (start it with --enable-lora)")
         admin.check_load_names(lora_name, lora_path)
-        live = admin.live_adapters(await self.describe_adapters())
+        live = admin.live_adapters(await self.describe_adapters((lora_name,)))
         if not replace:
             admin.check_not_loaded(lora_name, live)
         await admin.check_folder(self._read_adapter_config, self.ready_info, lora_path)
@@ -328,17 +328,24 @@ class Engine:
 
     async def unload_adapter(self, lora_name: str) -> AdapterOpDone:
         """Stop new requests for the name; the version drains as its requests finish."""
-        admin.check_loaded(lora_name, admin.live_adapters(await self.describe_adapters()))
+        admin.check_loaded(
+            lora_name, admin.live_adapters(await self.describe_adapters((lora_name,)))
+        )
         return _succeeded(await self._op(lambda op: UnloadAdapter(op_id=op, lora_name=lora_name)))
 
-    async def describe_adapters(self) -> tuple[AdapterStatus, ...]:
-        """Every adapter version: the adapter manager's view, with its GPU rows and evictions
-        from the scheduler's latest snapshot."""
+    async def describe_adapters(
+        self, names: tuple[str, ...] | None = None
+    ) -> tuple[AdapterStatus, ...]:
+        """Every adapter version (with `names`: the live versions of those names only): the
+        adapter manager's view, with its GPU rows and evictions from the scheduler's latest
+        snapshot."""
         if self._adapter_actor is None:
             return ()
-        adapters = (await self._op(lambda op: DescribeAdapters(op_id=op))).adapters
-        gpu = {g.adapter_id: g for g in self.last_stats.gpu_adapters}
-        return tuple(with_gpu(a, gpu[a.adapter_id]) if a.adapter_id in gpu else a for a in adapters)
+        done = await self._op(lambda op: DescribeAdapters(op_id=op, names=names))
+        ids = {a.adapter_id for a in done.adapters}
+        gpu = {g.adapter_id: g for g in self.last_stats.gpu_adapters if g.adapter_id in ids}
+        return tuple(with_gpu(a, gpu[a.adapter_id]) if a.adapter_id in gpu else a
+                     for a in done.adapters)  # fmt: skip
 
     # ------------------------------------------------------------------ tokens
 

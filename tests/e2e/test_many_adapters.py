@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from lorasrv.config import build_config
+from lorasrv.engine import invariants
 from lorasrv.engine.engine import Engine
 from lorasrv.engine.requests import Submission
 from lorasrv.messages import SamplingParams
@@ -63,7 +64,12 @@ def zipf_names(num: int, seed: int) -> list[str]:
     return [f"m{i}" for i in rng.choices(range(NUM_ADAPTERS), weights=weights, k=num)]
 
 
-async def test_a_thousand_registered_served_under_a_host_cap(world: dict[str, Any]) -> None:
+async def test_a_thousand_registered_served_under_a_host_cap(
+    world: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The stall bound is the server's: with the suite's invariant checks on, every adapter
+    # message rechecks all 1,000 versions (O(n) each, test-only), which alone stalls ~2 s.
+    monkeypatch.setattr(invariants, "enabled", False)
     config = build_config({
         "model_path": str(world["base"]), "device": "cpu", "dtype": "float32", "page_size": 4,
         "num_kv_pages": 160, "chunked_prefill_size": 64, "max_running_requests": 16,

@@ -193,6 +193,9 @@ class RoutedEngine(Engine):
         loaded = {name: entry.path for name, entry in snapshot.entries.items()}
         return AdapterOpDone(op_id=OpId(0), success=True, loaded_adapters=loaded)
 
-    async def describe_adapters(self) -> tuple[AdapterStatus, ...]:
+    async def describe_adapters(
+        self, names: tuple[str, ...] | None = None
+    ) -> tuple[AdapterStatus, ...]:
         snapshot: Snapshot = await self._registry.snapshot.remote()
-        return adapter_statuses(snapshot.entries.values(), self._reports)
+        statuses = adapter_statuses(snapshot.entries.values(), self._reports)
+        return statuses if names is None else tuple(s for s in statuses if s.name in names)
