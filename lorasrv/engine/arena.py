@@ -174,7 +174,9 @@ class Arena:
         return num <= self.num_free_rows
 
     def allocate_rows(self, num: int) -> tuple[int, ...]:
-        """Take `num` rows, highest first; the caller checked `can_allocate_rows`."""
+        """Take `num` rows, the highest free ones; the caller checked `can_allocate_rows`.
+        Returned ascending, so free neighbours form one run: an upload is then one host-to-device
+        copy per run, not one per row."""
         assert num <= self.num_free_rows, f"allocate_rows({num}) with {self.num_free_rows} free"
         taken: list[int] = []
         while len(taken) < num:
@@ -183,7 +185,7 @@ class Arena:
             if not self._is_row[row] and not self._row_kv[row]:
                 self._take_row(row)
                 taken.append(row)
-        return tuple(taken)
+        return tuple(reversed(taken))
 
     def free_rows(self, rows: Iterable[int]) -> None:
         for row in rows:

@@ -79,7 +79,7 @@ def test_kv_goes_up_from_the_bottom_and_rows_down_from_the_top() -> None:
     assert arena.first_row == 2
     assert arena.kv_limit == 8
     assert arena.allocate(3) == [BlockId(0), BlockId(1), BlockId(2)]
-    assert arena.allocate_rows(2) == (9, 8)
+    assert arena.allocate_rows(2) == (8, 9)  # the highest, ascending: one run
     assert arena.allocate_rows(1) == (7,)
     assert arena.num_free_pages == 4  # pages 3..6
     assert arena.num_free_rows == 4  # rows 3..6
@@ -214,3 +214,14 @@ def test_an_arena_smaller_than_one_context_still_holds_one_adapter() -> None:
     assert floors.rows == 8
     arena = Arena(geo, floors)
     assert arena.can_allocate_rows(8)
+
+
+def test_an_adapters_rows_come_as_one_ascending_run_when_free_rows_allow() -> None:
+    """An upload copies one run of consecutive rows at a time: free neighbours give one run."""
+    geo = ArenaGeometry(num_pages=40, page_bytes=10, row_bytes=10, max_rows=40)
+    arena = Arena(geo, Floors(8, 8))
+    first = arena.allocate_rows(16)
+    assert first == tuple(range(24, 40))
+    arena.free_rows(first[4:8])  # a hole: 28..31
+    again = arena.allocate_rows(6)
+    assert again == (22, 23, 28, 29, 30, 31)  # highest free first, still ascending

@@ -35,7 +35,7 @@ def test_rows_go_down_from_the_top_and_pages_up_from_the_bottom() -> None:
     q = Queues(planner(num_pages=100))
     q.waiting.extend([seq(0, adapter=1, rank=2)])
     planned = q.plan()
-    assert planned.uploads == (AdapterRows(AdapterId(1), (99, 98)),)
+    assert planned.uploads == (AdapterRows(AdapterId(1), (98, 99)),)
     assert q.running[0].blocks == [0]  # the 4 prompt tokens: the lowest page
 
 
