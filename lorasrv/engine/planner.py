@@ -93,10 +93,14 @@ class Planner:
         decision = plan_batch(
             running, waiting, memory, self.limits, step_no, prefill_turn=prefill_turn
         )
+        exhausted = set(map(id, decision.exhausted))  # leave with an error
+        staying = [s for s in running if id(s) not in exhausted]
         if memory.blocked is not None:  # admission ran: drain for whoever starves now
-            self.draining = choose_drains(memory.blocked, running, waiting, memory,
-                                          draining=draining,
-                                          is_starving=self._is_starving(step_no))  # fmt: skip
+            draining = choose_drains(memory.blocked, staying, waiting, memory,
+                                     draining=draining,
+                                     is_starving=self._is_starving(step_no))  # fmt: skip
+        # NOTE: a drain ends when its adapter leaves, by this plan's preemptions too.
+        self.draining = draining & {s.adapter_id for s in staying}
         memory.prefetch(waiting, row_bytes=self.row_bytes, min_free_pages=len(running) + 1)
         used = sorted({r.seq.adapter_id for r in decision.rows if r.seq.adapter_id is not None})
         adapters = tuple(AdapterRows(a, self._rows(a)) for a in used)

@@ -307,3 +307,22 @@ TestPlannerMachine.settings = settings(
     max_examples=150, stateful_step_count=50, deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
 )  # fmt: skip
+
+
+def test_a_drain_ends_when_its_adapter_is_preempted(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Found by the machine: adapter 1 drained, then this plan preempted its only request; the
+    drain must end with it (it held no place any more), not linger until a later admission."""
+    monkeypatch.setattr(f"{__name__}.event", lambda *_: None)
+    m = PlannerMachine()
+    m.setup(num_pages=23, row_bytes=250, cap=None, policy="lru")
+    m.enqueue(adapter=0, prompt=9)
+    m.step(prefill=False)
+    m.step(prefill=False)
+    for adapter, prompt in ((0, 1), (1, 8), (3, 1)):
+        m.enqueue(adapter=adapter, prompt=prompt)
+    for _ in range(4):
+        m.step(prefill=False)
+    assert m.p.draining == {AdapterId(1)}  # it drains for the starving request of adapter 3
+    m.step(prefill=False)  # preempts adapter 1's request; asserts the drains are in the batch
+    assert AdapterId(1) not in {s.adapter_id for s in m.q.running}
+    assert not m.p.draining
