@@ -58,6 +58,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-loaded-loras", type=int, help="host copies in the big run (128; small 8)")
     p.add_argument("--zipf-alpha", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--engine-flags", default="{}", help="server settings for every engine, JSON "
+                   '(e.g. {"disable_overlap_schedule": true})')  # fmt: skip
+    p.add_argument("--lora-hot-rows", type=int, help="the runner's hot A rows (its rule; 0: off)")
     p.add_argument("--skip", default="", help="comma list of runs to skip: many64, cap8, many1000")
     args = p.parse_args(argv)
     small = args.small
@@ -75,6 +78,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args.many = pick(args.many, 1000, 40)
     args.many_files = min(pick(args.many_files, 64, 4), args.many)
     args.max_loaded_loras = pick(args.max_loaded_loras, 128, 8)
+    try:
+        args.engine_flags = json.loads(args.engine_flags)
+    except ValueError as exc:
+        p.error(f"--engine-flags: {exc}")
+    if not isinstance(args.engine_flags, dict):
+        p.error("--engine-flags: a JSON object of server settings")
     args.skip = {s.strip() for s in args.skip.split(",") if s.strip()}
     args.out = (args.out or default_out()).resolve()  # a scratch path unless told
     for name in ("requests", "concurrency", "prompt_len", "new_tokens", "num_adapters", "many"):
@@ -148,6 +157,10 @@ def percentile(values: Sequence[float], q: float) -> float | None:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds * 1000, 3)
+
+
 def summarize(records: Sequence[Record], steps: Sequence[StepRecord], wall_s: float,
               bandwidth: float | None) -> dict[str, Any]:  # fmt: skip
     tokens = sum(r.tokens for r in records)
@@ -167,6 +180,9 @@ def summarize(records: Sequence[Record], steps: Sequence[StepRecord], wall_s: fl
         "adapters_per_decode_step": (
             round(sum(s.num_adapters for s in decode) / len(decode), 1) if decode else None
         ),
+        "decode_ms_p50": _ms(percentile([s.interval_s for s in decode], 0.5)),
+        "other_steps": sum(not s.is_decode for s in steps),
+        "other_steps_s": round(sum(s.interval_s for s in steps if not s.is_decode), 3),
     }
     if bandwidth and decode:
         floor_s = sum(s.floor_bytes for s in decode) / bandwidth

@@ -4,6 +4,7 @@ ratios the issue asks for (the GPU runs themselves are in the lead's GPU session
 from __future__ import annotations
 
 import importlib.util
+import json
 import sys
 from collections import Counter
 from pathlib import Path
@@ -151,3 +152,20 @@ def test_headline_ratios_come_from_runs_of_the_same_engine() -> None:
     missing = bench.headline({"zipf64": {"tok_s": 1.0}})
     assert missing["many_zipf64_vs_base"] is None
     assert missing["many_cold_ttft_ratio"] is None
+
+
+def test_a_small_run_times_its_decode_steps(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The step clock wraps the runner's launch (the overlap schedule's entry point): every run
+    reports its decode steps and byte-floor fraction, not zero steps (what the H100 run at
+    e12a30e printed while the clock still wrapped the old `step`)."""
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    out = tmp_path / "many.json"
+    assert bench.main(["--small", "--skip", "cap8,many1000", "--out", str(out)]) == 0
+    data = json.loads(out.read_text())
+    for name in ("base64", "zipf64", "uniform64"):
+        run = data["runs"][name]
+        assert run["decode_steps"] >= 3, (name, run)
+        assert 0 < run["decode_floor_fraction"] <= 1, (name, run)
+    assert data["runs"]["zipf64"]["adapters_per_decode_step"] > 0
