@@ -50,6 +50,8 @@ HELP: Final[dict[str, str]] = {
     "max_queued_requests": "requests waiting for admission at most; beyond it: 503",
     "enable_mixed_chunk": "let prefill chunks ride along decode steps",
     "disable_overlap_schedule": "wait for each step's tokens before launching the next step",
+    "disable_radix_cache": "no prefix cache: compute every prompt from its first token instead "
+    "of reusing the KV of a prefix cached under the same adapter version",
     "enable_lora": "serve adapters (implied by --lora-paths)",
     "lora_paths": "adapters to register at start: PATH | NAME=PATH | "
     '{"lora_name": ..., "lora_path": ..., "pinned": ...}',

@@ -55,6 +55,8 @@ class SchedulerConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, k
     enable_mixed_chunk: bool = False  # SGLang's flag: prefill chunks ride along decode steps
     # SGLang's flag: off, the runner waits for each step's tokens before starting the next
     disable_overlap_schedule: bool = False
+    # SGLang's flag: no prefix cache (every prompt is computed from its first token)
+    disable_radix_cache: bool = False
 
 
 class LoraRef(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):

@@ -233,6 +233,22 @@ class HostLoadDone(Msg, frozen=True, kw_only=True):
     error: str | None = None
 
 
+# ----------------------------------------------------------------------------- prefix cache
+
+
+class FlushCache(Msg, frozen=True, kw_only=True):
+    """Engine -> SchedulerActor: drop every cached KV page no request uses (/flush_cache)."""
+
+    op_id: OpId
+
+
+class CacheFlushed(msgspec.Struct, frozen=True, kw_only=True):
+    """SchedulerActor -> engine: the answer to FlushCache."""
+
+    op_id: OpId
+    num_pages: int  # cached pages dropped
+
+
 # ----------------------------------------------------------------------------- GPU runner
 
 
@@ -355,7 +371,13 @@ class RunnerReady(msgspec.Struct, frozen=True, kw_only=True):
 
 TokenizerInbox = Tokenize | Tokenized | EmitTokens | RequestFailed | Abort
 SchedulerInbox = (
-    Enqueue | Abort | AdapterAcquired | AdapterAcquireFailed | AdapterRetired | StepDone
+    Enqueue
+    | Abort
+    | AdapterAcquired
+    | AdapterAcquireFailed
+    | AdapterRetired
+    | StepDone
+    | FlushCache
 )
 AdapterInbox = (
     AcquireAdapter | ReleaseAdapter | LoadAdapter | UnloadAdapter | DescribeAdapters | HostLoadDone

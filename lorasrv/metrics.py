@@ -42,6 +42,7 @@ class EngineSnapshot(NamedTuple):
     num_waiting: int = 0
     num_kv_pages: int = 0
     num_kv_pages_used: int = 0
+    num_cached_pages: int = 0
     num_lora_rows: int = 0
     num_lora_rows_used: int = 0
     lora_capacity: int = 0
@@ -52,9 +53,10 @@ class EngineSnapshot(NamedTuple):
 class Metrics:
     """Request counters and latency histograms, plus scrape-time gauges, in a private registry."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, prefix_cache: bool = True) -> None:
         self.registry = CollectorRegistry()
         reg = self.registry
+        self.prefix_cache = prefix_cache  # queried tokens count only while the cache is on
         self.requests = Counter(
             "lorasrv_requests", "Finished requests by adapter and finish reason "
             "(stop, length, abort, error).", ["adapter", "finish_reason"], registry=reg,
@@ -68,6 +70,14 @@ class Metrics:
         self.generation_tokens = Counter(
             "lorasrv_generation_tokens", "Generated tokens.", ["adapter"], registry=reg
         )
+        self.cache_query_tokens = Counter(
+            "lorasrv_prefix_cache_query_tokens", "Prompt tokens looked up in the prefix cache.",
+            ["adapter"], registry=reg,
+        )  # fmt: skip
+        self.cache_hit_tokens = Counter(
+            "lorasrv_prefix_cache_hit_tokens", "Prompt tokens found in the prefix cache "
+            "(not computed).", ["adapter"], registry=reg,
+        )  # fmt: skip
         self.ttft = Histogram(
             "lorasrv_time_to_first_token_seconds", "Submit to first generated token.",
             ["adapter"], buckets=TTFT_BUCKETS_S, registry=reg,
@@ -133,6 +143,9 @@ class RequestTracker:
         if out.prompt_tokens and not self.has_prompt:
             self.has_prompt = True
             metrics.prompt_tokens.labels(self.label).inc(out.prompt_tokens)
+            if metrics.prefix_cache:
+                metrics.cache_query_tokens.labels(self.label).inc(out.prompt_tokens)
+                metrics.cache_hit_tokens.labels(self.label).inc(out.cached_tokens)
         num_new = len(out.token_ids)
         if num_new:
             if self.last_token_s is None:
@@ -184,7 +197,13 @@ class _SnapshotCollector(Collector):
             "lorasrv_num_waiting_requests", "Requests queued for admission.", snap.num_waiting
         )
         yield _gauge("lorasrv_kv_pages", "KV cache pages in the pool.", snap.num_kv_pages)
-        yield _gauge("lorasrv_kv_pages_used", "KV cache pages in use.", snap.num_kv_pages_used)
+        yield _gauge(
+            "lorasrv_kv_pages_used", "KV cache pages held by requests.", snap.num_kv_pages_used
+        )
+        yield _gauge(
+            "lorasrv_prefix_cache_pages", "KV pages in the prefix cache (used by requests or "
+            "not; those not used are given back on demand).", snap.num_cached_pages,
+        )  # fmt: skip
         usage = snap.num_kv_pages_used / snap.num_kv_pages if snap.num_kv_pages else 0.0
         yield _gauge("lorasrv_kv_page_usage_ratio", "Used / total KV pages (0..1).", usage)
         yield _gauge(

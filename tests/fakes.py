@@ -52,7 +52,9 @@ ROW_BYTES = 150  # a row straddles page boundaries, as real rows do
 
 class FakeRunner:
     """StepRunner without a model, over a fake arena with the real geometry: KV pages hold
-    tokens, LoRA rows hold (adapter id, salt, rank index), and they overlay each other. Writing
+    (adapter salt, token) per slot, LoRA rows hold (adapter id, salt, rank index), and they
+    overlay each other. A row reading KV written under another adapter fails (a prefix cache
+    hit across adapters or versions). Writing
     KV into a page destroys the rows over it; uploading a row destroys the KV under it. So wrong
     page or row bookkeeping shows up as a failed check or a wrong token. A host copy (`weights`)
     is the adapter's int salt."""
@@ -80,7 +82,7 @@ class FakeRunner:
             dtype="float32",
         )
         self.salts = dict(salts or {})
-        self.pages: dict[int, list[int | None]] = {}
+        self.pages: dict[int, list[tuple[int, int] | None]] = {}  # per slot: salt, token
         self.host: dict[AdapterId, tuple[int, int]] = {}  # host copies: salt, rank
         self.rows: dict[int, tuple[AdapterId, int, int]] = {}  # adapter id, salt, rank index
         self.live_seqs: set[int] = set()
@@ -136,7 +138,7 @@ class FakeRunner:
         for new in plan.new_seqs:
             assert new.seq_id not in self.live_seqs, f"seq {new.seq_id} added twice"
             self.live_seqs.add(new.seq_id)
-        _check_plan(plan)
+        _check_plan(plan, self.ready_info.page_size)
         for upload in plan.uploads:
             self._upload(upload)
         salts = [self._adapter_salt(a) for a in plan.adapters]
@@ -165,7 +167,7 @@ class FakeRunner:
         assert held == expected, f"adapter id {adapter.adapter_id}: rows hold {held}"
         return expected[0][1]
 
-    def _write_kv(self, page: int, pos: int, token: int) -> None:
+    def _write_kv(self, page: int, pos: int, token: tuple[int, int]) -> None:
         for row in self.geometry.page_rows(page):
             self.rows.pop(row, None)  # KV bytes overwrite the rows over this page
         self.pages.setdefault(page, [None] * self.ready_info.page_size)[pos] = token
@@ -179,17 +181,20 @@ class FakeRunner:
             assert seq_id in self.live_seqs, f"seq {seq_id} stepped without NewSeq"
             table = plan.block_tables[i]
             start, num_new = plan.context_lens[i], plan.query_lens[i]
+            index = plan.lora_adapters[i]
+            salt = 0 if index < 0 else salts[index]
             for j in range(num_new):
                 pos = start + j
-                self._write_kv(table[pos // size], pos % size, plan.input_ids[offset + j])
+                self._write_kv(table[pos // size], pos % size, (salt, plan.input_ids[offset + j]))
             offset += num_new
             if plan.sample_rows[i]:
                 context = [self.pages.get(table[p // size], [None] * size)[p % size]
                            for p in range(start + num_new)]  # fmt: skip
                 assert None not in context, f"seq {seq_id} reads a KV slot never written"
-                index = plan.lora_adapters[i]
-                salt = 0 if index < 0 else salts[index]
-                token = fake_next_token([t for t in context if t is not None], salt)
+                assert all(c is not None and c[0] == salt for c in context), (
+                    f"seq {seq_id} reads KV computed under another adapter"
+                )
+                token = fake_next_token([c[1] for c in context if c is not None], salt)
                 tokens.append(token)
                 tops.append((TokenLogprob(token, -0.5),))
         return StepResult(
@@ -197,17 +202,22 @@ class FakeRunner:
         )
 
 
-def _check_plan(plan: StepPlan) -> None:
+def _check_plan(plan: StepPlan, page_size: int) -> None:
     rows = len(plan.seq_ids)
     for name in ("query_lens", "context_lens", "block_tables", "lora_adapters", "sample_rows"):
         assert len(getattr(plan, name)) == rows, name
     assert sum(plan.query_lens) == len(plan.input_ids)
     assert list(plan.lora_adapters) == sorted(plan.lora_adapters), "rows must be sorted by adapter"
     assert set(plan.lora_adapters) - {-1} == set(range(len(plan.adapters))), "unused adapters"
-    seen: set[int] = set()
+    # Rows may share pages they only read (cached prefixes); a page a row writes is its own.
+    users: dict[int, int] = {}
     for table in plan.block_tables:
-        assert not seen & set(table), "two rows share a KV page"
-        seen |= set(table)
+        for page in set(table):
+            users[page] = users.get(page, 0) + 1
+    for table, start, num_new in zip(plan.block_tables, plan.context_lens, plan.query_lens,
+                                     strict=True):  # fmt: skip
+        written = {table[pos // page_size] for pos in range(start, start + num_new)}
+        assert all(users[page] == 1 for page in written), "a row writes a page another row uses"
     taken: set[int] = set()
     for adapter in (*plan.adapters, *plan.uploads):
         assert len(set(adapter.rows)) == len(adapter.rows), "an adapter lists a row twice"

@@ -5,92 +5,32 @@ Geometry (RunnerReady): `num_pages` pages of `page_bytes` from the bottom; `max_
 `row_bytes` overlay the top, so a row covers one or more pages and a page may lie under several
 rows. A page serves KV only while no allocated row covers it, a row only while none of its
 pages holds KV. KV takes pages lowest-first and rows go highest-first, so the two grow toward
-each other and meet wherever demand puts the boundary. Floors (see `arena_floors`) keep the
+each other and meet wherever demand puts the boundary. Floors (arena_geometry.py) keep the
 bottom pages for KV and the top rows for adapters whatever the demand.
+
+Some KV pages are *evictable*: the prefix cache holds them for no running sequence and gives
+them back on demand. KV demand counts them as allocatable (the planner evicts them first), and
+a row whose KV pages are all evictable is *reclaimable*: adapter demand may take it once the
+cache gave those pages back.
 """
 
 from __future__ import annotations
 
 import heapq
-import math
 from collections.abc import Iterable
-from typing import Final, NamedTuple
 
+from lorasrv.engine.arena_geometry import (
+    KV_FLOOR_SHARE,
+    ArenaGeometry,
+    Floors,
+    arena_floors,
+    first_row_above,
+    pages_needed,
+)
 from lorasrv.ids import BlockId
 
-#: KV keeps at least this share of the arena's pages (besides one full-context sequence).
-KV_FLOOR_SHARE: Final = 0.10
-#: Adapter rows kept, in adapters of the maximum rank, when --max-loras-per-batch is unset.
-DEFAULT_ADAPTER_FLOOR: Final = 8
-
-
-def pages_needed(num_tokens: int, page_size: int) -> int:
-    return -(-num_tokens // page_size)
-
-
-class ArenaGeometry(NamedTuple):
-    num_pages: int
-    page_bytes: int
-    row_bytes: int  # 0 when LoRA is off
-    max_rows: int  # 0 when LoRA is off
-
-    @property
-    def rows_offset(self) -> int:
-        """Byte offset of row 0: the rows end exactly at the arena's end."""
-        return self.num_pages * self.page_bytes - self.max_rows * self.row_bytes
-
-    def row_pages(self, row: int) -> range:
-        """The pages row `row` covers (at least one)."""
-        start = self.rows_offset + row * self.row_bytes
-        return range(start // self.page_bytes, (start + self.row_bytes - 1) // self.page_bytes + 1)
-
-    def page_rows(self, page: int) -> range:
-        """The rows that cover page `page` (often none)."""
-        if not self.max_rows:
-            return range(0)
-        low = page * self.page_bytes - self.rows_offset
-        high = (page + 1) * self.page_bytes - self.rows_offset
-        return range(max(0, low // self.row_bytes), min(self.max_rows, -(-high // self.row_bytes)))
-
-
-class Floors(NamedTuple):
-    """KV owns pages [0, kv_pages) for good; adapters own the top `rows` rows for good."""
-
-    kv_pages: int
-    rows: int
-
-
-def arena_floors(
-    geometry: ArenaGeometry,
-    *,
-    page_size: int,
-    context_length: int,
-    max_lora_rank: int,
-    max_loras_per_batch: int | None,
-) -> Floors:
-    """KV: one full-context sequence and KV_FLOOR_SHARE of the pages, but never so many that
-    one adapter of the maximum rank no longer fits (an arena smaller than a full context still
-    serves adapters); adapters: `max_loras_per_batch` (DEFAULT_ADAPTER_FLOOR when unset)
-    adapters of the maximum rank, or as many rows as the arena has above the KV floor."""
-    kv = min(
-        geometry.num_pages,
-        max(
-            pages_needed(context_length, page_size), math.ceil(KV_FLOOR_SHARE * geometry.num_pages)
-        ),
-    )
-    if not geometry.max_rows:
-        return Floors(kv, 0)
-    one_adapter = geometry.max_rows - max_lora_rank  # the lowest row one adapter would need
-    if max_lora_rank and one_adapter >= 0:
-        kv = min(kv, geometry.row_pages(one_adapter).start)
-    wanted = (max_loras_per_batch or DEFAULT_ADAPTER_FLOOR) * max_lora_rank
-    return Floors(kv, min(wanted, geometry.max_rows - _first_row_above(geometry, kv)))
-
-
-def _first_row_above(geometry: ArenaGeometry, page: int) -> int:
-    """The lowest row that covers no page below `page`."""
-    start = page * geometry.page_bytes - geometry.rows_offset
-    return min(geometry.max_rows, max(0, -(-start // geometry.row_bytes)))
+# The geometry's names stay importable from here (the arena's users need both).
+__all__ = ["KV_FLOOR_SHARE", "Arena", "ArenaGeometry", "Floors", "arena_floors", "pages_needed"]
 
 
 class Arena:
@@ -105,7 +45,7 @@ class Arena:
         self.floors = floors
         num_pages, max_rows = geometry.num_pages, geometry.max_rows
         #: Rows from here up may be allocated (they cover no page of the KV floor).
-        self.first_row = _first_row_above(geometry, floors.kv_pages) if max_rows else 0
+        self.first_row = first_row_above(geometry, floors.kv_pages) if max_rows else 0
         #: Pages below this may hold KV (they lie under no row of the adapter floor).
         self.kv_limit = (
             geometry.row_pages(max_rows - floors.rows).start if floors.rows else num_pages
@@ -122,6 +62,12 @@ class Arena:
         self.num_used_pages = 0
         self.num_free_rows = max_rows - self.first_row
         self.num_used_rows = 0
+        self._is_evictable = bytearray(num_pages)
+        self.num_evictable_pages = 0
+        self._row_held = [0] * max_rows  # KV pages under each row that are not evictable
+        self._reclaim_heap: list[int] = []  # reclaimable rows (lazy), highest first
+        self._reclaim_in_heap = bytearray(max_rows)
+        self.num_reclaimable_rows = 0
 
     # ------------------------------------------------------------------ KV pages
 
@@ -132,6 +78,11 @@ class Arena:
 
     def can_allocate(self, num: int) -> bool:
         return num <= self.num_free_pages
+
+    @property
+    def num_allocatable_pages(self) -> int:
+        """Free pages plus those the prefix cache would give back."""
+        return self.num_free_pages + self.num_evictable_pages
 
     def allocate(self, num: int) -> list[BlockId]:
         """Take `num` pages, lowest first; the caller checked `can_allocate`."""
@@ -149,24 +100,77 @@ class Arena:
         for page in pages:
             # NOTE: a double free would hand one page to two sequences and corrupt both.
             assert self._is_kv[page], f"double free of page {page}"
+            was_evictable = self._is_evictable[page]
+            if was_evictable:
+                self._is_evictable[page] = 0
+                self.num_evictable_pages -= 1
             self._is_kv[page] = 0
             self.num_used_pages -= 1
             self.num_free_pages += 1
             self._push_page(page)
             for row in self.geometry.page_rows(page):
+                before = self._is_reclaimable(row)
                 self._row_kv[row] -= 1
+                self._row_held[row] -= not was_evictable
                 if not self._row_kv[row] and not self._is_row[row] and row >= self.first_row:
                     self.num_free_rows += 1
                     self._push_row(row)
+                self._reclaimable_changed(row, before)
 
     def _take_page(self, page: int) -> None:
         self._is_kv[page] = 1
         self.num_free_pages -= 1
         self.num_used_pages += 1
         for row in self.geometry.page_rows(page):
+            before = self._is_reclaimable(row)
             self._row_kv[row] += 1
+            self._row_held[row] += 1
             if self._row_kv[row] == 1 and not self._is_row[row] and row >= self.first_row:
                 self.num_free_rows -= 1
+            self._reclaimable_changed(row, before)
+
+    # ------------------------------------------------------------------ evictable KV pages
+
+    def is_evictable(self, page: BlockId) -> bool:
+        return bool(self._is_evictable[page])
+
+    def mark_evictable(self, page: BlockId, evictable: bool) -> None:
+        """The prefix cache's holders of KV page `page` went to none (True) or back (False)."""
+        assert self._is_kv[page], f"page {page} holds no KV"
+        assert self._is_evictable[page] != evictable, f"page {page} marked twice"
+        self._is_evictable[page] = evictable
+        self.num_evictable_pages += 1 if evictable else -1
+        for row in self.geometry.page_rows(page):
+            before = self._is_reclaimable(row)
+            self._row_held[row] += -1 if evictable else 1
+            self._reclaimable_changed(row, before)
+
+    def take_reclaimable_rows(self, num: int) -> list[int]:
+        """Up to `num` reclaimable rows, highest first. The caller has the cache give back
+        every evictable page under them at once (they leave the reclaimable heap here)."""
+        taken: list[int] = []
+        while self._reclaim_heap and len(taken) < num:
+            row = -heapq.heappop(self._reclaim_heap)
+            self._reclaim_in_heap[row] = 0
+            if self._is_reclaimable(row):
+                taken.append(row)
+        return taken
+
+    def _is_reclaimable(self, row: int) -> bool:
+        return (
+            row >= self.first_row
+            and not self._is_row[row]
+            and self._row_kv[row] > 0
+            and not self._row_held[row]
+        )
+
+    def _reclaimable_changed(self, row: int, before: bool) -> None:
+        after = self._is_reclaimable(row)
+        if after != before:
+            self.num_reclaimable_rows += 1 if after else -1
+        if after and not self._reclaim_in_heap[row]:
+            self._reclaim_in_heap[row] = 1
+            heapq.heappush(self._reclaim_heap, -row)
 
     # ------------------------------------------------------------------ LoRA rows
 
@@ -249,6 +253,14 @@ class Arena:
         assert self.num_used_pages == sum(self._is_kv), "used page count"
         assert self.num_free_rows == len(free_rows), "free row count"
         assert self.num_used_rows == sum(self._is_row), "used row count"
+        assert all(self._is_kv[p] for p in range(geo.num_pages) if self._is_evictable[p])
+        assert self.num_evictable_pages == sum(self._is_evictable), "evictable page count"
+        for row in range(geo.max_rows):
+            held = sum(self._is_kv[p] and not self._is_evictable[p] for p in geo.row_pages(row))
+            assert self._row_held[row] == held, f"row {row}: held {self._row_held[row]} != {held}"
+        reclaimable = [r for r in range(geo.max_rows) if self._is_reclaimable(r)]
+        assert self.num_reclaimable_rows == len(reclaimable), "reclaimable row count"
+        assert all(self._reclaim_in_heap[r] for r in reclaimable), "a reclaimable row left its heap"
         assert all(self._page_in_heap[p] for p in free_pages), "a free page left its heap"
         assert all(self._row_in_heap[r] for r in free_rows), "a free row left its heap"
         assert self.kv_limit >= self.floors.kv_pages or not geo.max_rows, "KV floor"

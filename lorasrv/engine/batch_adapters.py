@@ -121,7 +121,8 @@ class BatchAdapters:
             if adapter_id is None or self.residency.is_resident(adapter_id):
                 continue
             num_bytes = seq.adapter_rank * row_bytes
-            if (has_prefetched and num_bytes > budget) or arena.num_free_pages < min_free_pages:
+            short_of_pages = arena.num_allocatable_pages < min_free_pages  # cached ones count
+            if (has_prefetched and num_bytes > budget) or short_of_pages:
                 return
             rows = self.residency.place(
                 adapter_id,

@@ -23,6 +23,7 @@ from lorasrv.engine.parts import EngineParts, prepare_parts
 from lorasrv.engine.request_handle import RequestHandle
 from lorasrv.engine.requests import Submission
 from lorasrv.engine.results import RequestResult
+from lorasrv.engine.scheduler import SchedulerActor
 from lorasrv.engine.stats import SchedulerStats
 from lorasrv.engine.tokenizer import TokenizerActor
 from lorasrv.engine.validation import Limits, check_submission
@@ -42,7 +43,9 @@ from lorasrv.messages import (
     Abort,
     AdapterOpDone,
     AdapterStatus,
+    CacheFlushed,
     DescribeAdapters,
+    FlushCache,
     LoadAdapter,
     RequestOutput,
     RunnerReady,
@@ -63,14 +66,17 @@ class Engine:
         self._parts = parts  # injected by tests (FakeRunner...); else built in start()
         self._outputs: dict[RequestId, asyncio.Queue[RequestOutput]] = {}
         self._ops: dict[OpId, asyncio.Future[AdapterOpDone]] = {}
+        self._flushes: dict[OpId, asyncio.Future[int]] = {}
         self._op_ids = itertools.count(1)
         self._supervisor: asyncio.Task[None] | None = None
         self._runner_actor: GpuRunnerActor | None = None
+        self._scheduler: SchedulerActor | None = None
         self._tokenizer_actor: TokenizerActor | None = None
         self._adapter_actor: AdapterManagerActor | None = None
         self._ready: RunnerReady | None = None
         self.last_stats = SchedulerStats()  # the scheduler's latest snapshot
-        self.metrics = Metrics()  # this engine's own Prometheus registry, served by /metrics
+        # this engine's own Prometheus registry, served by /metrics
+        self.metrics = Metrics(prefix_cache=not config.scheduler.disable_radix_cache)
         self._tokenizer: Detokenizer | None = None
         self._read_adapter_config: Callable[[str], Any] = _not_started
         self.failed = asyncio.Event()
@@ -141,7 +147,8 @@ class Engine:
         self.failed.set()
         for request_id, queue in list(self._outputs.items()):
             queue.put_nowait(_error_output(request_id, EngineDead(reason)))
-        for future in self._ops.values():
+        futures: list[asyncio.Future[Any]] = [*self._ops.values(), *self._flushes.values()]
+        for future in futures:
             if not future.done():
                 future.set_exception(EngineDead(reason))
 
@@ -282,6 +289,21 @@ class Engine:
 
     def scheduler_stats(self, stats: SchedulerStats) -> None:
         self.last_stats = stats
+
+    def cache_flushed(self, result: CacheFlushed) -> None:
+        future = self._flushes.pop(result.op_id, None)
+        if future is not None and not future.done():
+            future.set_result(result.num_pages)
+
+    async def flush_cache(self) -> int:
+        """Drop every cached KV page no request uses (SGLang's /flush_cache); how many."""
+        if not self.is_healthy() or self._scheduler is None:
+            raise self._refusal()
+        op_id = OpId(next(self._op_ids))
+        future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._flushes[op_id] = future
+        self._scheduler.send(FlushCache(op_id=op_id))
+        return await future
 
     # ------------------------------------------------------------------ adapters
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from lorasrv.messages import AdapterOpDone, RequestOutput
+from lorasrv.messages import AdapterOpDone, CacheFlushed, RequestOutput
 
 
 class OutputSink(Protocol):
@@ -17,3 +17,8 @@ class OutputSink(Protocol):
 class OpSink(Protocol):
     def op_done(self, result: AdapterOpDone) -> None:
         """Complete the admin operation `result.op_id`; unknown ids are dropped."""
+
+
+class CacheSink(Protocol):
+    def cache_flushed(self, result: CacheFlushed) -> None:
+        """Complete the cache flush `result.op_id`; unknown ids are dropped."""

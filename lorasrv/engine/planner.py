@@ -15,13 +15,15 @@ from collections.abc import Callable
 from collections.abc import Sequence as Seq
 from typing import Literal, NamedTuple
 
+from lorasrv.config import AdapterConfig, SchedulerConfig
 from lorasrv.engine.admission import choose_drains
 from lorasrv.engine.arena import Arena, ArenaGeometry, arena_floors
 from lorasrv.engine.batch_adapters import BatchAdapters
 from lorasrv.engine.policy import BatchDecision, PlanLimits, plan_batch
+from lorasrv.engine.prefix_pages import PrefixPages
 from lorasrv.engine.residency import Residency
 from lorasrv.engine.sequence import Sequence
-from lorasrv.engine.stats import GpuAdapter
+from lorasrv.engine.stats import GpuAdapter, SchedulerStats
 from lorasrv.ids import AdapterId
 from lorasrv.messages import AdapterRows, RunnerReady
 
@@ -61,6 +63,24 @@ def effective_capacity(ready: RunnerReady, max_loras_per_batch: int | None) -> i
     return lora_capacity(arena, ready.max_lora_rank, max_loras_per_batch)
 
 
+def planner_for(cfg: SchedulerConfig, adapter_cfg: AdapterConfig, ready: RunnerReady) -> Planner:
+    """The scheduler's planner: its limits from the config and what the runner measured."""
+    limits = PlanLimits(
+        token_budget=cfg.chunked_prefill_size,
+        max_running=cfg.max_running_requests,
+        page_size=ready.page_size,
+        context_length=ready.context_length,
+        mixed_chunk=cfg.enable_mixed_chunk,
+    )
+    return Planner(
+        ready,
+        limits,
+        max_loras_per_batch=adapter_cfg.max_loras_per_batch,
+        eviction_policy=adapter_cfg.lora_eviction_policy,
+        prefix_cache=not cfg.disable_radix_cache,
+    )
+
+
 class Planner:
     def __init__(
         self,
@@ -69,9 +89,11 @@ class Planner:
         *,
         max_loras_per_batch: int | None,
         eviction_policy: Literal["lru", "fifo"],
+        prefix_cache: bool = True,
     ) -> None:
         self.arena = make_arena(ready, max_loras_per_batch)
-        self.residency = Residency(self.arena, eviction_policy)
+        self.cache = PrefixPages(self.arena, ready.page_size, enabled=prefix_cache)
+        self.residency = Residency(self.arena, eviction_policy, self.cache.reclaim_rows)
         self.limits = limits
         self.cap = max_loras_per_batch
         self.capacity = lora_capacity(self.arena, ready.max_lora_rank, max_loras_per_batch)
@@ -91,8 +113,9 @@ class Planner:
         memory = BatchAdapters(self.residency, cap=self.cap, latest=latest, running=running,
                                waiting=waiting, draining=draining)  # fmt: skip
         decision = plan_batch(
-            running, waiting, memory, self.limits, step_no, prefill_turn=prefill_turn
-        )
+            running, waiting, memory, self.limits, step_no, prefill_turn=prefill_turn,
+            cache=self.cache,
+        )  # fmt: skip
         exhausted = set(map(id, decision.exhausted))  # leave with an error
         staying = [s for s in running if id(s) not in exhausted]
         if memory.blocked is not None:  # admission ran: drain for whoever starves now
@@ -141,13 +164,30 @@ class Planner:
             self._gpu_snapshot = (residency.version, gpu)
         return self._gpu_snapshot[1]
 
+    def memory_stats(self) -> SchedulerStats:
+        """The arena's pages and rows, the prefix cache and the adapters, for stats."""
+        arena = self.arena
+        return SchedulerStats(
+            num_kv_pages=arena.geometry.num_pages,
+            num_kv_pages_used=arena.num_used_pages - arena.num_evictable_pages,
+            num_cached_pages=self.cache.num_pages,
+            num_cached_pages_evicted=self.cache.num_evicted,
+            num_lora_rows=arena.geometry.max_rows - arena.first_row,
+            num_lora_rows_used=arena.num_used_rows,
+            lora_capacity=self.capacity,
+            gpu_adapters=self.gpu_adapters(),
+        )
+
     def retire(self, adapter_id: AdapterId) -> None:
+        """Unloaded and drained: its rows go at the next plan, its cached pages now."""
         self.residency.retire(adapter_id)
+        self.cache.drop_adapter(adapter_id)
 
     def check_invariants(self, running: Seq[Sequence]) -> None:
         """Tables agree, and every running sequence's adapter is resident."""
         self.arena.check_invariants()
         self.residency.check_invariants()
+        self.cache.check_invariants(running)
         for seq in running:
             if seq.adapter_id is not None:
                 assert self.residency.is_resident(seq.adapter_id), f"{seq.request_id}: adapter"

@@ -2,13 +2,15 @@
 
 Rules: running rows first (oldest first), then waiting ones first-come-first-served, within the
 token budget, the free KV pages, `max_running_requests` and adapter capacity (batch_adapters.py:
-when it binds, cheap adapters first, with a bounded wait). Rows that do not fit wait; they are
-never dropped. When pages run out, idle adapters' rows are reclaimed first, then the newest
-running rows are preempted (pages freed, recomputed later). As in SGLang, a step is prefill-only
-or decode-only unless mixed chunks are enabled: pure decode steps replay CUDA graphs, mixed ones
-cannot. Tokens still in flight (`Sequence.num_pending`) count as the sequence's own: a row never
-goes past max_new_tokens or the context counting them, and a sequence waits for them before it
-is admitted again.
+when it binds, cheap adapters first, with a bounded wait). A waiting request starts with its
+cached prefix in place (prefix_pages.py) and prefills only the rest. Rows that do not fit wait;
+they are never dropped. When pages run out, cached pages nobody holds are evicted first, then
+idle adapters' rows are reclaimed, then the newest running rows are preempted (pages released,
+recomputed later: from their cached pages when those are still there). As in SGLang, a step is
+prefill-only or decode-only unless mixed chunks are enabled: pure decode steps replay CUDA
+graphs, mixed ones cannot. Tokens still in flight (`Sequence.num_pending`) count as the
+sequence's own: a row never goes past max_new_tokens or the context counting them, and a
+sequence waits for them before it is admitted again.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from typing import NamedTuple
 from lorasrv.engine.admission import admission_order
 from lorasrv.engine.arena import pages_needed
 from lorasrv.engine.batch_adapters import BatchAdapters
+from lorasrv.engine.prefix_pages import PrefixPages
 from lorasrv.engine.sequence import SeqStatus, Sequence
 
 
@@ -56,27 +59,31 @@ def plan_batch(
     step_no: int,
     *,
     prefill_turn: bool = True,
+    cache: PrefixPages | None = None,
 ) -> BatchDecision:
     """Choose rows and allocate their pages (and their adapters' rows, through `memory`).
-    Mutates `running`, `waiting`, the arena and seq.blocks.
+    Mutates `running`, `waiting`, the arena, the prefix cache and seq.blocks.
 
-    Preempted sequences go back to the front of `waiting` with their pages freed. Without mixed
+    Preempted sequences go back to the front of `waiting` with their pages released. Without mixed
     chunks, prefill work (new requests, unfinished chunks) gets a prefill-only step when
     `prefill_turn` (the scheduler clears it after a prefill-only step, so decoding rows advance
     at least every other step); otherwise the step decodes.
     """
-    return _plan_rows(running, waiting, memory, limits, step_no, prefill_turn)
+    if cache is None:  # no prefix cache: every page is a sequence's own
+        cache = PrefixPages(memory.residency.arena, limits.page_size, enabled=False)
+    return _plan_rows(running, waiting, memory, cache, limits, step_no, prefill_turn)
 
 
 def _plan_rows(
     running: list[Sequence],
     waiting: deque[Sequence],
     memory: BatchAdapters,
+    cache: PrefixPages,
     limits: PlanLimits,
     step_no: int,
     prefill_turn: bool,
 ) -> BatchDecision:
-    plan = _Planning(running, waiting, memory, limits, step_no)
+    plan = _Planning(running, waiting, memory, cache, limits, step_no)
     context_length = limits.context_length
 
     def is_decode(seq: Sequence) -> bool:
@@ -107,10 +114,11 @@ class _Planning:
         running: list[Sequence],
         waiting: deque[Sequence],
         memory: BatchAdapters,
+        cache: PrefixPages,
         limits: PlanLimits,
         step_no: int,
     ) -> None:
-        self.running, self.waiting, self.memory = running, waiting, memory
+        self.running, self.waiting, self.memory, self.cache = running, waiting, memory, cache
         self.limits, self.step_no = limits, step_no
 
     def run(self, wanted: Callable[[Sequence], bool], *, admit: bool) -> BatchDecision:
@@ -164,12 +172,17 @@ class _Planning:
                 if self.is_starving(seq) and memory.cost(seq) > 0:
                     memory.blocked.append(seq)
                 continue
-            num_new = min(seq.num_uncomputed, budget)
+            if self.cache.waits_for_twin(seq):
+                continue  # its prompt's pages are being computed: it reads them next step
             memory.take(seq)  # rows first: the pages must fit beside them
+            self.cache.admit(seq)  # then its cached prefix, held so nothing evicts it
+            num_new = min(seq.num_uncomputed, budget)
             if not self.reserve_pages(seq, num_new):
+                self.cache.release(seq)
                 if not running:  # nothing holds pages it could wait for: it never fits
                     exhausted.append(seq)
                 break  # first come, first served: nobody overtakes on pages
+            self.cache.admitted(seq)
             seq.status = SeqStatus.RUNNING
             running.append(seq)
             rows.append(Row(seq, num_new))
@@ -188,6 +201,8 @@ class _Planning:
         if missing <= 0:
             return True
         arena = self.memory.residency.arena
+        if not arena.can_allocate(missing):  # cached pages nobody holds go first
+            self.cache.evict(missing - arena.num_free_pages)
         if not arena.can_allocate(missing):
             # KV demand comes before idle adapters: reclaim their rows before preempting.
             memory = self.memory
@@ -198,9 +213,7 @@ class _Planning:
 
     def preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
-        self.memory.residency.arena.free(seq.blocks)
-        seq.blocks.clear()
-        seq.num_computed = 0
+        self.cache.release(seq)
         seq.status = SeqStatus.WAITING
         self.waiting.appendleft(seq)
 

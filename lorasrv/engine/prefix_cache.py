@@ -14,7 +14,7 @@ orphans a subtree.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 from lorasrv.ids import AdapterId, BlockId
@@ -41,9 +41,14 @@ class CachedPage:
 class PrefixCache:
     """The index of cached pages, their holders' counts and the eviction order."""
 
-    def __init__(self, page_size: int) -> None:
+    def __init__(
+        self, page_size: int, on_evictable: Callable[[BlockId, bool], None] | None = None
+    ) -> None:
         assert page_size > 0
         self.page_size = page_size
+        # Told when a page that stays cached becomes evictable (True) or held again (False);
+        # pages that leave the cache are returned to the caller instead.
+        self._on_evictable = on_evictable
         self._roots: dict[Namespace, dict[tuple[int, ...], CachedPage]] = {}
         self._by_page: dict[BlockId, CachedPage] = {}
         # Unheld indexed nodes, least recently released first (values unused).
@@ -93,8 +98,9 @@ class PrefixCache:
         """A sequence starts using `path` (a `match` result): none of it can be evicted now."""
         for node in path:
             node.refs += 1
-            if node.refs == 1:
-                self._evictable.pop(node, None)
+            if node.refs == 1 and node in self._evictable:
+                del self._evictable[node]
+                self._tell(node.page, False)
 
     def release(self, path: Sequence[CachedPage]) -> list[BlockId]:
         """A sequence stops using `path` (finish, abort, preemption). Returns the pages that
@@ -108,6 +114,7 @@ class PrefixCache:
                 continue
             if node.is_indexed:
                 self._evictable[node] = None
+                self._tell(node.page, True)
             else:
                 freed.append(self._forget(node))
         return freed
@@ -196,6 +203,10 @@ class PrefixCache:
                 return None
             return self._roots.setdefault(namespace, {})
         return parent.children if parent.is_indexed else None
+
+    def _tell(self, page: BlockId, evictable: bool) -> None:
+        if self._on_evictable is not None:
+            self._on_evictable(page, evictable)
 
     def _unlink(self, node: CachedPage) -> None:
         siblings = self._roots[node.namespace] if node.parent is None else node.parent.children

@@ -10,7 +10,7 @@ rows at the next plan.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Collection, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
 from typing import Literal
 
@@ -28,9 +28,16 @@ class Resident:
 
 
 class Residency:
-    def __init__(self, arena: Arena, policy: Literal["lru", "fifo"]) -> None:
+    def __init__(
+        self,
+        arena: Arena,
+        policy: Literal["lru", "fifo"],
+        reclaim_rows: Callable[[int], None] | None = None,
+    ) -> None:
         self.arena = arena
         self.policy = policy
+        # Frees up to n reclaimable rows (the prefix cache gives back the pages under them).
+        self._reclaim_rows = reclaim_rows
         self.entries: dict[AdapterId, Resident] = {}
         self.num_evictions: Counter[AdapterId] = Counter()  # GPU evictions per adapter id
         self.retired: set[AdapterId] = set()  # unloaded for good; rows freed at the next plan
@@ -62,14 +69,18 @@ class Residency:
         return candidates
 
     def obtainable_rows(self, protected: Collection[AdapterId]) -> int:
-        """Rows free now plus those of every idle adapter. O(len(protected)): the planner asks
-        for every waiting request of a plan."""
+        """Rows free now, over evictable cached pages only, and those of every idle adapter.
+        O(len(protected)): the planner asks for every waiting request of a plan."""
         held = self.num_unpinned_rows
         for adapter_id in protected:
             entry = self.entries.get(adapter_id)
             if entry is not None and not entry.pinned:
                 held -= len(entry.rows)
-        return self.arena.num_free_rows + held
+        return self.arena.num_free_rows + self._reclaimable_rows + held
+
+    @property
+    def _reclaimable_rows(self) -> int:
+        return self.arena.num_reclaimable_rows if self._reclaim_rows is not None else 0
 
     # ------------------------------------------------------------------ changes
 
@@ -87,18 +98,24 @@ class Residency:
         wanted: Collection[AdapterId] = (),
         may_evict_wanted: bool = True,
     ) -> tuple[int, ...] | None:
-        """Give `adapter_id` `rank` rows: free rows, else the rows of idle adapters by policy.
-        None (and nothing evicted) when even that is not enough."""
+        """Give `adapter_id` `rank` rows: free rows, else rows over evictable cached pages
+        (unless `may_evict_wanted` is off: a prefetch), else the rows of idle adapters by
+        policy. None (and nothing evicted) when even that is not enough."""
         assert adapter_id not in self.entries, f"adapter id {adapter_id} placed twice"
         assert adapter_id not in self.retired, f"adapter id {adapter_id} is retired"
         missing = rank - self.arena.num_free_rows
         if missing > 0:  # NOTE: only then the victims' sort (prefetch places many a plan)
-            victims = self.victims(protected, wanted)
-            if not may_evict_wanted:
-                victims = [v for v in victims if v.adapter_id not in wanted]
-            if missing > sum(len(v.rows) for v in victims):
-                return None
-            for victim in _enough(victims, missing):
+            cached = min(missing, self._reclaimable_rows) if may_evict_wanted else 0
+            victims: list[Resident] = []
+            if missing > cached:
+                victims = self.victims(protected, wanted)
+                if not may_evict_wanted:
+                    victims = [v for v in victims if v.adapter_id not in wanted]
+                if missing - cached > sum(len(v.rows) for v in victims):
+                    return None
+            if cached and self._reclaim_rows is not None:
+                self._reclaim_rows(cached)
+            for victim in _enough(victims, rank - self.arena.num_free_rows):
                 self.evict(victim.adapter_id)
         rows = self.arena.allocate_rows(rank)
         self._clock += 1

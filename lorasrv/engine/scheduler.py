@@ -21,8 +21,9 @@ from typing import assert_never
 from lorasrv.config import AdapterConfig, SchedulerConfig
 from lorasrv.engine import invariants
 from lorasrv.engine.actor import Actor, Sender
-from lorasrv.engine.planner import Planner
-from lorasrv.engine.policy import PlanLimits
+from lorasrv.engine.outputs import CacheSink
+from lorasrv.engine.planner import planner_for
+from lorasrv.engine.prefix_pages import Written, written_by
 from lorasrv.engine.sequence import (
     SeqStatus,
     Sequence,
@@ -30,7 +31,7 @@ from lorasrv.engine.sequence import (
     stop_reason,
     token_message,
 )
-from lorasrv.engine.stats import SchedulerStats, StatsSink
+from lorasrv.engine.stats import StatsSink
 from lorasrv.engine.step_plan import build_step_plan
 from lorasrv.ids import AdapterId, RequestId, SeqId, StepId
 from lorasrv.messages import (
@@ -41,7 +42,9 @@ from lorasrv.messages import (
     AdapterInbox,
     AdapterRetired,
     AdapterRows,
+    CacheFlushed,
     Enqueue,
+    FlushCache,
     ReleaseAdapter,
     RequestFailed,
     RunnerInbox,
@@ -69,6 +72,7 @@ class SchedulerActor(Actor[SchedulerInbox]):
         adapters: Sender[AdapterInbox],
         runner: Sender[RunnerInbox],
         stats: StatsSink | None = None,
+        ops: CacheSink | None = None,
     ) -> None:
         super().__init__()
         self._cfg = cfg
@@ -76,26 +80,15 @@ class SchedulerActor(Actor[SchedulerInbox]):
         self._eos_ids = frozenset(ready.eos_token_ids)
         self._tokenizer, self._adapters, self._runner = tokenizer, adapters, runner
         self._stats = stats
-        limits = PlanLimits(
-            token_budget=cfg.chunked_prefill_size,
-            max_running=cfg.max_running_requests,
-            page_size=ready.page_size,
-            context_length=ready.context_length,
-            mixed_chunk=cfg.enable_mixed_chunk,
-        )
-        self.planner = Planner(
-            ready,
-            limits,
-            max_loras_per_batch=adapter_cfg.max_loras_per_batch,
-            eviction_policy=adapter_cfg.lora_eviction_policy,
-        )
+        self._ops = ops
+        self.planner = planner_for(cfg, adapter_cfg, ready)
         self._by_request: dict[RequestId, Sequence] = {}
         self._by_seq: dict[SeqId, Sequence] = {}
         self._running: list[Sequence] = []
         self._waiting: deque[Sequence] = deque()
         self._max_in_flight = 1 if cfg.disable_overlap_schedule else 2
-        # Steps with rows sent, awaiting StepDone: id, when sent.
-        self._in_flight: deque[tuple[StepId, float]] = deque()
+        # Steps with rows sent, awaiting StepDone: id, when sent, what its rows write.
+        self._in_flight: deque[tuple[StepId, float, tuple[Written, ...]]] = deque()
         self._step_id = StepId(0)
         self._next_seq_id = 0
         self._freed_in_runner: list[SeqId] = []
@@ -125,6 +118,10 @@ class SchedulerActor(Actor[SchedulerInbox]):
                 self._apply(msg)
             case Abort(request_id=request_id):
                 self._abort(request_id)
+            case FlushCache(op_id=op_id):
+                num_pages = self.planner.cache.flush()
+                if self._ops is not None:
+                    self._ops.cache_flushed(CacheFlushed(op_id=op_id, num_pages=num_pages))
             case _:
                 assert_never(msg)
 
@@ -144,12 +141,7 @@ class SchedulerActor(Actor[SchedulerInbox]):
                 RequestFailed(request_id=msg.request_id, code=problem[0], detail=problem[1])
             )
             return
-        seq = Sequence(
-            seq_id=SeqId(self._next_seq_id),
-            request_id=msg.request_id,
-            prompt_ids=msg.prompt_ids,
-            params=msg.params,
-        )
+        seq = Sequence(SeqId(self._next_seq_id), msg.request_id, msg.prompt_ids, msg.params)
         self._next_seq_id += 1
         self._by_request[msg.request_id] = seq
         self._by_seq[seq.seq_id] = seq
@@ -208,11 +200,12 @@ class SchedulerActor(Actor[SchedulerInbox]):
         self._prefill_turn = not decision.is_prefill_only
         self._step_id = StepId(self._step_id + 1)
         self._num_overlapped += bool(self._in_flight)
-        self._in_flight.append((self._step_id, time.monotonic()))
         freed, self._freed_in_runner = tuple(self._freed_in_runner), []
         plan = build_step_plan(
             self._step_id, decision.rows, planned.adapters, planned.uploads, freed
         )
+        written = written_by(row.seq for row in decision.rows)
+        self._in_flight.append((self._step_id, time.monotonic(), written))
         self._runner.send(RunStep(plan=plan))
         return True
 
@@ -229,7 +222,8 @@ class SchedulerActor(Actor[SchedulerInbox]):
         if not self._in_flight or msg.step_id != self._in_flight[0][0]:
             logger.warning("stale StepDone for step %d", msg.step_id)
             return
-        _, sent_s = self._in_flight.popleft()
+        _, sent_s, written = self._in_flight.popleft()
+        self.planner.cache.settle(written)  # full pages it wrote join the prefix cache
         result = msg.result
         for i, (seq_id, token_id) in enumerate(zip(msg.seq_ids, result.token_ids, strict=True)):
             seq = self._by_seq.get(seq_id)
@@ -270,8 +264,7 @@ class SchedulerActor(Actor[SchedulerInbox]):
         seq.status = SeqStatus.FINISHED
         self._num_finished += 1
         self._num_aborted += reason == "abort"
-        self.planner.arena.free(seq.blocks)
-        seq.blocks.clear()
+        self.planner.cache.release(seq)  # cached pages back to the cache, the rest freed
         self._drop_runner_state(seq)
         if seq.adapter_id is not None:
             self._release(seq.request_id, seq.adapter_id)
@@ -296,19 +289,12 @@ class SchedulerActor(Actor[SchedulerInbox]):
     def publish_stats(self) -> None:
         if self._stats is None:
             return
-        arena = self.planner.arena
         step_s, num_sampled = self._last_step
         self._stats.scheduler_stats(
-            SchedulerStats(
+            self.planner.memory_stats()._replace(
                 num_running=len(self._running),
                 num_waiting=len(self._waiting),
                 num_acquiring=len(self._by_request) - len(self._running) - len(self._waiting),
-                num_kv_pages=arena.geometry.num_pages,
-                num_kv_pages_used=arena.num_used_pages,
-                num_lora_rows=arena.geometry.max_rows - arena.first_row,
-                num_lora_rows_used=arena.num_used_rows,
-                lora_capacity=self.planner.capacity,
-                gpu_adapters=self.planner.gpu_adapters(),
                 last_step_s=step_s,
                 last_step_tokens=num_sampled,
                 num_steps=int(self._step_id),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
+from lorasrv.engine.prefix_cache import CachedPage
 from lorasrv.ids import AdapterId, BlockId, RequestId, SeqId
 from lorasrv.messages import EmitTokens, SamplingParams, StepResult
 
@@ -32,6 +33,11 @@ class Sequence:
     num_pending: int = 0
     num_computed: int = 0  # tokens whose KV is written by launched steps
     blocks: list[BlockId] = field(default_factory=list)
+    # The cached pages it holds: the first len(prefix) pages of `blocks` are theirs, unless
+    # it computed a page that someone else cached first (then it keeps its own copy).
+    prefix: list[CachedPage] = field(default_factory=list)
+    cached_tokens: int | None = None  # prompt tokens found cached at its first admission
+    num_admissions: int = 0  # a step's row writes for the admission it was planned in
     in_runner: bool = False  # the runner holds sampler state for it
     waiting_since_step: int = 0
 
@@ -110,7 +116,8 @@ def token_message(
     asks, and what another request asked must not change this one's output."""
     if result is None:
         return EmitTokens(request_id=seq.request_id, token_ids=(), finish_reason=reason,
-                          prompt_tokens=len(seq.prompt_ids))  # fmt: skip
+                          prompt_tokens=len(seq.prompt_ids),
+                          cached_tokens=seq.cached_tokens or 0)  # fmt: skip
     params = seq.params
     wants = (params.logprobs or params.top_logprobs > 0) and bool(result.logprobs)
     wants_top = params.top_logprobs > 0 and bool(result.top_logprobs)
@@ -122,4 +129,5 @@ def token_message(
         finish_reason=reason,
         matched_stop=matched,
         prompt_tokens=len(seq.prompt_ids),
+        cached_tokens=seq.cached_tokens or 0,
     )

@@ -20,7 +20,9 @@ class SchedulerStats(NamedTuple):
     num_waiting: int = 0
     num_acquiring: int = 0
     num_kv_pages: int = 0  # the arena, in KV pages (adapter rows take some of them)
-    num_kv_pages_used: int = 0
+    num_kv_pages_used: int = 0  # held by requests (cached pages no request holds are free)
+    num_cached_pages: int = 0  # in the prefix cache, held by requests or not
+    num_cached_pages_evicted: int = 0  # unused cached pages given back to KV or adapter rows
     num_lora_rows: int = 0  # rows adapters may hold when KV leaves them room
     num_lora_rows_used: int = 0
     lora_capacity: int = 0  # distinct adapters a batch may hold (effective max_loras_per_batch)

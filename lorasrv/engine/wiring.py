@@ -11,7 +11,7 @@ from lorasrv.config import ServerConfig, lora_enabled
 from lorasrv.engine.actor import Sender
 from lorasrv.engine.adapter_manager import AdapterManagerActor
 from lorasrv.engine.gpu_runner import GpuRunnerActor
-from lorasrv.engine.outputs import OpSink, OutputSink
+from lorasrv.engine.outputs import CacheSink, OpSink, OutputSink
 from lorasrv.engine.parts import EngineParts
 from lorasrv.engine.planner import effective_capacity
 from lorasrv.engine.scheduler import SchedulerActor
@@ -34,7 +34,7 @@ class Forward(Generic[M]):
         self.target.send(msg)
 
 
-class Sinks(OutputSink, OpSink, StatsSink, Protocol):
+class Sinks(OutputSink, OpSink, StatsSink, CacheSink, Protocol):
     """Where the actors hand results to the Engine."""
 
 
@@ -90,7 +90,7 @@ def wire_actors(
     )
     scheduler = to_scheduler.target = SchedulerActor(
         cfg=config.scheduler, adapter_cfg=adapter_cfg, ready=ready, tokenizer=tokenizer,
-        adapters=adapters, runner=runner, stats=sinks,
+        adapters=adapters, runner=runner, stats=sinks, ops=sinks,
     )  # fmt: skip
     scheduler.publish_stats()  # capacity and page counts, before any request
     return Actors(tokenizer, scheduler, adapters, runner, capacity)

@@ -57,6 +57,14 @@ async def unload_lora_adapter(request: web.Request) -> web.Response:
     return json_response(AdapterOpResponse(success=True, loaded_adapters=done.loaded_adapters))
 
 
+async def flush_cache(request: web.Request) -> web.Response:
+    """SGLang's /flush_cache: drop every cached KV page no request uses (those in use stay,
+    so it never waits for requests to finish). Errors raise (the middleware answers them)."""
+    num_pages = await request.app[ENGINE_KEY].flush_cache()
+    log.info("flushed the prefix cache: %d pages", num_pages)
+    return web.Response(text=f"Cache flushed: {num_pages} unused cached pages dropped.")
+
+
 async def _sglang_failure(engine: Engine, exc: LorasrvError) -> web.Response:
     """SGLang's admin shape for every failure: 400 (or the error's own 5xx)."""
     try:

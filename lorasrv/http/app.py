@@ -48,6 +48,8 @@ ROUTES: Final[tuple[tuple[str, str, Handler, Access], ...]] = (
     ("POST", "/detokenize", handlers.detokenize, Access.USER),
     ("POST", "/load_lora_adapter", admin.load_lora_adapter, Access.ADMIN),
     ("POST", "/unload_lora_adapter", admin.unload_lora_adapter, Access.ADMIN),
+    ("POST", "/flush_cache", admin.flush_cache, Access.ADMIN),
+    ("GET", "/flush_cache", admin.flush_cache, Access.ADMIN),  # SGLang's older method
     ("POST", "/v1/load_lora_adapter", admin.vllm_load_lora_adapter, Access.ADMIN),
     ("POST", "/v1/unload_lora_adapter", admin.vllm_unload_lora_adapter, Access.ADMIN),
     ("GET", "/v1/models", handlers.list_models, Access.USER),

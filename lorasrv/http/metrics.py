@@ -33,6 +33,7 @@ async def metrics(request: web.Request) -> web.Response:
         num_waiting=stats.num_waiting + stats.num_acquiring,
         num_kv_pages=stats.num_kv_pages,
         num_kv_pages_used=stats.num_kv_pages_used,
+        num_cached_pages=stats.num_cached_pages,
         num_lora_rows=stats.num_lora_rows,
         num_lora_rows_used=stats.num_lora_rows_used,
         lora_capacity=stats.lora_capacity,

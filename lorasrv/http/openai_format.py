@@ -12,6 +12,7 @@ from lorasrv.engine.results import ResultBuilder
 from lorasrv.http.openai_schemas import (
     ChoiceLogprobs,
     CompletionLogprobs,
+    PromptTokensDetails,
     TokenLogprobEntry,
     TopLogprob,
     Usage,
@@ -41,12 +42,18 @@ class ChoiceState(ResultBuilder):
 
 
 def usage_of(states: Sequence[ChoiceState], n: int) -> Usage:
-    """Each prompt's tokens count once (choices i*n .. i*n+n-1 share prompt i); outputs add up."""
+    """Each prompt's tokens count once (choices i*n .. i*n+n-1 share prompt i); outputs add up.
+    A prompt's cached tokens are those none of its choices computed (the least of theirs)."""
     prompt = sum(state.prompt_tokens for state in states if state.index % n == 0)
     completion = sum(state.completion_tokens for state in states)
+    cached: dict[int, int] = {}
+    for state in states:
+        group = state.index // n
+        cached[group] = min(cached.get(group, state.cached_tokens), state.cached_tokens)
     return Usage(
-        prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion
-    )
+        prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion,
+        prompt_tokens_details=PromptTokensDetails(cached_tokens=sum(cached.values())),
+    )  # fmt: skip
 
 
 def completion_logprobs(

@@ -91,10 +91,15 @@ class ChatCompletionRequest(SamplingFields, frozen=True, kw_only=True):
 # ----------------------------------------------------------------------------- responses
 
 
+class PromptTokensDetails(msgspec.Struct, frozen=True, kw_only=True):
+    cached_tokens: int  # prompt tokens whose KV came from the prefix cache
+
+
 class Usage(msgspec.Struct, frozen=True, kw_only=True):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails
 
 
 class CompletionLogprobs(msgspec.Struct, frozen=True, kw_only=True):

@@ -68,6 +68,8 @@ _OPS: Final[dict[str, dict[str, tuple[str, Any, tuple[Any, ...]]]]] = {
                                     (sg.AdapterOpResponse,))},
     "/unload_lora_adapter": {"post": ("unload an adapter (SGLang)", sg.UnloadLoraRequest,
                                       (sg.AdapterOpResponse,))},
+    "/flush_cache": {"post": ("drop every unused cached KV page", None, (PLAIN_TEXT,)),
+                     "get": ("drop every unused cached KV page", None, (PLAIN_TEXT,))},
     "/v1/load_lora_adapter": {"post": ("load an adapter (vLLM)", sg.VllmLoadLoraRequest,
                                        (PLAIN_TEXT,))},
     "/v1/unload_lora_adapter": {"post": ("unload an adapter (vLLM)", sg.VllmUnloadLoraRequest,

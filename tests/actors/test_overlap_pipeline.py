@@ -44,6 +44,12 @@ class Pump:
         self.num_run = 0
         self.max_unrun = 0  # the most steps with rows sent and not yet answered
 
+    def num_pages_left(self) -> int:
+        """KV pages still allocated once the prefix cache dropped what nobody holds."""
+        planner = self.scheduler.planner
+        planner.cache.flush()
+        return planner.arena.num_used_pages
+
     def enqueue(self, rid: str, prompt: list[int], **params: object) -> None:
         self.scheduler.handle(Enqueue(request_id=RequestId(rid), prompt_ids=tuple(prompt),
                                       lora_name=None, params=SamplingParams(**params)))  # fmt: skip
@@ -52,21 +58,25 @@ class Pump:
     def run(self) -> dict[str, list[int]]:
         """Every step to the end; each request's tokens."""
         while self.num_run < len(self.sent.msgs):
-            plan = self.sent.msgs[self.num_run].plan
-            self.num_run += 1
-            unrun = [m for m in self.sent.msgs[self.num_run - 1 :] if m.plan.seq_ids]
-            self.max_unrun = max(self.max_unrun, len(unrun))
-            result = self.fake.step(plan)
-            if plan.seq_ids:
-                sampled = tuple(itertools.compress(plan.seq_ids, plan.sample_rows))
-                self.scheduler.handle(StepDone(step_id=plan.step_id, seq_ids=sampled,
-                                               result=result))  # fmt: skip
-                self.scheduler.after_batch()
+            self.run_one()
         out: dict[str, list[int]] = {}
         for m in self.tokenizer.msgs:
             if isinstance(m, EmitTokens):
                 out.setdefault(m.request_id, []).extend(m.token_ids)
         return out
+
+    def run_one(self) -> None:
+        """Run the oldest unrun step and hand its StepDone back."""
+        plan = self.sent.msgs[self.num_run].plan
+        self.num_run += 1
+        unrun = [m for m in self.sent.msgs[self.num_run - 1 :] if m.plan.seq_ids]
+        self.max_unrun = max(self.max_unrun, len(unrun))
+        result = self.fake.step(plan)
+        if plan.seq_ids:
+            sampled = tuple(itertools.compress(plan.seq_ids, plan.sample_rows))
+            self.scheduler.handle(StepDone(step_id=plan.step_id, seq_ids=sampled,
+                                           result=result))  # fmt: skip
+            self.scheduler.after_batch()
 
     def finish(self, rid: str) -> EmitTokens:
         return next(m for m in self.tokenizer.msgs if m.request_id == rid and m.finish_reason)
@@ -105,7 +115,7 @@ def test_rows_stopping_by_length_never_run_past_their_last_token() -> None:
     out = pump.run()
     for i, n in enumerate(limits):
         assert out[f"r{i}"] == fake_generate(PROMPTS[i], 0, n)
-    assert pump.scheduler.planner.arena.num_used_pages == 0
+    assert pump.num_pages_left() == 0
     # each sampled exactly as often as it had tokens to give: known in advance, so no step was
     # planned for a row whose last token was already on its way
     assert sampled_rows(pump.fake.plans) == dict(enumerate(limits))
@@ -125,7 +135,7 @@ def test_a_stop_token_ends_the_row_one_step_late(overlap: bool) -> None:
     assert out["other"] == fake_generate(PROMPTS[2], 0, 8)
     finish = pump.finish("stop")
     assert (finish.finish_reason, finish.matched_stop) == ("stop", expected[3])
-    assert pump.scheduler.planner.arena.num_used_pages == 0
+    assert pump.num_pages_left() == 0
     assert not pump.fake.live_seqs  # runner state dropped, in the plan after
     # overlapped: the step after the stop was planned before it was seen; its token is dropped
     extra = 1 if overlap else 0
@@ -169,7 +179,7 @@ def test_preempted_with_a_token_in_flight_it_waits_for_it_then_recomputes(
     out = pump.run()
     for i, prompt in enumerate(PROMPTS[:3]):
         assert out[f"r{i}"] == fake_generate(prompt, 0, 10)
-    assert pump.scheduler.planner.arena.num_used_pages == 0
+    assert pump.num_pages_left() == 0
     plans = pump.fake.plans
     caught_in_flight = 0
     for j, plan in enumerate(plans):
@@ -186,3 +196,22 @@ def test_preempted_with_a_token_in_flight_it_waits_for_it_then_recomputes(
             before = plans[freed_at - 1]
             caught_in_flight += new.seq_id in itertools.compress(before.seq_ids, before.sample_rows)
     assert caught_in_flight, "no preemption caught a token in flight"
+
+
+def test_cached_pages_are_published_only_when_the_step_that_wrote_them_answers() -> None:
+    pump = Pump(budget=8)
+    prompt = list(range(5, 22))  # 17 tokens: chunks of 8, 8 and 1; 4 full pages
+    pump.enqueue("a", prompt, max_new_tokens=4, ignore_eos=True)
+    cache = pump.scheduler.planner.cache
+    assert [len(m.plan.seq_ids) for m in pump.sent.msgs] == [1, 1]  # two chunks in flight
+    assert cache.num_pages == 0, "pages of steps in flight were published"
+    pump.run_one()
+    assert cache.num_pages == 2  # the first chunk's pages, once its step answered
+    pump.run_one()
+    assert cache.num_pages == 4
+    out = pump.run()
+    assert out["a"] == fake_generate(prompt, 0, 4)
+    pump.enqueue("b", prompt, max_new_tokens=4, ignore_eos=True)  # finds the 4 pages
+    assert pump.run()["b"] == fake_generate(prompt, 0, 4)
+    assert pump.finish("b").cached_tokens == 16
+    assert pump.num_pages_left() == 0

@@ -20,6 +20,7 @@ from lorasrv.messages import (
     AdapterAcquired,
     AdapterAcquireFailed,
     AdapterRetired,
+    CacheFlushed,
     EmitTokens,
     Enqueue,
     HostCopyReady,
@@ -95,7 +96,7 @@ class StatsRecorder:
 class Harness:
     def __init__(
         self, *, pages: int = 128, budget: int = 64, cap: int | None = 2, max_running: int = 8,
-        lora_rows: int | None = None, overlap: bool = True,
+        lora_rows: int | None = None, overlap: bool = True, radix_cache: bool = True,
     ) -> None:  # fmt: skip
         self.fake = FakeRunner(num_kv_pages=pages, page_size=4, max_lora_rank=4,
                                lora_rows=lora_rows)  # fmt: skip
@@ -103,16 +104,21 @@ class Harness:
         self.adapters = FakeAdapters()
         self.stats = StatsRecorder()
         cfg = SchedulerConfig(chunked_prefill_size=budget, max_running_requests=max_running,
-                              disable_overlap_schedule=not overlap)  # fmt: skip
+                              disable_overlap_schedule=not overlap,
+                              disable_radix_cache=not radix_cache)  # fmt: skip
+        self.flushed: list[CacheFlushed] = []  # the engine's side of FlushCache
         self.runner = GpuRunnerActor(factory=lambda: self.fake, scheduler=Recorder())
         self.sent = Tee(self.runner)
         self.scheduler = SchedulerActor(
             cfg=cfg, adapter_cfg=AdapterConfig(max_loras_per_batch=cap),
             ready=self.fake.ready_info, tokenizer=self.tokenizer, adapters=self.adapters,
-            runner=self.sent, stats=self.stats,
+            runner=self.sent, stats=self.stats, ops=self,
         )  # fmt: skip
         self.runner._scheduler = self.scheduler
         self.adapters.scheduler, self.adapters.runner = self.scheduler, self.runner
+
+    def cache_flushed(self, result: CacheFlushed) -> None:
+        self.flushed.append(result)
 
     async def __aenter__(self) -> Harness:
         await self.runner.start_runner()
@@ -158,7 +164,9 @@ class Harness:
 
     @property
     def num_pages_used(self) -> int:
-        return self.scheduler.planner.arena.num_used_pages
+        """Pages held by requests (cached pages nobody holds are free memory)."""
+        arena = self.scheduler.planner.arena
+        return arena.num_used_pages - arena.num_evictable_pages
 
 
 PROMPTS = [[5 + i for i in range(n)] for n in (3, 9, 17, 30)]

@@ -61,7 +61,8 @@ async def test_completion_shape_and_usage(
     assert answer["choices"] == [
         {"index": 0, "text": expect("hello", None, 3), "logprobs": None, "finish_reason": "length"}
     ]
-    assert answer["usage"] == {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8}
+    assert answer["usage"] == {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8,
+                               "prompt_tokens_details": {"cached_tokens": 0}}  # fmt: skip
     (seq,) = runner.new_seqs()
     assert (seq.params.max_new_tokens, seq.params.temperature) == (3, 0)
     (submission,) = submitted
@@ -98,7 +99,8 @@ async def test_n_and_prompt_lists_seed_and_usage(
     assert [s.params.seed for s in submitted] == [7, 8, 7, 8]
     assert len({s.request_id for s in submitted}) == 4
     # each prompt counted once, every choice's tokens counted
-    assert answer["usage"] == {"prompt_tokens": 5, "completion_tokens": 8, "total_tokens": 13}
+    assert answer["usage"] == {"prompt_tokens": 5, "completion_tokens": 8, "total_tokens": 13,
+                               "prompt_tokens_details": {"cached_tokens": 0}}  # fmt: skip
 
 
 @pytest.mark.parametrize(
@@ -194,7 +196,8 @@ async def test_completion_stream_with_usage(client: Client) -> None:
     chunks = sse_json(sse_events(await resp.read()))
     *deltas, last = chunks
     assert last["choices"] == []
-    assert last["usage"] == {"prompt_tokens": 3, "completion_tokens": 6, "total_tokens": 9}
+    assert last["usage"] == {"prompt_tokens": 3, "completion_tokens": 6, "total_tokens": 9,
+                             "prompt_tokens_details": {"cached_tokens": 0}}  # fmt: skip
     for index in (0, 1):
         mine = [c["choices"][0] for c in deltas if c["choices"][0]["index"] == index]
         assert "".join(c["text"] for c in mine) == expect("hey", None, 3)
@@ -480,7 +483,17 @@ async def test_chat_stream_concatenates_to_the_plain_answer(keyed: Server) -> No
     assert chunks[0].choices[0].delta.role == "assistant"
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
     assert chunks[-1].choices == []
-    assert chunks[-1].usage == plain.usage
+    usage, plain_usage = chunks[-1].usage, plain.usage
+    assert usage is not None
+    assert plain_usage is not None
+    assert plain_usage.prompt_tokens_details is not None
+    assert plain_usage.prompt_tokens_details.cached_tokens == 0
+    # the same prompt again: its full pages (4 tokens each) come from the prefix cache
+    assert usage.prompt_tokens_details is not None
+    assert usage.prompt_tokens_details.cached_tokens == (usage.prompt_tokens - 1) // 4 * 4
+    assert usage.model_dump(exclude={"prompt_tokens_details"}) == plain_usage.model_dump(
+        exclude={"prompt_tokens_details"}
+    )
     assert plain.usage is not None
     assert plain.usage.prompt_tokens == len(chat_prompt(messages))
     assert plain.usage.completion_tokens == 10

@@ -43,6 +43,7 @@ def planner(
         plan_limits,
         max_loras_per_batch=cap,
         eviction_policy="fifo" if policy == "fifo" else "lru",
+        prefix_cache=False,  # test_prefix_planner.py: the planner with it
     )
 
 
@@ -76,8 +77,7 @@ class Queues:
 
     def finish(self, s: Sequence) -> None:
         self.running.remove(s)
-        self.p.arena.free(s.blocks)
-        s.blocks.clear()
+        self.p.cache.release(s)
         s.status = SeqStatus.FINISHED
 
 

@@ -9,10 +9,10 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 PURE_ENGINE = {
-    "adapter_catalog", "adapter_registry", "adapter_status", "admission", "arena",
+    "adapter_catalog", "adapter_registry", "adapter_status", "admission", "arena", "arena_geometry",
     "batch_adapters", "host_cache", "invariants", "lora_spec", "outputs", "planner", "policy",
-    "prefix_cache", "requests", "residency", "results", "sequence", "stats", "step_plan",
-    "step_runner", "validation",
+    "prefix_cache", "prefix_pages", "requests", "residency", "results", "sequence", "stats",
+    "step_plan", "step_runner", "validation",
 }  # fmt: skip
 PURE_ALLOWED = {"lorasrv.ids", "lorasrv.config", "lorasrv.messages", "lorasrv.errors", "msgspec"}
 

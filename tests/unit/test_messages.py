@@ -61,6 +61,7 @@ SAMPLES: list[m.Msg] = [
         result=m.StepResult(token_ids=(5,), logprobs=(-0.1,), top_logprobs=((),)),
     ),
     m.AdapterRetired(adapter_id=AdapterId(3)),
+    m.FlushCache(op_id=OpId(4)),
     m.HostCopyReady(adapter_id=AdapterId(3), weights=b"rows", rank=8, scaling=2.0),
     m.HostCopyDropped(adapter_id=AdapterId(3)),
     m.RunStep(

@@ -23,7 +23,7 @@ from lorasrv.engine.step_plan import build_step_plan
 from lorasrv.engine.step_runner import HostInputs
 from lorasrv.ids import BlockId, RequestId, SeqId, StepId
 from lorasrv.messages import RunnerReady, SamplingParams, StepPlan, StepResult
-from tests.unit.test_planner import ready
+from tests.unit.planner_fixtures import ready
 
 EOS = 0
 
@@ -107,7 +107,9 @@ class PipelineMachine(RuleBasedStateMachine):
     def setup(self, pages: int, budget: int) -> None:
         limits = PlanLimits(token_budget=budget, max_running=4, page_size=4, context_length=32,
                             starvation_steps=4)  # fmt: skip
-        self.p = Planner(no_rows(pages), limits, max_loras_per_batch=None, eviction_policy="lru")
+        # The prefix cache off: test_prefix_planner_properties runs this pipeline with it.
+        self.p = Planner(no_rows(pages), limits, max_loras_per_batch=None, eviction_policy="lru",
+                         prefix_cache=False)  # fmt: skip
         self.running: list[Sequence] = []
         self.waiting: deque[Sequence] = deque()
         self.in_flight: deque[StepPlan] = deque()

@@ -223,7 +223,7 @@ class PlannerMachine(RuleBasedStateMachine):
         )  # fmt: skip
         self.p = Planner(
             ready(num_pages, 100, row_bytes), limits, max_loras_per_batch=cap,
-            eviction_policy="fifo" if policy == "fifo" else "lru",
+            eviction_policy="fifo" if policy == "fifo" else "lru", prefix_cache=False,
         )  # fmt: skip
         self.q = Queues(self.p)
         self.next_id = 0
@@ -245,8 +245,7 @@ class PlannerMachine(RuleBasedStateMachine):
         planned = self.q.plan(prefill_turn=prefill)
         for s in planned.decision.exhausted:
             (self.q.running if s in self.q.running else self.q.waiting).remove(s)
-            self.p.arena.free(s.blocks)
-            s.blocks.clear()
+            self.p.cache.release(s)
         event(f"rows {len(planned.decision.rows)}, uploads {len(planned.uploads)}")
         used = {r.seq.adapter_id for r in planned.decision.rows} - {None}
         assert {a.adapter_id for a in planned.adapters} == used
