@@ -262,11 +262,6 @@ async def run_mode(args: argparse.Namespace, model_dir: Path, adapters: dict[str
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from lorasrv.config import SECTION_OF
-
-    if "disable_radix_cache" not in SECTION_OF:
-        print("this lorasrv has no prefix cache yet (no --disable-radix-cache)", file=sys.stderr)
-        return 2
     import bench_model as bm
     import torch
 

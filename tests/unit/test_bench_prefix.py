@@ -1,10 +1,12 @@
 """bench/bench_prefix.py's CPU parts: the multi-turn workload, the driver over a fake engine, and
-the figures (percentiles, the on/off ratios and their targets)."""
+the figures (percentiles, the on/off ratios and their targets), and a whole --small run."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 
@@ -135,3 +137,16 @@ def test_defaults_are_the_issues_workload() -> None:
     small = bp.parse_args(["--small"])
     assert small.system_len < 100
     assert small.num_adapters == 2
+
+
+def test_the_small_run_serves_later_turns_from_the_cache(tmp_path: Path) -> None:
+    """--small: the whole script on CPU (tiny float32 model), both modes through the Engine."""
+    out = tmp_path / "prefix.json"
+    assert bp.main(["--small", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    off, on = result["cache_off"], result["cache_on"]
+    assert off["cached_tokens"] == 0
+    assert on["cached_share"] > 0.3  # later turns find the system prompt and the history
+    assert on["prompt_tokens"] == off["prompt_tokens"]
+    assert result["first_turn_agreement"] == 1.0  # float32: the same replies
+    assert {"prefix_cache_ttft_ratio", "prefix_cache_throughput_ratio"} <= result.keys()
