@@ -9,15 +9,13 @@ from __future__ import annotations
 import datetime
 import functools
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any, TypeVar
+from typing import Any
 
 import msgspec
-import torch
 import torch.multiprocessing as mp
 from torch._C._distributed_c10d import TCPStore  # typed there; same object
 
@@ -35,11 +33,11 @@ from lorasrv.tp.monitor import TpWorkerError, WorkerMonitor
 from lorasrv.tp.plan_codec import PlanEncoder, decode_result
 from lorasrv.tp.protocol import TpCommand, TpDropHostCopy, TpShutdown
 from lorasrv.tp.shm_channel import MESSAGE, PLAN, CoordinatorLink, ShmLink
-from lorasrv.tp.worker import STORE_HOST, WorkerSpec, error_key, run_worker
+from lorasrv.tp.spawn import call_watched, spawn_workers, store_client, tp_device_type
+from lorasrv.tp.worker import STORE_HOST, error_key
 
 logger = logging.getLogger(__name__)
 
-T = TypeVar("T")
 
 STARTUP_TIMEOUT_S = 1800.0  # spawn, connect, load and shard the weights, size the KV cache
 STEP_TIMEOUT_S = 600.0  # one step or slot upload while cold (the first ones compile kernels)
@@ -76,7 +74,7 @@ class TpRunner:
             check_split(self.arch, tp_size)
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
-        device_type = _device_type(device, tp_size)
+        device_type = tp_device_type(device, tp_size)
         self._allow_pickle = bool(runner_options.get("allow_pickle", False))
         self._store = TCPStore(
             STORE_HOST,
@@ -92,8 +90,15 @@ class TpRunner:
         # NOTE: each step's tokens are back before the next is sent, so plans' device inputs are
         # filled here and no worker needs another rank's tokens.
         self._inputs = HostInputs()
-        self._processes, heartbeats = self._spawn(
-            context, link, model_path, device_type, runner_options
+        self._processes, heartbeats = spawn_workers(
+            context,
+            link,
+            runner_class=runner_class,
+            runner_options={"model_path": model_path, **runner_options},
+            tp_size=tp_size,
+            store_port=self._store.port,
+            device_type=device_type,
+            collective_timeout_s=step_timeout_s,
         )
         self._monitor = WorkerMonitor(
             self._processes,
@@ -107,8 +112,9 @@ class TpRunner:
         self._encoder = msgspec.msgpack.Encoder()
         try:
             with self._guard("startup", startup_timeout_s):
-                self._channel = self._call_watched(
-                    lambda: ControlChannel(_client(self._store), rank=0, size=tp_size + 1)
+                self._channel = call_watched(
+                    lambda: ControlChannel(store_client(self._store), rank=0, size=tp_size + 1),
+                    self._monitor,
                 )
                 ready = self._channel.broadcast(None, root=1)
                 self._ready = msgspec.msgpack.decode(ready, type=RunnerReady)
@@ -232,40 +238,6 @@ class TpRunner:
         if self._monitor.failure is not None:
             raise TpWorkerError(self._monitor.failure)
 
-    def _spawn(
-        self,
-        context: Any,
-        link: ShmLink,
-        model_path: str,
-        device_type: str,
-        runner_options: dict[str, Any],
-    ) -> tuple[list[Any], list[Any]]:
-        processes, heartbeats = [], []
-        for rank in range(self.tp_size):
-            heartbeat = context.Value("Q", 0, lock=False)
-            spec = WorkerSpec(
-                tp_rank=rank,
-                tp_size=self.tp_size,
-                store_port=self._store.port,
-                device_type=device_type,
-                runner_options={"model_path": model_path, **runner_options},
-                parent_pid=os.getpid(),
-                log_level=logging.getLogger().getEffectiveLevel(),
-                heartbeat=heartbeat,
-                collective_timeout_s=self.step_timeout_s,
-                link=link,
-                runner_class=self._runner_class,
-            )
-            # daemon: multiprocessing kills them if this process exits without shutdown().
-            process = context.Process(
-                target=run_worker, args=(spec,), name=f"lorasrv-tp{rank}", daemon=True
-            )
-            process.start()
-            logger.info("tp worker %d started: pid %d", rank, process.pid)
-            processes.append(process)
-            heartbeats.append(heartbeat)
-        return processes, heartbeats
-
     def _live_channel(self) -> ControlChannel:
         if self._channel is None:
             raise TpWorkerError(self._monitor.failure or "the tensor-parallel runner is shut down")
@@ -289,29 +261,6 @@ class TpRunner:
                 self._monitor.fail(cause)  # ranks may now disagree: stop them all
             raise TpWorkerError(cause) from exc
 
-    def _call_watched(self, fn: Callable[[], T]) -> T:
-        """Run a call that may block on absent workers in a helper thread, so a failure seen by
-        the monitor (a worker that died before connecting) ends the wait."""
-        box: list[Any] = []
-
-        def target() -> None:
-            try:
-                box.append((True, fn()))
-            except BaseException as exc:
-                box.append((False, exc))
-
-        thread = threading.Thread(target=target, name="lorasrv-tp-connect", daemon=True)
-        thread.start()
-        while thread.is_alive():
-            thread.join(0.1)
-            if self._monitor.failure is not None:
-                raise TpWorkerError(self._monitor.failure)
-        is_ok, value = box[0]
-        if not is_ok:
-            raise value
-        result: T = value
-        return result
-
     def _read_error(self, rank: int) -> str | None:
         key = error_key(rank)
         try:
@@ -320,25 +269,6 @@ class TpRunner:
         except Exception:
             logger.debug("could not read tp worker %d's error", rank, exc_info=True)
         return None
-
-
-def _client(store: TCPStore) -> TCPStore:
-    """A connection of its own: a TCPStore client serializes its calls, and the group's
-    rendezvous waits on keys that the monitor's error lookups must not queue behind."""
-    return TCPStore(STORE_HOST, store.port, is_master=False, timeout=datetime.timedelta(seconds=60))
-
-
-def _device_type(device: str, tp_size: int) -> str:
-    device_type = device.split(":")[0]
-    if device_type == "auto":
-        device_type = "cuda" if torch.cuda.is_available() else "cpu"
-    if device_type == "cuda":
-        found = torch.cuda.device_count()
-        if found < tp_size:
-            raise ConfigError(f"--tp-size {tp_size} needs {tp_size} CUDA devices; {found} visible")
-    elif device_type != "cpu":
-        raise ConfigError(f"--device {device}: tensor parallelism runs on cuda or cpu")
-    return device_type
 
 
 def _quietly(fn: Callable[[], object]) -> None:
