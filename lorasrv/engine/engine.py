@@ -1,35 +1,29 @@
 """Engine: wires and supervises the actors; the typed API (submit / abort / generate,
 load_adapter / unload_adapter) that http/ and embedding apps use. Owns the per-request output
-queues and admin-operation futures, nothing else; speaks no wire format.
+queues; admin operations (adapters, cache flush) go through its AdminOps; speaks no wire format.
 """
 
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
 import time
 import uuid
-from collections.abc import Callable
 from typing import Any, Self
 
 from lorasrv.config import ServerConfig, build_config, lora_enabled
-from lorasrv.engine import adapter_admin as admin
-from lorasrv.engine.adapter_manager import AdapterManagerActor
-from lorasrv.engine.adapter_status import with_gpu
+from lorasrv.engine.admin_ops import AdminOps
 from lorasrv.engine.gpu_runner import GpuRunnerActor
 from lorasrv.engine.hf_tokenizer import Detokenizer
 from lorasrv.engine.parts import EngineParts, prepare_parts
 from lorasrv.engine.request_handle import RequestHandle
 from lorasrv.engine.requests import Submission
 from lorasrv.engine.results import RequestResult
-from lorasrv.engine.scheduler import SchedulerActor
 from lorasrv.engine.stats import SchedulerStats
 from lorasrv.engine.tokenizer import TokenizerActor
 from lorasrv.engine.validation import Limits, check_submission
 from lorasrv.engine.wiring import Forward, wire_actors
 from lorasrv.errors import (
-    AdapterError,
     BadRequest,
     BatchTooLarge,
     ConfigError,
@@ -38,20 +32,15 @@ from lorasrv.errors import (
     Overloaded,
     ShuttingDown,
 )
-from lorasrv.ids import OpId, RequestId
+from lorasrv.ids import RequestId
 from lorasrv.messages import (
     Abort,
     AdapterOpDone,
     AdapterStatus,
-    CacheFlushed,
-    DescribeAdapters,
-    FlushCache,
-    LoadAdapter,
     RequestOutput,
     RunnerReady,
     SchedulerInbox,
     Tokenize,
-    UnloadAdapter,
 )
 from lorasrv.metrics import Metrics
 
@@ -65,20 +54,18 @@ class Engine:
         self.config = config
         self._parts = parts  # injected by tests (FakeRunner...); else built in start()
         self._outputs: dict[RequestId, asyncio.Queue[RequestOutput]] = {}
-        self._ops: dict[OpId, asyncio.Future[AdapterOpDone]] = {}
-        self._flushes: dict[OpId, asyncio.Future[int]] = {}
-        self._op_ids = itertools.count(1)
+        self.admin = AdminOps(
+            check_running=self._check_running,
+            stats=lambda: self.last_stats,
+        )
         self._supervisor: asyncio.Task[None] | None = None
         self._runner_actor: GpuRunnerActor | None = None
-        self._scheduler: SchedulerActor | None = None
         self._tokenizer_actor: TokenizerActor | None = None
-        self._adapter_actor: AdapterManagerActor | None = None
         self._ready: RunnerReady | None = None
         self.last_stats = SchedulerStats()  # the scheduler's latest snapshot
         # this engine's own Prometheus registry, served by /metrics
         self.metrics = Metrics(prefix_cache=not config.scheduler.disable_radix_cache)
         self._tokenizer: Detokenizer | None = None
-        self._read_adapter_config: Callable[[str], Any] = _not_started
         self.failed = asyncio.Event()
         self.failure: str | None = None
         self.draining: str | None = None  # why new work is refused: the server is stopping
@@ -104,18 +91,19 @@ class Engine:
         self.config = parts.config  # the demo model fills in model_path and adapters
         self.model_path = parts.model_path
         self._tokenizer = parts.tokenizer
-        self._read_adapter_config = parts.read_adapter_config
+        self.admin.read_adapter_config = parts.read_adapter_config
+        self.admin.lora_enabled = lora_enabled(self.config.adapters)
         to_scheduler: Forward[SchedulerInbox] = Forward()  # the scheduler comes last
         runner = GpuRunnerActor(factory=parts.runner_factory, scheduler=to_scheduler)
         self._runner_actor = runner
-        self._ready = ready = await runner.start_runner()
+        self._ready = self.admin.ready = ready = await runner.start_runner()
         try:
-            wired = wire_actors(parts, self.config, runner, ready, to_scheduler, self)
+            wired = wire_actors(parts, self.config, runner, ready, to_scheduler, self, self.admin)
         except ConfigError:
             await self.stop()
             raise
-        self._tokenizer_actor, self._scheduler = wired.tokenizer, wired.scheduler
-        self._adapter_actor, capacity = wired.adapters, wired.capacity
+        self._tokenizer_actor, capacity = wired.tokenizer, wired.capacity
+        self.admin.adapters, self.admin.scheduler = wired.adapters, wired.scheduler
         actors = (wired.tokenizer, wired.scheduler, wired.adapters, runner)
         self._supervisor = asyncio.create_task(self._supervise(actors), name="lorasrv-actors")
         self.started_s = time.time()
@@ -147,10 +135,7 @@ class Engine:
         self.failed.set()
         for request_id, queue in list(self._outputs.items()):
             queue.put_nowait(_error_output(request_id, EngineDead(reason)))
-        futures: list[asyncio.Future[Any]] = [*self._ops.values(), *self._flushes.values()]
-        for future in futures:
-            if not future.done():
-                future.set_exception(EngineDead(reason))
+        self.admin.fail_all(EngineDead(reason))
 
     async def stop(self) -> None:
         if self._supervisor is not None:
@@ -166,6 +151,10 @@ class Engine:
     def is_healthy(self) -> bool:
         """Running and taking requests (False while draining for a shutdown)."""
         return self._supervisor is not None and not self.failed.is_set() and self.draining is None
+
+    def _check_running(self) -> None:
+        if not self.is_healthy():
+            raise self._refusal()
 
     def _refusal(self) -> LorasrvError:
         if self.draining is not None and not self.failed.is_set():
@@ -282,42 +271,14 @@ class Engine:
         if queue is not None:
             queue.put_nowait(output)
 
-    def op_done(self, result: AdapterOpDone) -> None:
-        future = self._ops.pop(result.op_id, None)
-        if future is not None and not future.done():
-            future.set_result(result)
-
     def scheduler_stats(self, stats: SchedulerStats) -> None:
         self.last_stats = stats
 
-    def cache_flushed(self, result: CacheFlushed) -> None:
-        future = self._flushes.pop(result.op_id, None)
-        if future is not None and not future.done():
-            future.set_result(result.num_pages)
-
     async def flush_cache(self) -> int:
         """Drop every cached KV page no request uses (SGLang's /flush_cache); how many."""
-        if not self.is_healthy() or self._scheduler is None:
-            raise self._refusal()
-        op_id = OpId(next(self._op_ids))
-        future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        self._flushes[op_id] = future
-        self._scheduler.send(FlushCache(op_id=op_id))
-        return await future
+        return await self.admin.flush_cache()
 
     # ------------------------------------------------------------------ adapters
-
-    def _send_op(self, make: Callable[[OpId], Any]) -> asyncio.Future[AdapterOpDone]:
-        if not self.is_healthy() or self._adapter_actor is None:
-            raise self._refusal()
-        op_id = OpId(next(self._op_ids))
-        future: asyncio.Future[AdapterOpDone] = asyncio.get_running_loop().create_future()
-        self._ops[op_id] = future
-        self._adapter_actor.send(make(op_id))
-        return future
-
-    async def _op(self, make: Callable[[OpId], Any]) -> AdapterOpDone:
-        return await self._send_op(make)
 
     async def load_adapter(
         self, lora_name: str, lora_path: str, pinned: bool = False, *, replace: bool = False
@@ -328,32 +289,11 @@ class Engine:
         old one finish on it, later ones wait for the new one. Its folder is checked first, so a
         refused replacement leaves the old version serving.
         """
-        if not lora_enabled(self.config.adapters):
-            raise BadRequest("LoRA is not enabled on this server (start it with --enable-lora)")
-        admin.check_load_names(lora_name, lora_path)
-        live = admin.live_adapters(await self.describe_adapters((lora_name,)))
-        if not replace:
-            admin.check_not_loaded(lora_name, live)
-        await admin.check_folder(self._read_adapter_config, self.ready_info, lora_path)
-        unloaded = None
-        if lora_name in live:  # NOTE: both sent in one go, so no acquire falls between them
-            unloaded = self._send_op(lambda op: UnloadAdapter(op_id=op, lora_name=lora_name))
-        loaded = self._send_op(
-            lambda op: LoadAdapter(
-                op_id=op, lora_name=lora_name, lora_path=lora_path, pinned=pinned
-            )
-        )
-        if unloaded is not None and not (await unloaded).success:
-            loaded.cancel()
-            raise AdapterError((await unloaded).error_message)
-        return _succeeded(await loaded)
+        return await self.admin.load(lora_name, lora_path, pinned, replace=replace)
 
     async def unload_adapter(self, lora_name: str) -> AdapterOpDone:
         """Stop new requests for the name; the version drains as its requests finish."""
-        admin.check_loaded(
-            lora_name, admin.live_adapters(await self.describe_adapters((lora_name,)))
-        )
-        return _succeeded(await self._op(lambda op: UnloadAdapter(op_id=op, lora_name=lora_name)))
+        return await self.admin.unload(lora_name)
 
     async def describe_adapters(
         self, names: tuple[str, ...] | None = None
@@ -361,13 +301,7 @@ class Engine:
         """Every adapter version (with `names`: the live versions of those names only): the
         adapter manager's view, with its GPU rows and evictions from the scheduler's latest
         snapshot."""
-        if self._adapter_actor is None:
-            return ()
-        done = await self._op(lambda op: DescribeAdapters(op_id=op, names=names))
-        ids = {a.adapter_id for a in done.adapters}
-        gpu = {g.adapter_id: g for g in self.last_stats.gpu_adapters if g.adapter_id in ids}
-        return tuple(with_gpu(a, gpu[a.adapter_id]) if a.adapter_id in gpu else a
-                     for a in done.adapters)  # fmt: skip
+        return await self.admin.describe(names)
 
     # ------------------------------------------------------------------ tokens
 
@@ -377,16 +311,6 @@ class Engine:
         if self._tokenizer is None:
             raise EngineDead("the engine has not started")
         return self._tokenizer
-
-
-def _not_started(path: str) -> Any:
-    raise EngineDead("the engine has not started")
-
-
-def _succeeded(done: AdapterOpDone) -> AdapterOpDone:
-    if not done.success:
-        raise AdapterError(done.error_message)
-    return done
 
 
 def _error_output(request_id: RequestId, error: LorasrvError) -> RequestOutput:

@@ -34,8 +34,12 @@ class Forward(Generic[M]):
         self.target.send(msg)
 
 
-class Sinks(OutputSink, OpSink, StatsSink, CacheSink, Protocol):
-    """Where the actors hand results to the Engine."""
+class Sinks(OutputSink, StatsSink, Protocol):
+    """Where the actors hand requests' outputs and stats to the Engine."""
+
+
+class OpSinks(OpSink, CacheSink, Protocol):
+    """Where the actors answer admin operations (the Engine's AdminOps)."""
 
 
 class Actors(NamedTuple):
@@ -66,6 +70,7 @@ def wire_actors(
     ready: RunnerReady,
     to_scheduler: Forward[SchedulerInbox],
     sinks: Sinks,
+    ops: OpSinks,
 ) -> Actors:
     """The actors over a started `runner` (which reported `ready`), whose scheduler sends go
     to `to_scheduler`."""
@@ -86,11 +91,11 @@ def wire_actors(
         ),
         scheduler=to_scheduler,
         runner=runner,
-        ops=sinks,
+        ops=ops,
     )
     scheduler = to_scheduler.target = SchedulerActor(
         cfg=config.scheduler, adapter_cfg=adapter_cfg, ready=ready, tokenizer=tokenizer,
-        adapters=adapters, runner=runner, stats=sinks, ops=sinks,
+        adapters=adapters, runner=runner, stats=sinks, ops=ops,
     )  # fmt: skip
     scheduler.publish_stats()  # capacity and page counts, before any request
     return Actors(tokenizer, scheduler, adapters, runner, capacity)
