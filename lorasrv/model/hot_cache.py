@@ -3,9 +3,10 @@ rows hold a few adapters' A rows, copied from their arena rows, so a step whose 
 gets the base output and every adapter's shrink from one GEMM (`HotBackend`), and the expand
 reads each segment's columns of that GEMM's output (`lora_expand_cols`).
 
-Runner-local: the planner and the messages know nothing of it. The runner uses it for a step iff
-the step is small (`HOT_MAX_TOKENS`) and the step's adapters fit the hot rows together; else the
-row kernels. B is never copied (the expand reads it from the arena). An entry is refreshed when
+Runner-local: the planner and the messages know nothing of it. The runner uses it for a decode
+step (CUDA graph or eager; lora_runtime.py keeps prefill and mixed steps on the row kernels) iff
+it is small (`HOT_MAX_TOKENS`) and the step's adapters fit the hot rows together; else the row
+kernels. B is never copied (the expand reads it from the arena). An entry is refreshed when
 the arena rows it came from were written since (an upload), or the adapter now has other rows.
 """
 

@@ -90,7 +90,10 @@ class LoraRuntime:
         segments = lora_segments(plan, plan.query_lens, self.uploader.info)
         if segments is None:
             return None
-        if self.hot is not None:
+        # NOTE: decode steps only. Prefill and mixed steps ran 3x slower stacked than on the row
+        # kernels (H100, bench_many zipf64 at be09855: its 16 prefill steps 2.88 s vs 0.97 s
+        # with --lora-hot-rows 0; decode steps equal), so they take the row kernels.
+        if self.hot is not None and plan.is_decode:
             stacked = self.hot.place(plan, segments, sum(plan.query_lens))
             if stacked is not None:
                 return LoraStep(self.hot.backend, self.hot.backend.prepare(stacked, self.device))

@@ -100,8 +100,8 @@ def test_kernel_runner_matches_reference(
     assert kernels.lora is not None
     hot = kernels.lora.hot
     assert (hot is None) == (hot_rows == 0)
-    if hot is not None:  # every step with adapter rows ran stacked, decode steps included
-        assert hot.num_steps >= NEW_TOKENS
+    if hot is not None:  # every decode step ran stacked; prefill and mixed steps the rows
+        assert hot.num_steps >= NEW_TOKENS - 1
         assert hot.num_fills == 3
 
 
