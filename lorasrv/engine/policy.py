@@ -172,8 +172,8 @@ class _Planning:
                 if self.is_starving(seq) and memory.cost(seq) > 0:
                     memory.blocked.append(seq)
                 continue
-            if self.cache.waits_for_twin(seq):
-                continue  # its prompt's pages are being computed: it reads them next step
+            if self.cache.waits_for_shared_prefix(seq):
+                continue  # pages of its prompt are being computed: it reads them once cached
             memory.take(seq)  # rows first: the pages must fit beside them
             self.cache.admit(seq)  # then its cached prefix, held so nothing evicts it
             num_new = min(seq.num_uncomputed, budget)

@@ -24,14 +24,20 @@ adapters. So cached pages are free memory that happens to hold something useful.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import NamedTuple
+from typing import Final, NamedTuple
 
 from lorasrv.engine.arena import Arena
 from lorasrv.engine.prefix_cache import Namespace, PrefixCache, private_pages
 from lorasrv.engine.sequence import SeqStatus, Sequence
 from lorasrv.ids import AdapterId, BlockId, SeqId
 
-_TwinKey = tuple[Namespace, int, tuple[int, ...]]  # version, prompt length, its last page
+_FirstPage = tuple[Namespace, tuple[int, ...]]  # version, a prompt's first page of tokens
+
+#: A waiting request waits for a prefilling one's pages when their prompts share at least this
+#: many tokens (in whole pages) that the cache does not hold yet.
+MIN_SHARED_TOKENS: Final = 32
+#: Prefilling requests a waiting one is compared with, at most (the same first page and version).
+MAX_CANDIDATES: Final = 8
 
 
 class Written(NamedTuple):
@@ -61,12 +67,13 @@ class PrefixPages:
         self.enabled = enabled
         self.cache = PrefixCache(page_size, on_evictable=arena.mark_evictable)
         self.num_evicted = 0  # unused cached pages given back to KV or adapter demand
-        # Sequences prefilling a prompt with full pages still to compute, by a short key of
-        # (version, prompt): an identical prompt (SGLang's `n` samples) waits for their pages
-        # instead of computing the same ones beside them. NOTE: the key hashes a page of
-        # tokens, not the whole prompt, since every waiting request is checked at every plan.
-        self._prefilling: dict[_TwinKey, Sequence] = {}
-        self._prefilling_keys: dict[SeqId, _TwinKey] = {}
+        # Sequences prefilling a prompt with full pages still to compute, by version and first
+        # page: a waiting prompt that shares pages with one of them (a system prompt, SGLang's
+        # `n` samples) waits for those pages instead of computing the same ones beside it.
+        # NOTE: keyed by one page of tokens, since every waiting request is checked every plan.
+        self._prefilling: dict[_FirstPage, list[Sequence]] = {}
+        self._prefilling_keys: dict[SeqId, _FirstPage] = {}
+        self.min_shared_pages = max(1, -(-MIN_SHARED_TOKENS // page_size))
 
     @property
     def num_pages(self) -> int:
@@ -75,13 +82,22 @@ class PrefixPages:
 
     # ------------------------------------------------------------------ one sequence
 
-    def waits_for_twin(self, seq: Sequence) -> bool:
-        """Another sequence is prefilling the same prompt under the same version: wait for
-        its pages (they are offered as its chunks are planned)."""
-        if not self._prefilling:
+    def waits_for_shared_prefix(self, seq: Sequence) -> bool:
+        """Another sequence under the same version is prefilling a prompt that shares at least
+        `min_shared_pages` full pages with `seq`'s (or all of a shorter prompt's), some of them
+        not cached yet: `seq` waits
+        for them (they join the cache as that sequence's steps settle) and then prefills only
+        the rest, so a batch computes a shared system prompt once."""
+        if not self._prefilling or len(seq.prompt_ids) <= self.page_size:
             return False
-        twin = self._prefilling.get(self._twin_key(seq))
-        return twin is not None and twin is not seq and twin.prompt_ids == seq.prompt_ids
+        candidates = self._prefilling.get(self._first_page(seq), ())
+        enough = max(1, min(self.min_shared_pages, self._num_prompt_pages(seq)))
+        for other in candidates[:MAX_CANDIDATES]:
+            if other is not seq:
+                shared = self._shared_pages(seq, other)
+                if shared >= enough and shared > len(other.prefix):
+                    return True
+        return False
 
     def admit(self, seq: Sequence) -> None:
         """Put `seq`'s cached prefix in place (held) before its other pages are reserved."""
@@ -101,10 +117,9 @@ class PrefixPages:
         if seq.cached_tokens is None:  # reported for the first admission only
             seq.cached_tokens = seq.num_computed
         if self.enabled and len(seq.prefix) < self._num_prompt_pages(seq):
-            key = self._twin_key(seq)
-            if key not in self._prefilling:
-                self._prefilling[key] = seq
-                self._prefilling_keys[seq.seq_id] = key
+            key = self._first_page(seq)
+            self._prefilling.setdefault(key, []).append(seq)
+            self._prefilling_keys[seq.seq_id] = key
 
     def settle(self, written: Iterable[Written]) -> None:
         """A step's tokens are applied: cache the full pages its rows wrote (rows of sequences
@@ -173,17 +188,31 @@ class PrefixPages:
     # ------------------------------------------------------------------ internals
 
     def _num_prompt_pages(self, seq: Sequence) -> int:
-        """Full pages of its prompt a later identical prompt could match."""
+        """Full pages of its prompt a later prompt could match (an identical one recomputes
+        its last token, so a prompt of whole pages offers one page fewer)."""
         return (len(seq.prompt_ids) - 1) // self.page_size
+
+    def _shared_pages(self, a: Sequence, b: Sequence) -> int:
+        """Full prompt pages (of those each could match) both prompts begin with."""
+        size, limit = self.page_size, min(self._num_prompt_pages(a), self._num_prompt_pages(b))
+        pa, pb = a.prompt_ids, b.prompt_ids
+        if pa[: limit * size] == pb[: limit * size]:
+            return limit
+        shared = 0
+        while pa[shared * size : (shared + 1) * size] == pb[shared * size : (shared + 1) * size]:
+            shared += 1
+        return shared
 
     def _forget_prefill(self, seq: Sequence) -> None:
         key = self._prefilling_keys.pop(seq.seq_id, None)
         if key is not None:
-            del self._prefilling[key]
+            group = self._prefilling[key]
+            group.remove(seq)
+            if not group:
+                del self._prefilling[key]
 
-    def _twin_key(self, seq: Sequence) -> _TwinKey:
-        prompt = seq.prompt_ids
-        return namespace_of(seq), len(prompt), prompt[-self.page_size :]
+    def _first_page(self, seq: Sequence) -> _FirstPage:
+        return namespace_of(seq), seq.prompt_ids[: self.page_size]
 
     def check_invariants(self, running: Iterable[Sequence]) -> None:
         """Every KV page has one owner: a running sequence (private) or the cache."""
@@ -193,5 +222,6 @@ class PrefixPages:
         assert private + self.cache.num_pages == self.arena.num_used_pages, "a KV page leaked"
         assert self.cache.num_evictable == self.arena.num_evictable_pages, "evictable pages"
         running_ids = {s.seq_id for s in running}
-        assert all(s.seq_id in running_ids for s in self._prefilling.values()), "prefill of nobody"
-        assert len(self._prefilling_keys) == len(self._prefilling), "prefill keys"
+        prefilling = [s for group in self._prefilling.values() for s in group]
+        assert all(s.seq_id in running_ids for s in prefilling), "prefill of nobody"
+        assert len(self._prefilling_keys) == len(prefilling), "prefill keys"

@@ -1,5 +1,6 @@
 """The planner with the prefix cache on: requests start on their cached prefix and prefill only
-the rest; identical prompts wait for the first one's pages; KV demand evicts unused cached pages
+the rest; prompts that share pages (a system prompt, identical prompts) wait for the first one's
+pages; KV demand evicts unused cached pages
 before idle adapters or running requests; adapter demand takes rows over unused cached pages
 before idle adapters; preempted requests come back on what is left of their pages; an unloaded
 adapter's pages and a flush go at once."""
@@ -114,6 +115,38 @@ def test_identical_prompts_wait_for_the_first_ones_pages() -> None:
     assert rows(q.plan(prefill_turn=False)) == {0: 1, 1: 1, 2: 1}
     assert samples[1].blocks[:4] == samples[2].blocks[:4] == samples[0].blocks[:4]
     assert [s.cached_tokens for s in samples] == [0, 16, 16]
+
+
+SYSTEM = prompt(1000, 36)  # 9 full pages: more than MIN_SHARED_TOKENS (32, 8 pages of 4)
+
+
+def long_planner(budget: int) -> Planner:
+    limits = PlanLimits(token_budget=budget, max_running=16, page_size=PAGE_SIZE,
+                        context_length=64)  # fmt: skip
+    return Planner(ready(100), limits, max_loras_per_batch=None, eviction_policy="lru")
+
+
+def test_prompts_sharing_a_system_prompt_wait_for_its_pages_then_prefill_the_rest() -> None:
+    q = Sim(long_planner(budget=100))
+    first, second = seq(0, (*SYSTEM, 7, 8, 9)), seq(1, (*SYSTEM, 20, 21))
+    few = seq(2, (*SYSTEM[:12], *prompt(300, 5)))  # shares 3 pages: not enough to wait
+    other_adapter = seq(3, (*SYSTEM, 20, 21), adapter=1)  # another version's KV: never waits
+    q.waiting.extend([first, second, few, other_adapter])
+    assert rows(q.plan()) == {0: 39, 2: 17, 3: 38}  # the second waits for the first's pages
+    assert rows(q.plan())[1] == 2  # then starts on its 9 cached pages
+    assert (second.cached_tokens, few.cached_tokens, other_adapter.cached_tokens) == (36, 0, 0)
+    assert second.blocks[:9] == first.blocks[:9]
+
+
+def test_a_waiting_prompt_goes_on_when_the_one_it_waits_for_leaves() -> None:
+    q = Sim(long_planner(budget=16))
+    first, second = seq(0, (*SYSTEM, 7, 8, 9)), seq(1, (*SYSTEM, 20, 21))
+    q.waiting.extend([first, second])
+    assert rows(q.plan()) == {0: 16}
+    assert rows(q.plan()) == {0: 16}  # 8 of the 9 shared pages cached after this step
+    q.finish(first)  # aborted mid-prefill: nothing left to wait for
+    assert rows(q.plan()) == {1: 6}
+    assert second.cached_tokens == 32  # the pages the first one got to cache
 
 
 def test_kv_demand_evicts_unused_cached_pages_before_adapters_and_running_requests() -> None:
