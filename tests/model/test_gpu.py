@@ -142,7 +142,8 @@ def test_bf16_triton_lora_vs_peft(small_dir: Path, tmp_path: Path) -> None:
     prompts = [p for p, _ in rows]
     ids: list[int | None] = [names.index(a) if a else None for _, a in rows]
     outputs, firsts = {}, {}
-    # the runner's default (stacked over the hot A cache: a 16-bit v), and the row kernels
+    # the runner's default (decode steps stacked over the hot A cache, a 16-bit v; prefill steps
+    # and so the first-step logits on the row kernels), and the row kernels alone
     for backend, hot_rows in (("triton", None), ("torch", None), ("triton_rows", 0)):
         driver = lora_driver(small_dir, adapters, backend.removesuffix("_rows"),
                              lora_hot_rows=hot_rows)  # fmt: skip
@@ -154,7 +155,7 @@ def test_bf16_triton_lora_vs_peft(small_dir: Path, tmp_path: Path) -> None:
     rows_diff, rows_cosine = logit_report(firsts["triton_rows"], hf_first)
     backend_rate = match_rate(outputs["triton"], outputs["torch"])
     print(
-        f"bf16 triton LoRA (stacked) vs PEFT: token match rate {rate:.2%} (prefix to first "
+        f"bf16 triton LoRA (default) vs PEFT: token match rate {rate:.2%} (prefix to first "
         f"divergence), first-step max |logit diff| {max_diff:.4f}, min cosine {cosine:.5f}; "
         f"row kernels: max |diff| {rows_diff:.4f}, min cosine {rows_cosine:.5f}; "
         f"triton vs torch backend token match {backend_rate:.2%}"
