@@ -148,6 +148,7 @@ class StepRecord(NamedTuple):
     interval_s: float  # since the previous step returned: what the pipeline spent on this one
     floor_bytes: int  # decode steps: weights + KV read + the step's adapters at their rank
     num_adapters: int
+    num_uploads: int = 0  # adapters the plan uploads into rows before its compute
 
 
 def percentile(values: Sequence[float], q: float) -> float | None:
@@ -183,6 +184,10 @@ def summarize(records: Sequence[Record], steps: Sequence[StepRecord], wall_s: fl
         "decode_ms_p50": _ms(percentile([s.interval_s for s in decode], 0.5)),
         "other_steps": sum(not s.is_decode for s in steps),
         "other_steps_s": round(sum(s.interval_s for s in steps if not s.is_decode), 3),
+        # what uploads cost shows apart: the steps that carried some, and their time
+        "uploads": sum(s.num_uploads for s in steps),
+        "upload_steps": sum(s.num_uploads > 0 for s in steps),
+        "upload_steps_s": round(sum(s.interval_s for s in steps if s.num_uploads), 3),
     }
     if bandwidth and decode:
         floor_s = sum(s.floor_bytes for s in decode) / bandwidth

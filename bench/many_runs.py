@@ -66,7 +66,8 @@ class StepClock:
         kv = self.kv_token_bytes * sum(plan.context_lens) + sum(plan.query_lens)
         lora = self.row_bytes * sum(len(a.rows) for a in plan.adapters)
         self.records.append(bmany.StepRecord(
-            plan.is_decode, now - self.last_s, self.weight_bytes + kv + lora, len(plan.adapters)
+            plan.is_decode, now - self.last_s, self.weight_bytes + kv + lora, len(plan.adapters),
+            len(plan.uploads),
         ))  # fmt: skip
         self.last_s = now
 

@@ -117,7 +117,7 @@ def test_summary_throughput_ttft_split_and_floor_fraction() -> None:
         record("b", False, 0.2),
     ]
     steps = [
-        bench.StepRecord(False, 0.3, 0, 0),  # a prefill step: not a decode step
+        bench.StepRecord(False, 0.3, 0, 0, 3),  # a prefill step that uploads 3 adapters
         bench.StepRecord(True, 0.010, 600, 2),
         bench.StepRecord(True, 0.030, 600, 4),
     ]
@@ -128,6 +128,8 @@ def test_summary_throughput_ttft_split_and_floor_fraction() -> None:
     assert (out["num_cold"], out["num_warm"]) == (2, 1)
     assert out["decode_steps"] == 2
     assert out["adapters_per_decode_step"] == 3.0
+    assert (out["other_steps"], out["other_steps_s"]) == (1, 0.3)
+    assert (out["uploads"], out["upload_steps"], out["upload_steps_s"]) == (3, 1, 0.3)
     assert out["decode_floor_fraction"] == pytest.approx(1200 / 1e5 / 0.040, abs=1e-3)
     assert "decode_floor_fraction" not in bench.summarize(records, [], 2.0, 1e5)
 
