@@ -68,12 +68,18 @@ class Queues:
     def plan(self, prefill_turn: bool = True) -> Planned:
         self.step_no += 1
         planned = self.p.plan(self.running, self.waiting, self.step_no, prefill_turn=prefill_turn)
-        for row in planned.decision.rows:  # run the step: every sampled row gets a token
+        for row in planned.decision.rows:  # run the step
             row.seq.num_computed += row.num_new
+        self.settle(planned)
+        for row in planned.decision.rows:  # every sampled row gets a token
             if row.seq.num_computed == row.seq.num_tokens:
                 row.seq.output_ids.append(5)
         self.p.check_invariants(self.running)
         return planned
+
+    def settle(self, planned: Planned) -> None:
+        """The step's tokens are applied (here: nothing more to do; the prefix tests settle
+        its pages into the cache)."""
 
     def finish(self, s: Sequence) -> None:
         self.running.remove(s)

@@ -7,7 +7,6 @@ adapter's pages and a flush go at once."""
 
 from __future__ import annotations
 
-from collections import deque
 from collections.abc import Sequence as Seq
 
 from lorasrv.engine.planner import Planned, Planner
@@ -16,7 +15,7 @@ from lorasrv.engine.prefix_pages import written_by
 from lorasrv.engine.sequence import SeqStatus, Sequence
 from lorasrv.ids import AdapterId, RequestId, SeqId
 from lorasrv.messages import RunnerReady, SamplingParams
-from tests.unit.planner_fixtures import PAGE_SIZE, ready
+from tests.unit.planner_fixtures import PAGE_SIZE, Queues, ready
 
 
 def seq(i: int, tokens: Seq[int], adapter: int | None = None, rank: int = 8) -> Sequence:
@@ -31,34 +30,13 @@ def prompt(start: int, num: int) -> tuple[int, ...]:
     return tuple(range(start, start + num))
 
 
-class Sim:
+class Sim(Queues):
     """The scheduler's part around the planner with one step in flight: commit each row's
     tokens, settle the step (its full pages join the cache), append a sampled token, release at
     the end; tables checked after every plan."""
 
-    def __init__(self, p: Planner) -> None:
-        self.p = p
-        self.running: list[Sequence] = []
-        self.waiting: deque[Sequence] = deque()
-        self.step_no = 0
-
-    def plan(self, prefill_turn: bool = True) -> Planned:
-        self.step_no += 1
-        planned = self.p.plan(self.running, self.waiting, self.step_no, prefill_turn=prefill_turn)
-        for row in planned.decision.rows:
-            row.seq.num_computed += row.num_new
-        written = written_by(row.seq for row in planned.decision.rows)
-        self.p.cache.settle(written)  # the step ran: its full pages join the cache
-        for row in planned.decision.rows:
-            if row.seq.num_computed == row.seq.num_tokens:
-                row.seq.output_ids.append(5)
-        self.p.check_invariants(self.running)
-        return planned
-
-    def finish(self, s: Sequence) -> None:
-        self.running.remove(s)
-        self.p.cache.release(s)
-        s.status = SeqStatus.FINISHED
+    def settle(self, planned: Planned) -> None:
+        self.p.cache.settle(written_by(row.seq for row in planned.decision.rows))
 
     def finish_all(self) -> None:
         for s in list(self.running):
