@@ -116,14 +116,7 @@ class Planner:
             running, waiting, memory, self.limits, step_no, prefill_turn=prefill_turn,
             cache=self.cache,
         )  # fmt: skip
-        exhausted = set(map(id, decision.exhausted))  # leave with an error
-        staying = [s for s in running if id(s) not in exhausted]
-        if memory.blocked is not None:  # admission ran: drain for whoever starves now
-            draining = choose_drains(memory.blocked, staying, waiting, memory,
-                                     draining=draining,
-                                     is_starving=self._is_starving(step_no))  # fmt: skip
-        # NOTE: a drain ends when its adapter leaves, by this plan's preemptions too.
-        self.draining = draining & {s.adapter_id for s in staying}
+        self.draining = self._drains(memory, decision, running, waiting, draining, step_no)
         memory.prefetch(waiting, row_bytes=self.row_bytes, min_free_pages=len(running) + 1)
         used = sorted({r.seq.adapter_id for r in decision.rows if r.seq.adapter_id is not None})
         adapters = tuple(AdapterRows(a, self._rows(a)) for a in used)
@@ -132,6 +125,29 @@ class Planner:
         uploads = tuple(memory.uploads)
         self.latest = frozenset(used).union(u.adapter_id for u in uploads)
         return Planned(decision, adapters, uploads)
+
+    def _drains(
+        self,
+        memory: BatchAdapters,
+        decision: BatchDecision,
+        running: list[Sequence],
+        waiting: deque[Sequence],
+        draining: frozenset[AdapterId],
+        step_no: int,
+    ) -> frozenset[AdapterId]:
+        """The drains after this plan: chosen anew when admission was blocked for a starving
+        request, and only those whose adapter is still in the batch (a drain ends when its
+        adapter leaves, by this plan's preemptions or exhaustion too). Nothing to do, and no
+        pass over the running rows, on the usual step with neither."""
+        if memory.blocked is None and not draining:
+            return draining
+        exhausted = set(map(id, decision.exhausted))  # leave with an error
+        staying = [s for s in running if id(s) not in exhausted]
+        if memory.blocked is not None:  # admission ran: drain for whoever starves now
+            draining = choose_drains(memory.blocked, staying, waiting, memory,
+                                     draining=draining,
+                                     is_starving=self._is_starving(step_no))  # fmt: skip
+        return draining & {s.adapter_id for s in staying}
 
     def _still_draining(
         self, running: list[Sequence], waiting: deque[Sequence], step_no: int
